@@ -1,0 +1,29 @@
+"""lightning-influence: optimizer-aware, accumulative training-data influence as a Lightning callback.
+
+Sign convention everywhere: a score is the predicted change of the query, f(θ_-j) − f(θ), when
+training sample j is removed. Negative = harmful, positive = helpful.
+"""
+
+from lightning_influence.callback import InfluenceConfigurationError, InfluenceTracker, SelfCheckError
+from lightning_influence.data import IndexedDataset, SampleIdError, default_sample_ids
+from lightning_influence.engine import InfluenceEngine, NonFiniteInfluenceError
+from lightning_influence.optimizers import AdamJacobian, AdamWJacobian, SGDJacobian, UnsupportedOptimizerError
+from lightning_influence.result import InfluenceResult
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdamJacobian",
+    "AdamWJacobian",
+    "IndexedDataset",
+    "InfluenceConfigurationError",
+    "InfluenceEngine",
+    "InfluenceResult",
+    "InfluenceTracker",
+    "NonFiniteInfluenceError",
+    "SGDJacobian",
+    "SampleIdError",
+    "SelfCheckError",
+    "UnsupportedOptimizerError",
+    "default_sample_ids",
+]

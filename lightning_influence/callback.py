@@ -1,0 +1,457 @@
+"""``InfluenceTracker``: the Lightning adapter over the influence engine.
+
+The callback validates the Trainer / module / optimizer configuration at fit start, allocates the
+stacked states at train start, records the batch and the pre-step parameters at every real
+optimizer step, and hands the engine a plain description of that step once the optimizer has run.
+All maths lives in :mod:`lightning_influence.engine`, :mod:`~lightning_influence.optimizers` and
+:mod:`~lightning_influence.queries`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, Callable
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import SingleDeviceStrategy
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from lightning_influence.data import SampleIdsFn, default_sample_ids, validate_sample_ids
+from lightning_influence.engine import ESTIMATORS, InfluenceEngine, chunk_rows_for_budget
+from lightning_influence.functional import FlatParameters, FunctionalLoss, PerSampleLossFn, RegularizerFn
+from lightning_influence.optimizers import OptimizerSpec, OptimizerStep, model_optimizer, read_group_step
+from lightning_influence.queries import query_example_gradients, query_gradient
+from lightning_influence.result import InfluenceResult
+
+
+class InfluenceConfigurationError(RuntimeError):
+    """The Trainer, module or optimizer is set up in a way the tracker cannot model exactly."""
+
+
+class SelfCheckError(RuntimeError):
+    """The tracker's model of the step does not reproduce what really happened."""
+
+
+_GIB = 2**30
+_SUPPORTED_PRECISION = ("32-true", "64-true", "32", "64")
+
+
+class InfluenceTracker(Callback):
+    """Track accumulative, optimizer-aware influence of training samples while the model trains.
+
+    Args:
+        track: ``None`` for every sample of the training set, or a sequence of training-set ids.
+        loss_fn: ``(pl_module, batch) -> Tensor[B]`` of per-sample losses whose mean (plus
+            ``regularizer``) is the training loss; default ``pl_module.per_sample_loss(batch)``.
+        sample_ids: ``(batch) -> LongTensor[B]``; default: the :class:`IndexedDataset` convention.
+        estimator: ``"acc"`` (leave-k-out transition, exact optimizer map; default),
+            ``"first-order"`` (fully linear SGD-influence / AdamW-influence) or ``"tracin"``
+            (no propagation; registered ``queries`` only).
+        optimizer_model: ``"auto"`` (the real optimizer's Jacobian) or ``"sgd"`` (model any
+            optimizer as plain SGD: the classic optimizer-mismatch approximation).
+        queries: ``{"name": batch or DataLoader}``; ``influence("name")`` answers for them, and
+            ``"tracin"`` accumulates on them during training.
+        window_every_n_steps, window_every_n_epochs: DIT time windows (not available yet).
+        params: which parameters to track: ``None`` (all trainable ones), or a sequence of name
+            prefixes and/or ``nn.Module`` objects. Untracked parameters are held fixed in the
+            counterfactual (see the docs' limitations page).
+        regularizer: ``(pl_module) -> scalar`` sample-independent term R(θ) that the training loss
+            adds to the mean per-sample loss (e.g. an explicit L2 penalty).
+        num_samples: size of the training set, when ``len(train_dataloader.dataset)`` is unknown.
+        max_memory_bytes: refuse configurations whose states and HVP workspace exceed this.
+        hvp_chunk_size: rows per vectorised HVP call; default: derived from ``hvp_memory_bytes``.
+        hvp_memory_bytes: working-memory budget of one vectorised HVP call.
+        self_check_steps: number of first optimizer steps on which the tracker checks that the
+            per-sample losses reproduce the optimizer's gradient and that its optimizer model
+            reproduces the observed update (0 disables; not recommended).
+
+    Sign convention: every score is the predicted ``f(θ_-j) − f(θ)`` when sample j is removed;
+    negative = harmful to the query, positive = helpful.
+    """
+
+    def __init__(
+        self,
+        track: Sequence[int] | torch.Tensor | None = None,
+        loss_fn: PerSampleLossFn | None = None,
+        sample_ids: SampleIdsFn | None = None,
+        estimator: str = "acc",
+        optimizer_model: str = "auto",
+        queries: Mapping[str, Any] | None = None,
+        window_every_n_steps: int | None = None,
+        window_every_n_epochs: int | None = None,
+        params: Sequence[str | nn.Module] | None = None,
+        regularizer: RegularizerFn | None = None,
+        num_samples: int | None = None,
+        max_memory_bytes: int = 4 * _GIB,
+        hvp_chunk_size: int | None = None,
+        hvp_memory_bytes: int = _GIB // 4,
+        self_check_steps: int = 2,
+    ) -> None:
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}.")
+        if optimizer_model not in ("auto", "sgd"):
+            raise ValueError(f"optimizer_model must be 'auto' or 'sgd', got {optimizer_model!r}.")
+        if window_every_n_steps is not None or window_every_n_epochs is not None:
+            raise NotImplementedError(
+                "Time-window (DIT) snapshots are not available in this version; use `influence()` after fit."
+            )
+        self.queries = dict(queries or {})
+        if any(not isinstance(name, str) for name in self.queries):
+            raise TypeError("queries must map string names to a batch or a DataLoader.")
+        if estimator == "tracin" and not self.queries:
+            raise ValueError(
+                "estimator='tracin' needs registered queries (queries={'val': val_batch_or_loader}): TracIn"
+                " accumulates query-gradient dot products during training and cannot answer new queries later."
+            )
+        if track is not None:
+            track = torch.as_tensor(track, dtype=torch.long).flatten()
+            if track.numel() == 0 or torch.unique(track).numel() != track.numel() or int(track.min()) < 0:
+                raise ValueError("track must be a non-empty sequence of distinct, non-negative training-set ids.")
+        if hvp_chunk_size is not None and hvp_chunk_size < 1:
+            raise ValueError("hvp_chunk_size must be a positive integer.")
+        self.track = track
+        self.loss_fn = loss_fn
+        self.sample_ids = sample_ids or default_sample_ids
+        self.estimator = estimator
+        self.optimizer_model = optimizer_model
+        self.params = params
+        self.regularizer = regularizer
+        self.num_samples = num_samples
+        self.max_memory_bytes = int(max_memory_bytes)
+        self.hvp_chunk_size = hvp_chunk_size
+        self.hvp_memory_bytes = int(hvp_memory_bytes)
+        self.self_check_steps = int(self_check_steps)
+
+        self.engine: InfluenceEngine | None = None
+        self.tracked_ids: torch.Tensor | None = None
+        self._optimizer_spec: OptimizerSpec | None = None
+        self._loss: FunctionalLoss | None = None
+        self._row_of: torch.Tensor | None = None  # training id -> state row (-1 if untracked)
+        self._tracked_params: list[nn.Parameter] = []
+        self._untracked_trainable: dict[str, nn.Parameter] = {}
+        self._batch: Any = None
+        self._batch_ids: torch.Tensor | None = None
+        self._pending: dict[str, Any] | None = None
+        self._steps_done = 0
+        self._final: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
+        self._move: Callable[[Any], Any] = lambda batch: batch
+
+    @property
+    def state_key(self) -> str:
+        track = "all" if self.track is None else hashlib.sha1(self.track.numpy().tobytes()).hexdigest()[:12]
+        return self._generate_state_key(
+            estimator=self.estimator, optimizer_model=self.optimizer_model, track=track, params=repr(self.params)
+        )
+
+    # ------------------------------------------------------------------ fit start: validate, lay out
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check_trainer(trainer, pl_module)
+        optimizer = trainer.optimizers[0]
+        self._optimizer_spec = model_optimizer(optimizer, self.optimizer_model)
+        named = self._select_parameters(pl_module, optimizer)
+        layout = FlatParameters.from_groups(named)
+        tracked_ids = {id(p) for group in named for _, p in group}
+        self._tracked_params = [p for group in named for _, p in group]
+        self._untracked_trainable = {
+            n: p for n, p in pl_module.named_parameters() if p.requires_grad and id(p) not in tracked_ids
+        }
+        loss_fn = self.loss_fn
+        if loss_fn is None:
+            if not callable(getattr(pl_module, "per_sample_loss", None)):
+                raise InfluenceConfigurationError(
+                    f"{type(pl_module).__name__} has no `per_sample_loss(batch)` method. Either add one returning"
+                    " Tensor[B] of per-sample losses whose mean is the training loss, or pass"
+                    " `loss_fn=lambda module, batch: ...` to InfluenceTracker."
+                )
+            loss_fn = type(pl_module).per_sample_loss
+        self._loss = FunctionalLoss(pl_module, loss_fn, layout, self.regularizer)
+        device = pl_module.device
+        convert = trainer.precision_plugin.convert_input
+        self._move = lambda batch: move_data_to_device(convert(batch), device)
+
+    def _check_trainer(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        def refuse(what: str, fix: str) -> None:
+            raise InfluenceConfigurationError(f"InfluenceTracker cannot model {what} exactly. {fix}")
+
+        if not isinstance(trainer.strategy, SingleDeviceStrategy) or trainer.world_size > 1:
+            refuse(f"the {type(trainer.strategy).__name__} strategy", "Train on a single device (devices=1).")
+        if not pl_module.automatic_optimization:
+            refuse("manual optimization", "Use automatic optimization (one optimizer, return the loss).")
+        if len(trainer.optimizers) != 1:
+            refuse(f"{len(trainer.optimizers)} optimizers", "Configure exactly one optimizer.")
+        if trainer.accumulate_grad_batches != 1:
+            refuse("gradient accumulation", "Set accumulate_grad_batches=1.")
+        if trainer.gradient_clip_val:
+            refuse("gradient clipping", "Remove gradient_clip_val from the Trainer.")
+        if str(trainer.precision) not in _SUPPORTED_PRECISION:
+            refuse(f"precision={trainer.precision!r}", "Use precision='32-true' or '64-true'.")
+
+    def _select_parameters(self, pl_module: nn.Module, optimizer: torch.optim.Optimizer) -> list[list[tuple[str, Any]]]:
+        """Tracked ``(name, parameter)`` pairs per optimizer param group."""
+        name_of = {id(p): n for n, p in pl_module.named_parameters()}
+        wanted: set[int] | None = None
+        if self.params is not None:
+            selectors = [self.params] if isinstance(self.params, (str, nn.Module)) else list(self.params)
+            wanted = set()
+            for sel in selectors:
+                if isinstance(sel, nn.Module):
+                    found = {id(p) for p in sel.parameters()}
+                elif isinstance(sel, str):
+                    found = {id(p) for n, p in pl_module.named_parameters() if n == sel or n.startswith(sel + ".")}
+                else:
+                    raise TypeError(f"params= takes name prefixes or nn.Module objects, got {type(sel).__name__}.")
+                if not found:
+                    raise InfluenceConfigurationError(f"params= selector {sel!r} matches no parameter of the module.")
+                wanted |= found
+        groups, seen = [], set()
+        for group in optimizer.param_groups:
+            chosen = []
+            for p in group["params"]:
+                if not p.requires_grad or (wanted is not None and id(p) not in wanted):
+                    continue
+                if id(p) not in name_of:
+                    raise InfluenceConfigurationError("The optimizer holds a parameter that is not part of the module.")
+                chosen.append((name_of[id(p)], p))
+                seen.add(id(p))
+            groups.append(chosen)
+        if wanted is not None and (missing := wanted - seen):
+            names = sorted(name_of[i] for i in missing if i in name_of)
+            raise InfluenceConfigurationError(
+                f"Parameters {names[:5]} are selected for tracking but the optimizer does not train them (or they are"
+                " frozen). Track only parameters the optimizer updates."
+            )
+        if not seen:
+            raise InfluenceConfigurationError("No trainable parameter to track: the optimizer holds none.")
+        return groups
+
+    # ------------------------------------------------------------------ train start: allocate
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._refuse_batch_coupled_layers(pl_module)
+        num_samples = self.num_samples
+        if num_samples is None:
+            dataset = getattr(trainer.train_dataloader, "dataset", None)
+            if dataset is None or not hasattr(dataset, "__len__"):
+                raise InfluenceConfigurationError(
+                    "Cannot tell the training set's size from train_dataloader.dataset. Pass num_samples= to"
+                    " InfluenceTracker."
+                )
+            num_samples = len(dataset)
+        self.num_samples = num_samples
+        track = torch.arange(num_samples) if self.track is None else self.track
+        if int(track.max()) >= num_samples:
+            raise ValueError(f"track holds ids >= {num_samples}, the training set's size.")
+        self.tracked_ids = track
+        self._row_of = torch.full((num_samples,), -1, dtype=torch.long)
+        self._row_of[track] = torch.arange(track.numel())
+
+        assert self._loss is not None and self._optimizer_spec is not None
+        p = self._loss.layout.numel
+        dtype = self._tracked_params[0].dtype
+        itemsize = torch.finfo(dtype).bits // 8
+        k = track.numel()
+        blocks = 0 if self.estimator == "tracin" else len(self._optimizer_spec.jacobian.blocks)
+        chunk = self.hvp_chunk_size or chunk_rows_for_budget(p, itemsize, self.hvp_memory_bytes, k)
+        state_bytes = k * p * blocks * itemsize
+        work_bytes = 0 if blocks == 0 else min(k, chunk) * p * itemsize * 6
+        total = state_bytes + work_bytes
+        rank_zero_info(
+            f"InfluenceTracker: estimator={self.estimator!r}, optimizer model={self._optimizer_spec.kind},"
+            f" k={k} tracked samples, p={p} tracked parameters, state blocks="
+            f"{self._optimizer_spec.jacobian.blocks if blocks else ()}; memory ≈ {state_bytes / _GIB:.3f} GiB of"
+            f" states + {work_bytes / _GIB:.3f} GiB HVP workspace; per step: {math.ceil(k / chunk) if blocks else 0}"
+            f" vectorised HVP call(s) of ≤{min(k, chunk)} rows (≈ {k if blocks else 0} HVPs) plus per-sample"
+            " gradients of the tracked samples in the batch."
+        )
+        if total > self.max_memory_bytes:
+            raise InfluenceConfigurationError(
+                f"InfluenceTracker needs ≈ {total / _GIB:.2f} GiB (k={k} samples × p={p} parameters × {blocks} state"
+                f" block(s) × {itemsize} bytes, plus the HVP workspace), over max_memory_bytes="
+                f"{self.max_memory_bytes / _GIB:.2f} GiB. Track fewer samples (track=[...]), fewer parameters"
+                " (params=['head']), lower hvp_memory_bytes, or raise max_memory_bytes."
+            )
+        self.engine = InfluenceEngine(
+            self._loss, self._optimizer_spec.jacobian, k, self.estimator, chunk, dtype, pl_module.device
+        )
+
+    @staticmethod
+    def _refuse_batch_coupled_layers(pl_module: nn.Module) -> None:
+        for name, mod in pl_module.named_modules():
+            if isinstance(mod, nn.modules.dropout._DropoutNd) and mod.p > 0 and mod.training:
+                raise InfluenceConfigurationError(
+                    f"Module {name!r} is an active {type(mod).__name__}(p={mod.p}): the tracker cannot replay its"
+                    " random masks, so its Hessians would not be the ones the step used. Set p=0 while tracking."
+                )
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.training:
+                raise InfluenceConfigurationError(
+                    f"Module {name!r} is a {type(mod).__name__} in training mode: it couples the samples of a batch,"
+                    " so per-sample losses are not independent. Use LayerNorm/GroupNorm, or freeze it (eval mode)."
+                )
+
+    # ------------------------------------------------------------------ every step
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        assert self.num_samples is not None
+        self._batch = batch
+        self._batch_ids = validate_sample_ids(self.sample_ids(batch), None, self.num_samples)
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        """Record θ_t, the gradient the optimizer is about to use and its hyper-parameters at this step."""
+        assert self._loss is not None
+        layout = self._loss.layout
+        grads = []
+        for name, p in zip(layout.names, self._tracked_params):
+            if p.grad is None:
+                raise InfluenceConfigurationError(
+                    f"Parameter {name!r} received no gradient at step {trainer.global_step}, so the optimizer skipped it."
+                    " Exclude parameters the loss does not use (params=...)."
+                )
+            grads.append(p.grad.detach())
+        theta = layout.flatten([p.detach() for p in self._tracked_params]).clone()
+        flat_state = self._flat_optimizer_state(optimizer)
+        groups = []
+        for group, region in zip(optimizer.param_groups, layout.group_slices):
+            first_state = optimizer.state.get(group["params"][0], {}) if group["params"] else {}
+            step_count = int(first_state.get("step", 0)) + 1
+            first_momentum = first_state.get("momentum_buffer") is None
+            groups.append(read_group_step(group, region, step_count, first_momentum))
+        check = self._steps_done < self.self_check_steps
+        self._pending = {
+            "step": OptimizerStep(groups, theta, layout.flatten(grads).clone()),
+            "frozen": {n: p.detach().clone() for n, p in self._untracked_trainable.items()},
+            "pre_state": flat_state if check else None,
+            "global_step": trainer.global_step,
+        }
+
+    def _flat_optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor | None]:
+        """Flat ``Tensor[p]`` copies of the per-parameter optimizer state the models use (None if absent)."""
+        assert self._loss is not None
+        out: dict[str, torch.Tensor | None] = {}
+        for key in ("exp_avg", "exp_avg_sq", "momentum_buffer"):
+            parts = [optimizer.state.get(p, {}).get(key) for p in self._tracked_params]
+            out[key] = None if any(t is None for t in parts) else self._loss.layout.flatten(parts).clone()
+        return out
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        pending, self._pending = self._pending, None
+        if pending is None or trainer.global_step == pending["global_step"]:
+            return  # no optimizer step was taken on this batch
+        assert self.engine is not None and self._loss is not None and self._row_of is not None
+        step: OptimizerStep = pending["step"]
+        if self._optimizer_spec.kind in ("adam", "adamw"):
+            post = self._flat_optimizer_state(trainer.optimizers[0])
+            step.exp_avg, step.exp_avg_sq = post["exp_avg"], post["exp_avg_sq"]
+        ids = self._batch_ids
+        batch = self._batch
+        rows = self._row_of[ids]
+        present = rows >= 0
+        state_rows, batch_rows = rows[present], present.nonzero().flatten()
+        checking = pending["pre_state"] is not None
+        if checking:
+            n_losses = self._loss.per_sample_losses(step.theta, batch, pending["frozen"]).shape[0]
+            validate_sample_ids(ids, n_losses, self.num_samples)
+        tracin_grads = None
+        if self.estimator == "tracin":
+            tracin_grads = {
+                name: query_gradient(self._loss, step.theta, q, self._move, pending["frozen"])
+                for name, q in self.queries.items()
+            }
+        started = time.perf_counter()
+        with torch.enable_grad():
+            grad_t = self.engine.step(
+                batch, ids.numel(), state_rows, batch_rows, step, pending["frozen"], tracin_grads
+            )
+        elapsed = time.perf_counter() - started
+        if checking:
+            self._self_check(step, pending["pre_state"], pending["frozen"], grad_t, trainer.global_step)
+        if self.estimator != "tracin":
+            self.engine.check_finite(trainer.global_step - 1, self.tracked_ids)
+        self._steps_done += 1
+        if self._steps_done == 3:
+            rank_zero_info(f"InfluenceTracker: measured {elapsed * 1e3:.1f} ms of tracker work per optimizer step.")
+
+    def _self_check(
+        self, step: OptimizerStep, pre_state: dict, frozen: dict, grad_t: torch.Tensor | None, step_index: int
+    ) -> None:
+        """Stop if the per-sample losses or the optimizer model do not reproduce the real step."""
+        tol = 1e-6 if step.theta.dtype == torch.float64 else 1e-3
+        if grad_t is None:
+            assert self._loss is not None
+            with torch.enable_grad():
+                grad_t = torch.func.grad(self._loss.batch_loss)(step.theta, self._batch, frozen)
+        err = float((grad_t - step.grad).norm() / step.grad.norm().clamp_min(torch.finfo(step.grad.dtype).tiny))
+        if err > tol:
+            raise SelfCheckError(
+                f"At optimizer step {step_index - 1}, the mean of loss_fn's per-sample losses does not reproduce the"
+                f" gradient the optimizer received (relative difference {err:.2e} > {tol:g}). Usual causes: a"
+                " regulariser or auxiliary loss in training_step that loss_fn lacks (pass regularizer=), a loss"
+                " that is not the mean of per-sample losses (reduction='sum', extra scaling), or random layers."
+            )
+        if self.optimizer_model == "sgd":
+            return  # an approximation the user asked for: the update is not expected to match
+        assert self._optimizer_spec is not None and self._loss is not None
+        predicted = self._optimizer_spec.jacobian.predict(step, pre_state)
+        observed = self._loss.layout.flatten([p.detach() for p in self._tracked_params])
+        update = (observed - step.theta).abs().max()
+        eps = torch.finfo(step.theta.dtype).eps
+        err = float((predicted - observed).abs().max())
+        if err > tol * float(update) + 16 * eps * float(step.theta.abs().max()):
+            raise SelfCheckError(
+                f"At optimizer step {step_index - 1}, the tracker's model of {self._optimizer_spec.kind} does not"
+                f" reproduce the observed parameter update (max abs difference {err:.2e}, update size {float(update):.2e})."
+                " Usual causes: gradient clipping or gradient changes in a hook, an optimizer option the tracker does"
+                " not model, or parameters changed outside the optimizer."
+            )
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self._loss is not None
+        theta = self._loss.layout.flatten([p.detach() for p in self._tracked_params]).clone()
+        self._final = (theta, {n: p.detach().clone() for n, p in self._untracked_trainable.items()})
+
+    # ------------------------------------------------------------------ after fit
+    def influence(self, query: Any, per_example: bool = False) -> InfluenceResult:
+        """Influence of every tracked training sample on ``query``.
+
+        Args:
+            query: a batch or a DataLoader (f = mean per-sample loss over it), a callable
+                ``f(pl_module) -> scalar``, or the name of a registered query.
+            per_example: also return ``per_example: Tensor[k, n]``, the scores on each query example.
+
+        Returns:
+            :class:`InfluenceResult` with ``scores[j]`` ≈ f(θ_-j(T)) − f(θ(T)): negative = harmful.
+        """
+        if self.engine is None or self._final is None or self._loss is None:
+            raise RuntimeError("influence() is available after trainer.fit(...) has run with this tracker.")
+        assert self.tracked_ids is not None
+        if isinstance(query, str):
+            if query not in self.queries:
+                raise KeyError(f"No registered query named {query!r}; registered: {sorted(self.queries)}.")
+            if self.estimator == "tracin":
+                if per_example:
+                    raise ValueError("per_example=True is not available with estimator='tracin'.")
+                scores = self.engine.tracin_scores.get(query)
+                if scores is None:
+                    scores = torch.zeros(self.tracked_ids.numel())
+                return InfluenceResult(self.tracked_ids.clone(), scores.detach().cpu().clone(), None, "tracin")
+            query = self.queries[query]
+        elif self.estimator == "tracin":
+            raise ValueError(
+                "estimator='tracin' only answers registered queries: pass the name given in queries={...}."
+            )
+        theta, frozen = self._final
+        with torch.enable_grad():
+            if per_example:
+                grads = query_example_gradients(self._loss, theta, query, self._move, frozen)
+                per = self.engine.project(grads).cpu()
+                return InfluenceResult(self.tracked_ids.clone(), per.mean(dim=1), per, self.estimator)
+            grad = query_gradient(self._loss, theta, query, self._move, frozen)
+        return InfluenceResult(self.tracked_ids.clone(), self.engine.project(grad).cpu(), None, self.estimator)

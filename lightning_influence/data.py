@@ -1,0 +1,114 @@
+"""Sample identity: which dataset index each row of a batch is.
+
+The tracker keeps one accumulative state per tracked training sample, so it must know, for every
+row of every training batch, the index of that sample in the training set. ``IndexedDataset``
+attaches the index to each item; ``default_sample_ids`` reads it back from a collated batch.
+Users who carry ids themselves pass their own ``sample_ids(batch) -> LongTensor[B]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Callable
+
+import torch
+from torch.utils.data import Dataset
+
+SAMPLE_ID_KEY = "sample_id"
+
+
+class SampleIdError(ValueError):
+    """A training batch whose sample ids are missing, malformed, out of range or repeated."""
+
+
+class IndexedDataset(Dataset):
+    """Wrap a map-style dataset so that every item carries its dataset index.
+
+    - a tuple/list item ``(x, y)`` becomes ``(x, y, index)``: unpack with ``x, y, ids = batch``;
+    - a dict item gets the key ``"sample_id"``;
+    - any other item ``x`` becomes ``(x, index)``.
+
+    After the default collate, the index is a ``LongTensor[B]`` at the same place in the batch,
+    where :func:`default_sample_ids` finds it.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+            raise TypeError(
+                f"IndexedDataset needs a map-style dataset with __getitem__ and __len__, got {type(dataset).__name__}."
+                " For an iterable dataset, yield the ids yourself and pass `sample_ids=` to InfluenceTracker."
+            )
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        item = self.dataset[index]
+        if isinstance(item, Mapping):
+            if SAMPLE_ID_KEY in item:
+                raise KeyError(f"The wrapped dataset's items already have a {SAMPLE_ID_KEY!r} key.")
+            return {**item, SAMPLE_ID_KEY: index}
+        if isinstance(item, tuple):
+            return (*item, index)
+        if isinstance(item, list):
+            return [*item, index]
+        return (item, index)
+
+
+def default_sample_ids(batch: Any) -> torch.Tensor:
+    """Read the ids that :class:`IndexedDataset` put in a collated batch: ``batch["sample_id"]`` for a
+    dict batch, else the last element of a tuple/list batch."""
+    if isinstance(batch, Mapping):
+        if SAMPLE_ID_KEY not in batch:
+            raise SampleIdError(
+                f"The training batch is a dict without a {SAMPLE_ID_KEY!r} key, so the tracker cannot tell which"
+                " samples it holds. Wrap the training set in `IndexedDataset(dataset)`, or pass"
+                " `sample_ids=lambda batch: ...` to InfluenceTracker."
+            )
+        return batch[SAMPLE_ID_KEY]
+    if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)) and len(batch) >= 2:
+        return batch[-1]
+    raise SampleIdError(
+        f"Cannot find sample ids in a training batch of type {type(batch).__name__}. Wrap the training set in"
+        " `IndexedDataset(dataset)` (ids become the last element of each batch), or pass"
+        " `sample_ids=lambda batch: ...` returning a LongTensor[B] to InfluenceTracker."
+    )
+
+
+def validate_sample_ids(ids: Any, batch_size: int | None, num_samples: int) -> torch.Tensor:
+    """Check ids from one batch and return them as a CPU ``LongTensor[B]``.
+
+    Raises :class:`SampleIdError` for a non-integer or non-1-D tensor, a length different from the
+    batch's, an id outside ``[0, num_samples)``, or an id repeated within the batch (each row must be
+    a distinct sample, or the counterfactual "weight 0 for sample j" is ill-defined).
+    """
+    if not isinstance(ids, torch.Tensor):
+        try:
+            ids = torch.as_tensor(ids)
+        except Exception as err:  # noqa: BLE001 - we re-raise with the fix
+            raise SampleIdError(f"Sample ids must be a LongTensor[B], got {type(ids).__name__}.") from err
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool or ids.dim() != 1:
+        raise SampleIdError(
+            f"Sample ids must be a 1-D integer tensor (LongTensor[B]), got dtype={ids.dtype}, shape={tuple(ids.shape)}."
+            " Is the last element of the batch really the id that IndexedDataset added?"
+        )
+    ids = ids.detach().to("cpu", torch.long)
+    if batch_size is not None and ids.numel() != batch_size:
+        raise SampleIdError(f"Got {ids.numel()} sample ids for a batch of {batch_size} per-sample losses.")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_samples):
+        bad = ids[(ids < 0) | (ids >= num_samples)].tolist()
+        raise SampleIdError(
+            f"Sample ids {bad[:10]} are outside [0, {num_samples}), the training set's index range."
+            " Ids must be indices into the training dataset (IndexedDataset provides them)."
+        )
+    if torch.unique(ids).numel() != ids.numel():
+        uniq, counts = torch.unique(ids, return_counts=True)
+        raise SampleIdError(
+            f"Sample ids {uniq[counts > 1].tolist()[:10]} appear more than once in one batch. Each row of a batch"
+            " must be a different training sample; sample without replacement within a batch."
+        )
+    return ids
+
+
+SampleIdsFn = Callable[[Any], torch.Tensor]

@@ -1,0 +1,173 @@
+"""The model's loss as a pure function of one flat vector of tracked parameters.
+
+``FlatParameters`` fixes the layout of the flat vector (which parameters, in which order, and
+which slice each optimizer param group owns). ``FunctionalLoss`` evaluates the user's per-sample
+loss with the tracked parameters replaced by a flat vector, so that ``torch.func`` can take
+gradients, Hessian-vector products and per-sample gradients of it. Nothing here knows Lightning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.utils._pytree import tree_map
+
+PerSampleLossFn = Callable[[nn.Module, Any], torch.Tensor]
+RegularizerFn = Callable[[nn.Module], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class FlatParameters:
+    """Layout of the tracked parameters in one flat vector of length ``numel``.
+
+    ``names[i]`` occupies ``[offsets[i], offsets[i] + numels[i])``, reshaped to ``shapes[i]``.
+    Parameters are ordered by optimizer param group, so each group owns one contiguous slice
+    (``group_slices[g]``; an empty slice for a group with no tracked parameter).
+    """
+
+    names: tuple[str, ...]
+    shapes: tuple[torch.Size, ...]
+    offsets: tuple[int, ...]
+    group_slices: tuple[slice, ...]
+
+    @property
+    def numel(self) -> int:
+        return self.offsets[-1] + self.shapes[-1].numel() if self.names else 0
+
+    @classmethod
+    def from_groups(cls, named_groups: Sequence[Sequence[tuple[str, torch.Tensor]]]) -> FlatParameters:
+        names, shapes, offsets, slices, offset = [], [], [], [], 0
+        for group in named_groups:
+            start = offset
+            for name, tensor in group:
+                names.append(name)
+                shapes.append(tensor.shape)
+                offsets.append(offset)
+                offset += tensor.numel()
+            slices.append(slice(start, offset))
+        return cls(tuple(names), tuple(shapes), tuple(offsets), tuple(slices))
+
+    def flatten(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Concatenate tensors given in ``names`` order into a flat ``Tensor[numel]``."""
+        return torch.cat([t.reshape(-1) for t in tensors])
+
+    def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Views of a flat ``Tensor[numel]`` as ``{name: Tensor[shape]}`` (differentiable)."""
+        return {
+            name: flat[off : off + shape.numel()].view(shape)
+            for name, shape, off in zip(self.names, self.shapes, self.offsets)
+        }
+
+
+class _ModuleCall(nn.Module):
+    """Lets ``functional_call`` run any ``fn(module, *args)`` instead of ``module.forward``."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return fn(self.module, *args)
+
+
+def _row(batch: Any, index: torch.Tensor, batch_size: int) -> Any:
+    """Rows ``index`` of every tensor in ``batch`` whose first dimension is the batch dimension."""
+    return tree_map(lambda t: t[index] if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == batch_size else t, batch)
+
+
+class FunctionalLoss:
+    """The batch loss ``L(θ) = mean_i ℓ_i(θ) + R(θ)`` and per-sample losses as functions of a flat θ.
+
+    Args:
+        module: the model; its parameters outside ``layout`` and its buffers are read from
+            ``frozen`` (a name → tensor dict) when given, else from the module itself.
+        loss_fn: ``(module, batch) -> Tensor[B]`` of per-sample losses.
+        layout: which parameters the flat vector holds.
+        regularizer: optional sample-independent ``R(module) -> scalar`` added to the batch loss.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        loss_fn: PerSampleLossFn,
+        layout: FlatParameters,
+        regularizer: RegularizerFn | None = None,
+    ) -> None:
+        self.layout = layout
+        self.loss_fn = loss_fn
+        self.regularizer = regularizer
+        self._call = _ModuleCall(module)
+
+    def _params(self, theta: torch.Tensor, frozen: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        params = {f"module.{k}": v for k, v in self.layout.unflatten(theta).items()}
+        if frozen:
+            params.update({f"module.{k}": v for k, v in frozen.items()})
+        return params
+
+    def call(self, theta: torch.Tensor, fn: Callable[..., Any], *args: Any, frozen: dict | None = None) -> Any:
+        """``fn(module, *args)`` evaluated with the tracked parameters set to ``theta``."""
+        return functional_call(self._call, self._params(theta, frozen), (fn, *args))
+
+    def per_sample_losses(self, theta: torch.Tensor, batch: Any, frozen: dict | None = None) -> torch.Tensor:
+        """``Tensor[B]`` of per-sample losses at ``theta``; checked to be 1-D."""
+        return check_per_sample_losses(self.call(theta, self.loss_fn, batch, frozen=frozen))
+
+    def batch_loss(self, theta: torch.Tensor, batch: Any, frozen: dict | None = None) -> torch.Tensor:
+        """Scalar ``mean_i ℓ_i(θ) + R(θ)``: the real training loss (all weights 1)."""
+        loss = self.per_sample_losses(theta, batch, frozen).mean()
+        if self.regularizer is not None:
+            loss = loss + self.call(theta, self.regularizer, frozen=frozen)
+        return loss
+
+    def sample_loss(self, theta: torch.Tensor, sample: Any, frozen: dict | None = None) -> torch.Tensor:
+        """Scalar loss of one sample given *without* its batch dimension (used under ``vmap``)."""
+        one = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, torch.Tensor) else t, sample)
+        return self.call(theta, self.loss_fn, one, frozen=frozen).reshape(-1)[0]
+
+    def gradient_and_hvp(self, theta: torch.Tensor, batch: Any, frozen: dict | None = None):
+        """Return ``(∇L(θ), hvp)`` where ``hvp(V: Tensor[c, p]) -> Tensor[c, p]`` is ``V ∇²L(θ)``.
+
+        The gradient's graph is built once; each ``hvp`` call is one vectorised double-backward
+        over the ``c`` rows (reverse-over-reverse; ∇²L is symmetric, so the VJP is the HVP).
+        """
+        g, vjp_fn = vjp(lambda t: grad(self.batch_loss)(t, batch, frozen), theta)
+        return g.detach(), lambda V: vmap(vjp_fn)(V)[0]
+
+    def sample_gradients(
+        self, theta: torch.Tensor, batch: Any, rows: torch.Tensor, batch_size: int, frozen: dict | None = None
+    ) -> torch.Tensor:
+        """Per-sample gradients ``Tensor[m, p]`` of the batch rows ``rows`` (``LongTensor[m]``)."""
+        sub = _row(batch, rows, batch_size)
+        return vmap(grad(self.sample_loss), in_dims=(None, 0, None))(theta, sub, frozen)
+
+    def sample_gradients_and_hvps(
+        self,
+        theta: torch.Tensor,
+        batch: Any,
+        rows: torch.Tensor,
+        batch_size: int,
+        vectors: torch.Tensor,
+        frozen: dict | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """For each batch row r in ``rows`` with its own vector v_r (``vectors: Tensor[m, p]``), return
+        ``(∇ℓ_r(θ), ∇²ℓ_r(θ) v_r)``, both ``Tensor[m, p]``, from one vectorised forward-over-reverse pass."""
+        sub = _row(batch, rows, batch_size)
+
+        def one(sample, v):
+            return jvp(lambda t: grad(self.sample_loss)(t, sample, frozen), (theta,), (v,))
+
+        return vmap(one)(sub, vectors)
+
+
+def check_per_sample_losses(losses: Any) -> torch.Tensor:
+    if not isinstance(losses, torch.Tensor) or losses.dim() != 1:
+        shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+        raise ValueError(
+            f"loss_fn must return a 1-D Tensor[B] of per-sample losses (reduction='none'), got {shape}."
+            " If it returns the batch mean, drop the reduction: e.g. F.cross_entropy(logits, y, reduction='none')."
+        )
+    return losses

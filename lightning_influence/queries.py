@@ -1,0 +1,86 @@
+"""Query functions f(θ) and their gradients at given tracked parameters.
+
+A query is one of
+- a batch: f = mean per-sample loss over it (the same ``loss_fn`` as training);
+- an iterable of batches (a DataLoader): f = mean per-sample loss over all its samples;
+- a callable ``f(module) -> scalar``: anything differentiable (a prediction, a margin, a metric).
+
+Scores use ⟨∇f(θ), δθ_j⟩, so only ∇f is needed. Nothing here knows Lightning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, Callable
+
+import torch
+from torch.func import grad
+
+from lightning_influence.functional import FunctionalLoss
+
+Query = Any  # a batch, an iterable of batches, or a callable(module) -> scalar
+MoveFn = Callable[[Any], Any]
+
+
+def is_batch(query: Any) -> bool:
+    """A collated batch: a tensor, or a tuple/list/dict whose leaves include tensors."""
+    if isinstance(query, torch.Tensor):
+        return True
+    if isinstance(query, Mapping):
+        return any(isinstance(v, torch.Tensor) for v in query.values())
+    if isinstance(query, (tuple, list)):
+        return len(query) > 0 and any(isinstance(v, torch.Tensor) for v in query)
+    return False
+
+
+def _batches(query: Query) -> list[Any]:
+    if is_batch(query):
+        return [query]
+    if isinstance(query, Iterable) and not isinstance(query, (str, bytes)):
+        return list(query)
+    raise TypeError(
+        f"A query must be a batch, a DataLoader (iterable of batches) or a callable(module) -> scalar;"
+        f" got {type(query).__name__}."
+    )
+
+
+def query_gradient(
+    loss: FunctionalLoss, theta: torch.Tensor, query: Query, move: MoveFn, frozen: dict | None = None
+) -> torch.Tensor:
+    """``∇f(θ)``: ``Tensor[p]`` for the query's mean loss (or the callable's value)."""
+    if callable(query) and not is_batch(query) and not isinstance(query, Iterable):
+        return _callable_gradient(loss, theta, query, frozen)
+    total, count = torch.zeros_like(theta), 0
+    for batch in _batches(query):
+        batch = move(batch)
+        n = loss.per_sample_losses(theta, batch, frozen).shape[0]
+        g = grad(lambda t: loss.per_sample_losses(t, batch, frozen).sum())(theta)
+        total += g
+        count += n
+    if count == 0:
+        raise ValueError("The query holds no samples.")
+    return total / count
+
+
+def query_example_gradients(
+    loss: FunctionalLoss, theta: torch.Tensor, query: Query, move: MoveFn, frozen: dict | None = None
+) -> torch.Tensor:
+    """Per-example gradients ``Tensor[n, p]`` of every sample of a batch / DataLoader query."""
+    if callable(query) and not is_batch(query) and not isinstance(query, Iterable):
+        return _callable_gradient(loss, theta, query, frozen).unsqueeze(0)
+    rows = []
+    for batch in _batches(query):
+        batch = move(batch)
+        n = loss.per_sample_losses(theta, batch, frozen).shape[0]
+        rows.append(loss.sample_gradients(theta, batch, torch.arange(n, device=theta.device), n, frozen))
+    return torch.cat(rows)
+
+
+def _callable_gradient(loss: FunctionalLoss, theta: torch.Tensor, fn: Callable, frozen: dict | None) -> torch.Tensor:
+    def value(t: torch.Tensor) -> torch.Tensor:
+        out = loss.call(t, fn, frozen=frozen)
+        if not isinstance(out, torch.Tensor) or out.numel() != 1:
+            raise ValueError("A callable query must return a scalar tensor, e.g. the loss or one logit.")
+        return out.reshape(())
+
+    return grad(value)(theta)

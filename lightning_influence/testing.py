@@ -1,0 +1,176 @@
+"""Ground truth for influence: exact counterfactual retraining, and a tiny Lightning module.
+
+``retrain`` replays a training run in plain PyTorch with per-sample weights (w_j = 0 removes
+sample j, w_j = 1 ± ε gives finite-difference derivatives), with the same initial weights, the
+same batches in the same order, the same optimizer and scheduler, and the batch denominator kept
+(SPEC §2). ``TinyClassifier`` + ``FixedBatches`` run the very same schedule through a Lightning
+``Trainer``, so a tracked Lightning run and its counterfactuals share every batch.
+Tests and benchmarks use these; users can too, to check the tracker on their own small problems.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable, Iterator, Sequence
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Sampler, TensorDataset
+
+from lightning_influence.data import IndexedDataset
+
+OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+Schedule = Sequence[Sequence[Sequence[int]]]  # epochs -> batches -> sample ids
+
+
+def random_schedule(num_samples: int, batch_size: int, epochs: int, seed: int = 0) -> list[list[list[int]]]:
+    """A shuffled batch order per epoch (drop_last), reproducible from ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(epochs):
+        perm = torch.randperm(num_samples, generator=gen).tolist()
+        out.append([perm[i : i + batch_size] for i in range(0, num_samples - batch_size + 1, batch_size)])
+    return out
+
+
+class FixedBatches(Sampler):
+    """A batch sampler that yields epoch e's batches of ``schedule`` on its e-th iteration."""
+
+    def __init__(self, schedule: Schedule) -> None:
+        self.schedule = [[list(b) for b in epoch] for epoch in schedule]
+        self._epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.schedule[0])
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self.schedule[min(self._epoch, len(self.schedule) - 1)]
+        self._epoch += 1
+        return iter(batches)
+
+
+def cross_entropy_losses(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-sample cross-entropy (``Tensor[B]``); a single logit column means binary logistic loss."""
+    out = net(x)
+    if out.shape[-1] == 1:
+        return F.binary_cross_entropy_with_logits(out.squeeze(-1), y.to(out.dtype), reduction="none")
+    return F.cross_entropy(out, y, reduction="none")
+
+
+def retrain(
+    net: nn.Module,
+    make_optimizer: OptimizerFactory,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    schedule: Schedule,
+    weights: torch.Tensor | None = None,
+    make_scheduler: SchedulerFactory | None = None,
+) -> nn.Module:
+    """Train a deep copy of ``net`` on ``schedule`` with per-sample ``weights`` (default all 1).
+
+    The step-t loss is ``Σ_{i∈B_t} w_i ℓ_i / |B_t|`` (denominator kept); a scheduler is stepped
+    after every optimizer step. Returns the trained copy.
+    """
+    net = copy.deepcopy(net)
+    weights = torch.ones(len(x), dtype=x.dtype) if weights is None else weights
+    opt = make_optimizer(net)
+    sched = make_scheduler(opt) if make_scheduler else None
+    for epoch in schedule:
+        for ids in epoch:
+            idx = torch.as_tensor(ids)
+            opt.zero_grad()
+            loss = (weights[idx] * cross_entropy_losses(net, x[idx], y[idx])).sum() / len(idx)
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+    return net
+
+
+def mean_loss(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float(cross_entropy_losses(net, x, y).mean())
+
+
+def leave_one_out(
+    net: nn.Module,
+    make_optimizer: OptimizerFactory,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    schedule: Schedule,
+    query: tuple[torch.Tensor, torch.Tensor],
+    ids: Sequence[int],
+    make_scheduler: SchedulerFactory | None = None,
+) -> torch.Tensor:
+    """Exact leave-one-out scores ``f(θ_-j(T)) − f(θ(T))`` for each id (f = mean query loss)."""
+    base = mean_loss(retrain(net, make_optimizer, x, y, schedule, None, make_scheduler), *query)
+    out = []
+    for j in ids:
+        w = torch.ones(len(x), dtype=x.dtype)
+        w[j] = 0
+        out.append(mean_loss(retrain(net, make_optimizer, x, y, schedule, w, make_scheduler), *query) - base)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+class TinyClassifier(pl.LightningModule):
+    """A minimal LightningModule around ``net`` for ``(x, y, ids)`` batches, with per-sample weights.
+
+    ``per_sample_loss`` is the tracker's default loss hook; ``training_step`` returns the weighted
+    mean ``Σ w_i ℓ_i / B`` (weights all 1 unless given), matching :func:`retrain`.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        make_optimizer: OptimizerFactory,
+        make_scheduler: SchedulerFactory | None = None,
+        weights: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.net = net
+        self.make_optimizer = make_optimizer
+        self.make_scheduler = make_scheduler
+        self.weights = weights
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def per_sample_loss(self, batch) -> torch.Tensor:
+        return cross_entropy_losses(self.net, batch[0], batch[1])
+
+    def training_step(self, batch, batch_idx):
+        losses = self.per_sample_loss(batch)
+        if self.weights is not None:
+            losses = losses * self.weights.to(losses)[batch[-1]]
+        return losses.sum() / len(losses)
+
+    def configure_optimizers(self):
+        opt = self.make_optimizer(self.net)
+        if self.make_scheduler is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.make_scheduler(opt), "interval": "step"}}
+
+
+def fixed_loader(x: torch.Tensor, y: torch.Tensor, schedule: Schedule) -> DataLoader:
+    """A DataLoader of ``(x, y, ids)`` batches that follows ``schedule`` exactly."""
+    return DataLoader(IndexedDataset(TensorDataset(x, y)), batch_sampler=FixedBatches(schedule))
+
+
+def lightning_trainer(epochs: int, precision: str = "64-true", **kwargs) -> pl.Trainer:
+    """A quiet CPU Trainer for small checks."""
+    opts = dict(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        precision=precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    opts.update(kwargs)
+    return pl.Trainer(**opts)
