@@ -134,6 +134,7 @@ class InfluenceTracker(Callback):
         self._optimizer_spec: OptimizerSpec | None = None
         self._loss: FunctionalLoss | None = None
         self._row_of: torch.Tensor | None = None  # training id -> state row (-1 if untracked)
+        self._tracked_groups: list[list[nn.Parameter]] = []  # tracked parameters per optimizer param group
         self._tracked_params: list[nn.Parameter] = []
         self._untracked_trainable: dict[str, nn.Parameter] = {}
         self._batch: Any = None
@@ -158,7 +159,8 @@ class InfluenceTracker(Callback):
         named = self._select_parameters(pl_module, optimizer)
         layout = FlatParameters.from_groups(named)
         tracked_ids = {id(p) for group in named for _, p in group}
-        self._tracked_params = [p for group in named for _, p in group]
+        self._tracked_groups = [[p for _, p in group] for group in named]
+        self._tracked_params = [p for group in self._tracked_groups for p in group]
         self._untracked_trainable = {
             n: p for n, p in pl_module.named_parameters() if p.requires_grad and id(p) not in tracked_ids
         }
@@ -317,8 +319,9 @@ class InfluenceTracker(Callback):
         theta = layout.flatten([p.detach() for p in self._tracked_params]).clone()
         flat_state = self._flat_optimizer_state(optimizer)
         groups = []
-        for group, region in zip(optimizer.param_groups, layout.group_slices):
-            first_state = optimizer.state.get(group["params"][0], {}) if group["params"] else {}
+        for group, region, tracked in zip(optimizer.param_groups, layout.group_slices, self._tracked_groups):
+            # read the state of a tracked parameter of the group (untracked/frozen ones may have none)
+            first_state = optimizer.state.get(tracked[0], {}) if tracked else {}
             step_count = int(first_state.get("step", 0)) + 1
             first_momentum = first_state.get("momentum_buffer") is None
             groups.append(read_group_step(group, region, step_count, first_momentum))
@@ -336,7 +339,11 @@ class InfluenceTracker(Callback):
         out: dict[str, torch.Tensor | None] = {}
         for key in ("exp_avg", "exp_avg_sq", "momentum_buffer"):
             parts = [optimizer.state.get(p, {}).get(key) for p in self._tracked_params]
-            out[key] = None if any(t is None for t in parts) else self._loss.layout.flatten(parts).clone()
+            if all(t is None for t in parts):
+                out[key] = None
+            else:  # groups without this state (e.g. no momentum) read zeros they never use
+                parts = [torch.zeros_like(p) if t is None else t for p, t in zip(self._tracked_params, parts)]
+                out[key] = self._loss.layout.flatten(parts).clone()
         return out
 
     def on_train_batch_end(

@@ -1,0 +1,284 @@
+"""Per-step cost of ``InfluenceTracker`` against bare training and against the HVP floor.
+
+For each model and number of tracked samples k, the script trains the same model twice with a
+Lightning ``Trainer`` (float32, batch 32, same seed, same batches): once bare and once with an
+``InfluenceTracker`` (default estimator ``"acc"``). A timing callback stamps ``time.perf_counter()``
+at every ``on_train_batch_start``; the difference between consecutive stamps is the wall time of
+one whole training step (data loading, forward, backward, optimizer, every callback hook), so
+Lightning's own per-step overhead is the same in both runs and cancels in the difference. After
+warm-up steps (which also skip the tracker's first self-checked steps) the median is reported.
+
+The *floor* is the cheapest way to do the core of the tracker's job: one vectorised
+Hessian-vector product over the k state rows at the same parameters and batch, i.e.
+``FunctionalLoss.gradient_and_hvp(theta, batch)`` followed by ``hvp(V)`` with ``V: [k, p]``.
+``overhead / floor`` says how much the tracker spends beyond that (goal: ≤ 1.3 at larger k).
+The remaining columns time the other pieces of one tracker step in isolation, at the trained
+parameters, with the tracker's real states: per-sample gradients and single-sample HVPs of
+the tracked samples in the batch (``source``), the optimizer map (``opt map``) and the NaN/inf
+check over all state blocks (``finite``).
+
+Run:  python benchmarks/overhead.py            (full, a few minutes on 2 CPU cores)
+      python benchmarks/overhead.py --quick    (fewer steps and cases, under a minute)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import platform
+import statistics
+import time
+import warnings
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_influence import IndexedDataset, InfluenceTracker
+from lightning_influence.optimizers import OptimizerStep, read_group_step
+from lightning_influence.testing import TinyClassifier, lightning_trainer
+
+BATCH = 32
+
+
+# ----------------------------------------------------------------------------- data and models
+def digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's bundled 8x8 digits (1797 images, no download), scaled to [0, 1]."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return torch.tensor(d.data / 16.0, dtype=torch.float32), torch.tensor(d.target, dtype=torch.long)
+
+
+def synthetic(n: int, d: int, c: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=gen)
+    w = torch.randn(d, c, generator=gen)
+    y = (x @ w + 0.5 * torch.randn(n, c, generator=gen)).argmax(1)
+    return x, y
+
+
+def make_net(kind: str, d: int, c: int) -> nn.Module:
+    if kind == "logreg":
+        return nn.Linear(d, c)
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(d, 32), nn.Tanh(), nn.Linear(32, c))
+    if kind == "cnn":  # 8x8 single-channel images given as 64 features
+        return nn.Sequential(
+            nn.Unflatten(1, (1, 8, 8)),
+            nn.Conv2d(1, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(8 * 4 * 4, c),
+        )
+    raise ValueError(kind)
+
+
+def make_optimizer(name: str):
+    if name == "adamw":
+        return lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=1e-2)
+    if name == "sgd":
+        return lambda m: torch.optim.SGD(m.parameters(), lr=0.05)
+    raise ValueError(name)
+
+
+# ----------------------------------------------------------------------------- timing helpers
+class StepTimer(pl.Callback):
+    """Wall time between consecutive ``on_train_batch_start`` hooks = one whole training step."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.stamps.append(time.perf_counter())
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.stamps.append(time.perf_counter())
+
+    def step_times(self, warmup: int) -> list[float]:
+        s = self.stamps
+        return [b - a for a, b in zip(s[:-1], s[1:])][warmup:]
+
+
+def median_time(fn, reps: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def fit(net, opt_factory, x, y, steps: int, tracker: InfluenceTracker | None, seed: int):
+    torch.manual_seed(seed)
+    loader = DataLoader(
+        IndexedDataset(TensorDataset(x, y)),
+        batch_size=BATCH,
+        shuffle=True,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    timer = StepTimer()
+    model = TinyClassifier(net, opt_factory)
+    callbacks = [timer] if tracker is None else [tracker, timer]
+    trainer = lightning_trainer(10**6, precision="32-true", max_steps=steps, callbacks=callbacks)
+    trainer.fit(model, loader)
+    return model, trainer, timer
+
+
+def one_case(kind, x, y, k, opt_name, steps, warmup, reps, seed=0):
+    d, c = x.shape[1], int(y.max()) + 1
+    torch.manual_seed(seed)
+    init = make_net(kind, d, c)
+    opt_factory = make_optimizer(opt_name)
+
+    import copy
+
+    _, _, bare = fit(copy.deepcopy(init), opt_factory, x, y, steps, None, seed)
+    track = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed + 1))[:k].sort().values
+    tracker = InfluenceTracker(track=track)
+    model, trainer, tracked = fit(copy.deepcopy(init), opt_factory, x, y, steps, tracker, seed)
+    t_bare = statistics.median(bare.step_times(warmup))
+    t_track = statistics.median(tracked.step_times(warmup))
+
+    # ---- the pieces of one tracker step, in isolation, at the trained parameters
+    engine, loss = tracker.engine, tracker._loss
+    layout = loss.layout
+    named = dict(model.named_parameters())
+    params = [named[n] for n in layout.names]
+    theta = layout.flatten([p.detach() for p in params]).clone()
+    gen = torch.Generator().manual_seed(seed + 2)
+    idx = torch.randperm(len(x), generator=gen)[:BATCH]
+    batch = (x[idx], y[idx], idx)
+    states = {b: s.clone() for b, s in engine.states.items()}
+    V = states["theta"]
+
+    with torch.enable_grad():
+
+        def floor():
+            _, hvp = loss.gradient_and_hvp(theta, batch)
+            return hvp(V)
+
+        t_floor = median_time(floor, reps)
+
+        # tracked samples of this batch (a typical count: k·B/n on average)
+        row_of = torch.full((len(x),), -1, dtype=torch.long)
+        row_of[track] = torch.arange(k)
+        rows = row_of[idx]
+        present = rows >= 0
+        state_rows, batch_rows = rows[present], present.nonzero().flatten()
+        if state_rows.numel():
+            t_source = median_time(
+                lambda: loss.sample_gradients_and_hvps(theta, batch, batch_rows, BATCH, V[state_rows]), reps
+            )
+        else:
+            t_source = 0.0
+        grad = torch.func.grad(loss.batch_loss)(theta, batch).detach()
+
+    opt = trainer.optimizers[0]
+    groups = []
+    for group, region in zip(opt.param_groups, layout.group_slices):
+        st = opt.state.get(group["params"][0], {})
+        groups.append(read_group_step(group, region, int(st.get("step", 0)), st.get("momentum_buffer") is None))
+    step = OptimizerStep(groups, theta, grad)
+    if opt_name == "adamw":
+        step.exp_avg = layout.flatten([opt.state[p]["exp_avg"] for p in params]).clone()
+        step.exp_avg_sq = layout.flatten([opt.state[p]["exp_avg_sq"] for p in params]).clone()
+    jac = tracker._optimizer_spec.jacobian
+    delta_g = torch.randn_like(V) * 1e-4
+    work = {b: s.clone() for b, s in states.items()}
+    dg = delta_g.clone()
+
+    def opt_map():
+        # fresh copies each call would time the copy too; advancing in place repeatedly is fine for timing
+        jac.advance(work, dg, step, exact=True)
+
+    t_map = median_time(opt_map, reps)
+    t_finite = median_time(lambda: engine.check_finite(0, tracker.tracked_ids), reps)
+    p = layout.numel
+    return dict(
+        model=kind,
+        opt=opt_name,
+        k=k,
+        p=p,
+        m=int(state_rows.numel()),
+        bare=t_bare * 1e3,
+        tracked=t_track * 1e3,
+        overhead=(t_track - t_bare) * 1e3,
+        floor=t_floor * 1e3,
+        source=t_source * 1e3,
+        opt_map=t_map * 1e3,
+        finite=t_finite * 1e3,
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer steps and cases (smoke run)")
+    ap.add_argument("--steps", type=int, default=None, help="training steps per run (default 120, quick 40)")
+    ap.add_argument("--warmup", type=int, default=10, help="steps excluded from the median")
+    ap.add_argument("--reps", type=int, default=None, help="repetitions of the isolated timings")
+    ap.add_argument("--logreg-dim", type=int, default=64, help="input dimension of the synthetic logistic regression")
+    args = ap.parse_args()
+    steps = args.steps or (40 if args.quick else 120)
+    reps = args.reps or (10 if args.quick else 30)
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+
+    xs, ys = synthetic(4096, args.logreg_dim, 10)
+    xd, yd = digits()
+    cases = []
+    ks_logreg = [1, 32, 256, 2048]
+    ks_small = [1, 32, 256]
+    if args.quick:
+        ks_logreg, ks_small = [1, 256, 2048], [1, 256]
+    for k in ks_logreg:
+        cases.append(("logreg", xs, ys, k, "adamw"))
+    cases.append(("logreg", xs, ys, 256, "sgd"))
+    for kind in ("mlp", "cnn"):
+        for k in ks_small:
+            cases.append((kind, xd, yd, k, "adamw"))
+
+    t_start = time.perf_counter()
+    rows = []
+    for kind, x, y, k, opt_name in cases:
+        r = one_case(kind, x, y, k, opt_name, steps, args.warmup, reps)
+        rows.append(r)
+        print(
+            f"# done {kind}/{opt_name} k={k}: bare {r['bare']:.2f} ms, tracked {r['tracked']:.2f} ms,"
+            f" floor {r['floor']:.2f} ms",
+            flush=True,
+        )
+
+    print()
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()},"
+        f" float32, batch {BATCH}, {steps} steps per run (median after {args.warmup} warm-up steps),"
+        f" estimator='acc'; logistic regression on synthetic data (n=4096, d={args.logreg_dim}, 10 classes),"
+        " MLP 64-32-10 (tanh) and CNN (conv 1→8 3x3, relu, maxpool 2, linear 128→10) on 8x8 digits."
+    )
+    print()
+    print(
+        "| model | optimizer | k | p | tracked in batch | bare step (ms) | step with tracker (ms) | tracker overhead (ms)"
+        " | HVP floor (ms) | overhead / floor | source (ms) | opt map (ms) | finite check (ms) |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        ratio = r["overhead"] / r["floor"] if r["floor"] > 0 else float("nan")
+        print(
+            f"| {r['model']} | {r['opt']} | {r['k']} | {r['p']} | {r['m']} | {r['bare']:.2f} | {r['tracked']:.2f} |"
+            f" {r['overhead']:.2f} | {r['floor']:.2f} | {ratio:.2f} | {r['source']:.2f} | {r['opt_map']:.2f} |"
+            f" {r['finite']:.2f} |"
+        )
+    print()
+    print(f"total time: {time.perf_counter() - t_start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
