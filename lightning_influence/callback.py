@@ -317,7 +317,6 @@ class InfluenceTracker(Callback):
                 )
             grads.append(p.grad.detach())
         theta = layout.flatten([p.detach() for p in self._tracked_params]).clone()
-        flat_state = self._flat_optimizer_state(optimizer)
         groups = []
         for group, region, tracked in zip(optimizer.param_groups, layout.group_slices, self._tracked_groups):
             # read the state of a tracked parameter of the group (untracked/frozen ones may have none)
@@ -329,7 +328,7 @@ class InfluenceTracker(Callback):
         self._pending = {
             "step": OptimizerStep(groups, theta, layout.flatten(grads).clone()),
             "frozen": {n: p.detach().clone() for n, p in self._untracked_trainable.items()},
-            "pre_state": flat_state if check else None,
+            "pre_state": self._flat_optimizer_state(optimizer) if check else None,
             "global_step": trainer.global_step,
         }
 

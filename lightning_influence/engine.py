@@ -137,6 +137,8 @@ class InfluenceEngine:
     def check_finite(self, step_index: int, sample_ids: torch.Tensor) -> None:
         """Raise :class:`NonFiniteInfluenceError` naming the step and the first bad samples."""
         for block, state in self.states.items():
+            if torch.isfinite(state.sum()):  # one reduction, no [k, p] mask, in the common case
+                continue
             bad = ~torch.isfinite(state).all(dim=1)
             if bad.any():
                 ids = sample_ids[bad.nonzero().flatten().cpu()].tolist()
