@@ -23,7 +23,14 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from lightning_influence.data import SampleIdsFn, default_sample_ids, validate_sample_ids
+from lightning_influence.data import (
+    SAMPLE_ID_KEY,
+    IndexedDataset,
+    SampleIdError,
+    SampleIdsFn,
+    default_sample_ids,
+    validate_sample_ids,
+)
 from lightning_influence.engine import ESTIMATORS, InfluenceEngine, chunk_rows_for_budget
 from lightning_influence.functional import FlatParameters, FunctionalLoss, PerSampleLossFn, RegularizerFn
 from lightning_influence.optimizers import OptimizerSpec, OptimizerStep, model_optimizer, read_group_step
@@ -59,6 +66,7 @@ class InfluenceTracker(Callback):
         queries: ``{"name": batch or DataLoader}``; ``influence("name")`` answers for them, and
             ``"tracin"`` accumulates on them during training.
         window_every_n_steps, window_every_n_epochs: DIT time windows (not available yet).
+        curvature: ``"exact"``: Hessian-vector products of the real batch loss (the only option).
         params: which parameters to track: ``None`` (all trainable ones), or a sequence of name
             prefixes and/or ``nn.Module`` objects. Untracked parameters are held fixed in the
             counterfactual (see the docs' limitations page).
@@ -86,6 +94,7 @@ class InfluenceTracker(Callback):
         queries: Mapping[str, Any] | None = None,
         window_every_n_steps: int | None = None,
         window_every_n_epochs: int | None = None,
+        curvature: str = "exact",
         params: Sequence[str | nn.Module] | None = None,
         regularizer: RegularizerFn | None = None,
         num_samples: int | None = None,
@@ -98,6 +107,11 @@ class InfluenceTracker(Callback):
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}.")
         if optimizer_model not in ("auto", "sgd"):
             raise ValueError(f"optimizer_model must be 'auto' or 'sgd', got {optimizer_model!r}.")
+        if curvature != "exact":
+            raise ValueError(
+                f"curvature={curvature!r} is not available: only 'exact' Hessian-vector products of the batch loss are"
+                " implemented (an approximation is never substituted silently)."
+            )
         if window_every_n_steps is not None or window_every_n_epochs is not None:
             raise NotImplementedError(
                 "Time-window (DIT) snapshots are not available in this version; use `influence()` after fit."
@@ -111,7 +125,10 @@ class InfluenceTracker(Callback):
                 " accumulates query-gradient dot products during training and cannot answer new queries later."
             )
         if track is not None:
-            track = torch.as_tensor(track, dtype=torch.long).flatten()
+            track = torch.as_tensor(track)
+            if track.numel() and (track.dtype.is_floating_point or track.dtype.is_complex or track.dtype == torch.bool):
+                raise ValueError(f"track must hold integer training-set ids, got dtype {track.dtype}.")
+            track = track.to(torch.long).flatten()
             if track.numel() == 0 or torch.unique(track).numel() != track.numel() or int(track.min()) < 0:
                 raise ValueError("track must be a non-empty sequence of distinct, non-negative training-set ids.")
         if hvp_chunk_size is not None and hvp_chunk_size < 1:
@@ -140,9 +157,11 @@ class InfluenceTracker(Callback):
         self._batch: Any = None
         self._batch_ids: torch.Tensor | None = None
         self._pending: dict[str, Any] | None = None
+        self._observed_after_check: torch.Tensor | None = None  # θ after a self-checked step
         self._steps_done = 0
         self._final: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
-        self._move: Callable[[Any], Any] = lambda batch: batch
+        self._convert: Callable[[Any], Any] = lambda batch: batch
+        self._expect_indexed = False
 
     @property
     def state_key(self) -> str:
@@ -155,7 +174,9 @@ class InfluenceTracker(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._check_trainer(trainer, pl_module)
         optimizer = trainer.optimizers[0]
-        self._optimizer_spec = model_optimizer(optimizer, self.optimizer_model)
+        # TracIn needs only the learning rates, so any descending optimizer will do
+        self._optimizer_spec = model_optimizer(optimizer, "sgd" if self.estimator == "tracin" else self.optimizer_model)
+        self._steps_done, self._final, self._pending, self._observed_after_check = 0, None, None, None
         named = self._select_parameters(pl_module, optimizer)
         layout = FlatParameters.from_groups(named)
         tracked_ids = {id(p) for group in named for _, p in group}
@@ -174,9 +195,7 @@ class InfluenceTracker(Callback):
                 )
             loss_fn = type(pl_module).per_sample_loss
         self._loss = FunctionalLoss(pl_module, loss_fn, layout, self.regularizer)
-        device = pl_module.device
-        convert = trainer.precision_plugin.convert_input
-        self._move = lambda batch: move_data_to_device(convert(batch), device)
+        self._convert = trainer.precision_plugin.convert_input
 
     def _check_trainer(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         def refuse(what: str, fix: str) -> None:
@@ -194,6 +213,11 @@ class InfluenceTracker(Callback):
             refuse("gradient clipping", "Remove gradient_clip_val from the Trainer.")
         if str(trainer.precision) not in _SUPPORTED_PRECISION:
             refuse(f"precision={trainer.precision!r}", "Use precision='32-true' or '64-true'.")
+        if trainer.ckpt_path is not None:
+            refuse(
+                "a run resumed from a checkpoint (its influence states are not saved in checkpoints yet)",
+                "Train from the start with the tracker attached.",
+            )
 
     def _select_parameters(self, pl_module: nn.Module, optimizer: torch.optim.Optimizer) -> list[list[tuple[str, Any]]]:
         """Tracked ``(name, parameter)`` pairs per optimizer param group."""
@@ -205,6 +229,10 @@ class InfluenceTracker(Callback):
             for sel in selectors:
                 if isinstance(sel, nn.Module):
                     found = {id(p) for p in sel.parameters()}
+                    if not found <= name_of.keys():
+                        raise InfluenceConfigurationError(
+                            f"params= selector {type(sel).__name__} is not a submodule of {type(pl_module).__name__}."
+                        )
                 elif isinstance(sel, str):
                     found = {id(p) for n, p in pl_module.named_parameters() if n == sel or n.startswith(sel + ".")}
                 else:
@@ -246,6 +274,11 @@ class InfluenceTracker(Callback):
                 )
             num_samples = len(dataset)
         self.num_samples = num_samples
+        # With the default id reader, a plain (x, y) dataset would have its labels read as ids: insist on
+        # IndexedDataset unless the batches turn out to be dicts carrying "sample_id".
+        self._expect_indexed = self.sample_ids is default_sample_ids and not isinstance(
+            getattr(trainer.train_dataloader, "dataset", None), IndexedDataset
+        )
         track = torch.arange(num_samples) if self.track is None else self.track
         if int(track.max()) >= num_samples:
             raise ValueError(f"track holds ids >= {num_samples}, the training set's size.")
@@ -299,6 +332,12 @@ class InfluenceTracker(Callback):
     # ------------------------------------------------------------------ every step
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         assert self.num_samples is not None
+        if self._expect_indexed and not (isinstance(batch, Mapping) and SAMPLE_ID_KEY in batch):
+            raise SampleIdError(
+                "The training set is not an IndexedDataset, so its batches carry no sample ids (the default reader"
+                " would take the last element, e.g. the labels, as ids). Wrap it: DataLoader(IndexedDataset(dataset),"
+                " ...), or pass sample_ids=lambda batch: ... returning LongTensor[B] of training-set indices."
+            )
         self._batch = batch
         self._batch_ids = validate_sample_ids(self.sample_ids(batch), None, self.num_samples)
 
@@ -308,6 +347,8 @@ class InfluenceTracker(Callback):
         """Record θ_t, the gradient the optimizer is about to use and its hyper-parameters at this step."""
         assert self._loss is not None
         layout = self._loss.layout
+        if all(p.grad is None for p in self._tracked_params):
+            return  # training_step returned None: Lightning skips this step, and so does every counterfactual
         grads = []
         for name, p in zip(layout.names, self._tracked_params):
             if p.grad is None:
@@ -317,6 +358,15 @@ class InfluenceTracker(Callback):
                 )
             grads.append(p.grad.detach())
         theta = layout.flatten([p.detach() for p in self._tracked_params]).clone()
+        if self._observed_after_check is not None:
+            moved = float((theta - self._observed_after_check).abs().max())
+            self._observed_after_check = None
+            if moved > 0:
+                raise SelfCheckError(
+                    f"The tracked parameters changed outside the optimizer between optimizer steps {trainer.global_step - 1}"
+                    f" and {trainer.global_step} (max abs change {moved:.2e}): e.g. a projection, weight clipping or an"
+                    " EMA swap in a hook. The tracker models only the optimizer's update; remove that change."
+                )
         groups = []
         for group, region, tracked in zip(optimizer.param_groups, layout.group_slices, self._tracked_groups):
             # read the state of a tracked parameter of the group (untracked/frozen ones may have none)
@@ -362,20 +412,23 @@ class InfluenceTracker(Callback):
         present = rows >= 0
         state_rows, batch_rows = rows[present], present.nonzero().flatten()
         checking = pending["pre_state"] is not None
-        if checking:
-            n_losses = self._loss.per_sample_losses(step.theta, batch, pending["frozen"]).shape[0]
-            validate_sample_ids(ids, n_losses, self.num_samples)
         tracin_grads = None
         if self.estimator == "tracin":
             tracin_grads = {
-                name: query_gradient(self._loss, step.theta, q, self._move, pending["frozen"])
+                name: query_gradient(self._loss, step.theta, q, self._to_module, pending["frozen"])
                 for name, q in self.queries.items()
             }
         started = time.perf_counter()
-        with torch.enable_grad():
-            grad_t = self.engine.step(
-                batch, ids.numel(), state_rows, batch_rows, step, pending["frozen"], tracin_grads
-            )
+        try:
+            with torch.enable_grad():
+                grad_t = self.engine.step(batch, ids.numel(), state_rows, batch_rows, step, pending["frozen"], tracin_grads)
+        except RuntimeError as err:
+            if "random" not in str(err):
+                raise
+            raise InfluenceConfigurationError(
+                "loss_fn calls a random operation (e.g. F.dropout, torch.rand): the tracker cannot replay the draws the"
+                " training step used, so its gradients and Hessians would differ. Make loss_fn deterministic."
+            ) from err
         elapsed = time.perf_counter() - started
         if checking:
             self._self_check(step, pending["pre_state"], pending["frozen"], grad_t, trainer.global_step)
@@ -394,6 +447,11 @@ class InfluenceTracker(Callback):
             assert self._loss is not None
             with torch.enable_grad():
                 grad_t = torch.func.grad(self._loss.batch_loss)(step.theta, self._batch, frozen)
+            if self._loss.last_batch_size != self._batch_ids.numel():
+                raise SampleIdError(
+                    f"loss_fn returned {self._loss.last_batch_size} per-sample losses for a batch with"
+                    f" {self._batch_ids.numel()} sample ids: it must return one loss per row (reduction='none')."
+                )
         err = float((grad_t - step.grad).norm() / step.grad.norm().clamp_min(torch.finfo(step.grad.dtype).tiny))
         if err > tol:
             raise SelfCheckError(
@@ -402,11 +460,12 @@ class InfluenceTracker(Callback):
                 " regulariser or auxiliary loss in training_step that loss_fn lacks (pass regularizer=), a loss"
                 " that is not the mean of per-sample losses (reduction='sum', extra scaling), or random layers."
             )
-        if self.optimizer_model == "sgd":
-            return  # an approximation the user asked for: the update is not expected to match
         assert self._optimizer_spec is not None and self._loss is not None
-        predicted = self._optimizer_spec.jacobian.predict(step, pre_state)
         observed = self._loss.layout.flatten([p.detach() for p in self._tracked_params])
+        self._observed_after_check = observed
+        if self._optimizer_spec.kind == "sgd-approx":
+            return  # plain SGD stands in for the real optimizer by choice: the update is not expected to match
+        predicted = self._optimizer_spec.jacobian.predict(step, pre_state)
         update = (observed - step.theta).abs().max()
         eps = torch.finfo(step.theta.dtype).eps
         err = float((predicted - observed).abs().max())
@@ -424,6 +483,11 @@ class InfluenceTracker(Callback):
         self._final = (theta, {n: p.detach().clone() for n, p in self._untracked_trainable.items()})
 
     # ------------------------------------------------------------------ after fit
+    def _to_module(self, batch: Any) -> Any:
+        """A query batch in the module's precision, on the device its parameters are on now (Lightning
+        may have moved the module back to the CPU at teardown)."""
+        return move_data_to_device(self._convert(batch), self._tracked_params[0].device)
+
     def influence(self, query: Any, per_example: bool = False) -> InfluenceResult:
         """Influence of every tracked training sample on ``query``.
 
@@ -434,6 +498,8 @@ class InfluenceTracker(Callback):
 
         Returns:
             :class:`InfluenceResult` with ``scores[j]`` ≈ f(θ_-j(T)) − f(θ(T)): negative = harmful.
+            "Harmful" reads f as a loss (lower is better): for a callable such as a logit or an
+            accuracy proxy, where higher is better, negate it (``lambda m: -m(x)[0, c]``).
         """
         if self.engine is None or self._final is None or self._loss is None:
             raise RuntimeError("influence() is available after trainer.fit(...) has run with this tracker.")
@@ -453,11 +519,14 @@ class InfluenceTracker(Callback):
             raise ValueError(
                 "estimator='tracin' only answers registered queries: pass the name given in queries={...}."
             )
-        theta, frozen = self._final
+        device = self._tracked_params[0].device
+        theta = self._final[0].to(device)
+        frozen = {n: t.to(device) for n, t in self._final[1].items()}
         with torch.enable_grad():
             if per_example:
-                grads = query_example_gradients(self._loss, theta, query, self._move, frozen)
-                per = self.engine.project(grads).cpu()
+                grads = query_example_gradients(self._loss, theta, query, self._to_module, frozen)
+                per = self.engine.project(grads.to(self.engine.theta.device)).cpu()
                 return InfluenceResult(self.tracked_ids.clone(), per.mean(dim=1), per, self.estimator)
-            grad = query_gradient(self._loss, theta, query, self._move, frozen)
-        return InfluenceResult(self.tracked_ids.clone(), self.engine.project(grad).cpu(), None, self.estimator)
+            grad = query_gradient(self._loss, theta, query, self._to_module, frozen)
+        scores = self.engine.project(grad.to(self.engine.theta.device)).cpu()
+        return InfluenceResult(self.tracked_ids.clone(), scores, None, self.estimator)

@@ -74,9 +74,16 @@ class _ModuleCall(nn.Module):
         return fn(self.module, *args)
 
 
-def _row(batch: Any, index: torch.Tensor, batch_size: int) -> Any:
-    """Rows ``index`` of every tensor in ``batch`` whose first dimension is the batch dimension."""
-    return tree_map(lambda t: t[index] if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == batch_size else t, batch)
+def _is_batched(t: Any, batch_size: int) -> bool:
+    return isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == batch_size
+
+
+def _rows(batch: Any, index: torch.Tensor, batch_size: int) -> tuple[Any, Any]:
+    """Rows ``index`` of every tensor of ``batch`` whose first dimension is the batch dimension, and the
+    matching ``vmap`` ``in_dims`` (0 for those tensors, None for everything else, kept whole)."""
+    sub = tree_map(lambda t: t[index] if _is_batched(t, batch_size) else t, batch)
+    in_dims = tree_map(lambda t: 0 if _is_batched(t, batch_size) else None, batch)
+    return sub, in_dims
 
 
 class FunctionalLoss:
@@ -101,6 +108,7 @@ class FunctionalLoss:
         self.loss_fn = loss_fn
         self.regularizer = regularizer
         self._call = _ModuleCall(module)
+        self.last_batch_size: int | None = None
 
     def _params(self, theta: torch.Tensor, frozen: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
         params = {f"module.{k}": v for k, v in self.layout.unflatten(theta).items()}
@@ -118,14 +126,17 @@ class FunctionalLoss:
 
     def batch_loss(self, theta: torch.Tensor, batch: Any, frozen: dict | None = None) -> torch.Tensor:
         """Scalar ``mean_i ℓ_i(θ) + R(θ)``: the real training loss (all weights 1)."""
-        loss = self.per_sample_losses(theta, batch, frozen).mean()
+        losses = self.per_sample_losses(theta, batch, frozen)
+        self.last_batch_size = losses.shape[0]  # read by the engine to check it against the batch's ids
+        loss = losses.mean()
         if self.regularizer is not None:
             loss = loss + self.call(theta, self.regularizer, frozen=frozen)
         return loss
 
-    def sample_loss(self, theta: torch.Tensor, sample: Any, frozen: dict | None = None) -> torch.Tensor:
-        """Scalar loss of one sample given *without* its batch dimension (used under ``vmap``)."""
-        one = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, torch.Tensor) else t, sample)
+    def sample_loss(self, theta: torch.Tensor, sample: Any, in_dims: Any, frozen: dict | None = None) -> torch.Tensor:
+        """Scalar loss of one sample whose batched tensors come *without* their batch dimension (under
+        ``vmap``); ``in_dims`` marks them (0) among the parts kept whole (None)."""
+        one = tree_map(lambda t, d: t.unsqueeze(0) if d == 0 else t, sample, in_dims)
         return self.call(theta, self.loss_fn, one, frozen=frozen).reshape(-1)[0]
 
     def gradient_and_hvp(self, theta: torch.Tensor, batch: Any, frozen: dict | None = None):
@@ -141,8 +152,8 @@ class FunctionalLoss:
         self, theta: torch.Tensor, batch: Any, rows: torch.Tensor, batch_size: int, frozen: dict | None = None
     ) -> torch.Tensor:
         """Per-sample gradients ``Tensor[m, p]`` of the batch rows ``rows`` (``LongTensor[m]``)."""
-        sub = _row(batch, rows, batch_size)
-        return vmap(grad(self.sample_loss), in_dims=(None, 0, None))(theta, sub, frozen)
+        sub, in_dims = _rows(batch, rows, batch_size)
+        return vmap(grad(self.sample_loss), in_dims=(None, in_dims, None, None))(theta, sub, in_dims, frozen)
 
     def sample_gradients_and_hvps(
         self,
@@ -155,12 +166,12 @@ class FunctionalLoss:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """For each batch row r in ``rows`` with its own vector v_r (``vectors: Tensor[m, p]``), return
         ``(∇ℓ_r(θ), ∇²ℓ_r(θ) v_r)``, both ``Tensor[m, p]``, from one vectorised forward-over-reverse pass."""
-        sub = _row(batch, rows, batch_size)
+        sub, in_dims = _rows(batch, rows, batch_size)
 
         def one(sample, v):
-            return jvp(lambda t: grad(self.sample_loss)(t, sample, frozen), (theta,), (v,))
+            return jvp(lambda t: grad(self.sample_loss)(t, sample, in_dims, frozen), (theta,), (v,))
 
-        return vmap(one)(sub, vectors)
+        return vmap(one, in_dims=(in_dims, 0))(sub, vectors)
 
 
 def check_per_sample_losses(losses: Any) -> torch.Tensor:

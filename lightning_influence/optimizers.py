@@ -204,10 +204,14 @@ def model_optimizer(optimizer: torch.optim.Optimizer, optimizer_model: str = "au
     """
     if optimizer_model not in ("auto", "sgd"):
         raise ValueError(f"optimizer_model must be 'auto' or 'sgd', got {optimizer_model!r}.")
-    if optimizer_model == "sgd":
-        return OptimizerSpec(SGDJacobian(momentum=False), "sgd-approx", [f"{type(optimizer).__name__} modelled as plain SGD"])
     kind = type(optimizer)
     groups = optimizer.param_groups
+    if any(g.get("maximize") for g in groups):
+        raise UnsupportedOptimizerError(
+            f"{kind.__name__}(maximize=True) is not supported: the tracker assumes the optimizer descends the loss."
+        )
+    if optimizer_model == "sgd":
+        return OptimizerSpec(SGDJacobian(momentum=False), "sgd-approx", [f"{kind.__name__} modelled as plain SGD"])
     hint = (
         " Supported exactly: torch.optim.SGD, Adam and AdamW (plain classes, not subclasses)."
         " To get the classic optimizer-mismatch approximation instead, pass optimizer_model='sgd'."
@@ -217,7 +221,6 @@ def model_optimizer(optimizer: torch.optim.Optimizer, optimizer_model: str = "au
         if any(g.get(flag) for g in groups):
             raise UnsupportedOptimizerError(f"{kind.__name__}({flag}=True) is not supported: {why}.{hint}")
 
-    refuse_flag("maximize", "the tracker assumes the optimizer descends the loss")
     if kind is torch.optim.SGD:
         return OptimizerSpec(SGDJacobian(momentum=any(g.get("momentum", 0) for g in groups)), "sgd")
     if kind in (torch.optim.Adam, torch.optim.AdamW):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from typing import Callable
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from torch import nn
@@ -76,7 +77,7 @@ def make_model() -> Callable[..., TinyClassifier]:
 
 
 @pytest.fixture
-def make_trainer() -> Callable[..., "lightning.pytorch.Trainer"]:  # noqa: F821
+def make_trainer() -> Callable[..., pl.Trainer]:
     """``make_trainer(*callbacks, epochs=1, **trainer_kwargs)``: a quiet float64 CPU Trainer."""
 
     def factory(*callbacks, epochs: int = 1, **kwargs):
