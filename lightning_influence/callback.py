@@ -357,7 +357,7 @@ class InfluenceTracker(Callback):
                     " Exclude parameters the loss does not use (params=...)."
                 )
             grads.append(p.grad.detach())
-        theta = layout.flatten([p.detach() for p in self._tracked_params]).clone()
+        theta = layout.flatten([p.detach() for p in self._tracked_params])  # torch.cat copies
         if self._observed_after_check is not None:
             moved = float((theta - self._observed_after_check).abs().max())
             self._observed_after_check = None
@@ -376,23 +376,25 @@ class InfluenceTracker(Callback):
             groups.append(read_group_step(group, region, step_count, first_momentum))
         check = self._steps_done < self.self_check_steps
         self._pending = {
-            "step": OptimizerStep(groups, theta, layout.flatten(grads).clone()),
+            "step": OptimizerStep(groups, theta, layout.flatten(grads)),
             "frozen": {n: p.detach().clone() for n, p in self._untracked_trainable.items()},
             "pre_state": self._flat_optimizer_state(optimizer) if check else None,
             "global_step": trainer.global_step,
         }
 
-    def _flat_optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor | None]:
+    def _flat_optimizer_state(
+        self, optimizer: torch.optim.Optimizer, keys: Sequence[str] = ("exp_avg", "exp_avg_sq", "momentum_buffer")
+    ) -> dict[str, torch.Tensor | None]:
         """Flat ``Tensor[p]`` copies of the per-parameter optimizer state the models use (None if absent)."""
         assert self._loss is not None
         out: dict[str, torch.Tensor | None] = {}
-        for key in ("exp_avg", "exp_avg_sq", "momentum_buffer"):
+        for key in keys:
             parts = [optimizer.state.get(p, {}).get(key) for p in self._tracked_params]
             if all(t is None for t in parts):
                 out[key] = None
             else:  # groups without this state (e.g. no momentum) read zeros they never use
                 parts = [torch.zeros_like(p) if t is None else t for p, t in zip(self._tracked_params, parts)]
-                out[key] = self._loss.layout.flatten(parts).clone()
+                out[key] = self._loss.layout.flatten(parts)
         return out
 
     def on_train_batch_end(
@@ -404,7 +406,7 @@ class InfluenceTracker(Callback):
         assert self.engine is not None and self._loss is not None and self._row_of is not None
         step: OptimizerStep = pending["step"]
         if self._optimizer_spec.kind in ("adam", "adamw"):
-            post = self._flat_optimizer_state(trainer.optimizers[0])
+            post = self._flat_optimizer_state(trainer.optimizers[0], ("exp_avg", "exp_avg_sq"))
             step.exp_avg, step.exp_avg_sq = post["exp_avg"], post["exp_avg_sq"]
         ids = self._batch_ids
         batch = self._batch
@@ -479,7 +481,7 @@ class InfluenceTracker(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self._loss is not None
-        theta = self._loss.layout.flatten([p.detach() for p in self._tracked_params]).clone()
+        theta = self._loss.layout.flatten([p.detach() for p in self._tracked_params])
         self._final = (theta, {n: p.detach().clone() for n, p in self._untracked_trainable.items()})
 
     # ------------------------------------------------------------------ after fit
