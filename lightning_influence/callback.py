@@ -146,6 +146,11 @@ class InfluenceTracker(Callback):
         self.hvp_memory_bytes = int(hvp_memory_bytes)
         self.self_check_steps = int(self_check_steps)
 
+        # Lightning reads state_key several times per step: build it once
+        track_key = "all" if track is None else hashlib.sha1(track.numpy().tobytes()).hexdigest()[:12]
+        self._state_key = self._generate_state_key(
+            estimator=estimator, optimizer_model=optimizer_model, track=track_key, params=repr(params)
+        )
         self.engine: InfluenceEngine | None = None
         self.tracked_ids: torch.Tensor | None = None
         self._optimizer_spec: OptimizerSpec | None = None
@@ -165,10 +170,7 @@ class InfluenceTracker(Callback):
 
     @property
     def state_key(self) -> str:
-        track = "all" if self.track is None else hashlib.sha1(self.track.numpy().tobytes()).hexdigest()[:12]
-        return self._generate_state_key(
-            estimator=self.estimator, optimizer_model=self.optimizer_model, track=track, params=repr(self.params)
-        )
+        return self._state_key
 
     # ------------------------------------------------------------------ fit start: validate, lay out
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

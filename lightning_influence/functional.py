@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.func import functional_call, grad, jacrev, vjp, vmap
 from torch.utils._pytree import tree_map
 
 PerSampleLossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -151,9 +151,10 @@ class FunctionalLoss:
     def sample_gradients(
         self, theta: torch.Tensor, batch: Any, rows: torch.Tensor, batch_size: int, frozen: dict | None = None
     ) -> torch.Tensor:
-        """Per-sample gradients ``Tensor[m, p]`` of the batch rows ``rows`` (``LongTensor[m]``)."""
-        sub, in_dims = _rows(batch, rows, batch_size)
-        return vmap(grad(self.sample_loss), in_dims=(None, in_dims, None, None))(theta, sub, in_dims, frozen)
+        """Per-sample gradients ``Tensor[m, p]`` of the batch rows ``rows`` (``LongTensor[m]``): the
+        Jacobian of the sub-batch's per-sample losses (one forward, m vectorised backwards)."""
+        sub, _ = _rows(batch, rows, batch_size)
+        return jacrev(lambda t: self.per_sample_losses(t, sub, frozen))(theta)
 
     def sample_gradients_and_hvps(
         self,
@@ -165,11 +166,13 @@ class FunctionalLoss:
         frozen: dict | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """For each batch row r in ``rows`` with its own vector v_r (``vectors: Tensor[m, p]``), return
-        ``(∇ℓ_r(θ), ∇²ℓ_r(θ) v_r)``, both ``Tensor[m, p]``, from one vectorised forward-over-reverse pass."""
+        ``(∇ℓ_r(θ), ∇²ℓ_r(θ) v_r)``, both ``Tensor[m, p]``, vectorised over the rows
+        (reverse-over-reverse: ∇²ℓ_r is symmetric, so the VJP of the gradient is the HVP)."""
         sub, in_dims = _rows(batch, rows, batch_size)
 
         def one(sample, v):
-            return jvp(lambda t: grad(self.sample_loss)(t, sample, in_dims, frozen), (theta,), (v,))
+            g, vjp_fn = vjp(lambda t: grad(self.sample_loss)(t, sample, in_dims, frozen), theta)
+            return g, vjp_fn(v)[0]
 
         return vmap(one, in_dims=(in_dims, 0))(sub, vectors)
 

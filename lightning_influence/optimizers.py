@@ -139,6 +139,9 @@ class AdamJacobian(OptimizerJacobian):
     def advance(self, states, delta_g, step, exact):
         assert step.exp_avg is not None and step.exp_avg_sq is not None
         d_theta, d_m, d_v = states["theta"], states["m"], states["v"]
+        # Every [c, p] operation below is in place (on the states, on δg, or on one reused scratch
+        # buffer): at large k the step is memory-bound and fresh [c, p] temporaries cost page faults.
+        scratch = self._scratch_like(delta_g) if exact else None
         for g in step.groups:
             r = g.region
             if r.start == r.stop:
@@ -147,28 +150,39 @@ class AdamJacobian(OptimizerJacobian):
             bc2 = 1 - g.beta2**g.step
             m, v = step.exp_avg[r], step.exp_avg_sq[r]
             g_hat = step.grad[r]  # the gradient the moments consumed
-            d_g = delta_g[:, r]
+            d_g, d_th, d_mr, d_vr = delta_g[:, r], d_theta[:, r], d_m[:, r], d_v[:, r]
             if g.weight_decay and not self.decoupled:
                 g_hat = g_hat + g.weight_decay * step.theta[r]
-                d_g.add_(d_theta[:, r], alpha=g.weight_decay)
-            d_m[:, r].mul_(g.beta1).add_(d_g, alpha=1 - g.beta1)
+                d_g.add_(d_th, alpha=g.weight_decay)
+            d_mr.mul_(g.beta1).add_(d_g, alpha=1 - g.beta1)
             m_hat = m / bc1
             sqrt_v_hat = (v / bc2).sqrt()
-            if exact:
-                # counterfactual v' = β2 v'_prev + (1-β2) (ĝ+δĝ)²  ⇒  δv gains (1-β2)(2ĝ+δĝ)δĝ
-                d_v[:, r].mul_(g.beta2).add_((2 * g_hat + d_g) * d_g, alpha=1 - g.beta2)
-                v_cf = (v + d_v[:, r]).clamp_(min=0)
-                update_cf = ((m + d_m[:, r]) / bc1) / ((v_cf / bc2).sqrt_().add_(g.eps))
-                d_update = update_cf.sub_(m_hat / (sqrt_v_hat + g.eps))
-            else:
-                d_v[:, r].mul_(g.beta2).addcmul_(d_g, g_hat.expand_as(d_g), value=2 * (1 - g.beta2))
-                denom = sqrt_v_hat + g.eps
-                # ∂/∂v of m̂/(√v̂+ε) is −m̂/(2√v̂(√v̂+ε)²)/bc2; the term is 0 where v̂ = 0
-                coef_v = torch.where(sqrt_v_hat > 0, m_hat / (2 * sqrt_v_hat.clamp(min=torch.finfo(v.dtype).tiny) * denom**2), 0.0)
-                d_update = d_m[:, r] / (bc1 * denom) - d_v[:, r] * (coef_v / bc2)
+            denom = sqrt_v_hat + g.eps
             if self.decoupled and g.weight_decay:
-                d_theta[:, r].mul_(1 - g.lr * g.weight_decay)
-            d_theta[:, r].sub_(d_update, alpha=g.lr)
+                d_th.mul_(1 - g.lr * g.weight_decay)
+            if exact:
+                tmp = scratch[:, r]
+                # counterfactual v' = β2 v'_prev + (1-β2)(ĝ+δĝ)²  ⇒  δv gains (1-β2)(2ĝ+δĝ)δĝ
+                torch.add(d_g, g_hat, alpha=2, out=tmp).mul_(d_g)
+                d_vr.mul_(g.beta2).add_(tmp, alpha=1 - g.beta2)
+                # δθ −= η [ (m+δm)/bc1 / (√((v+δv)/bc2) + ε) − m̂/(√v̂ + ε) ]   (δg is no longer needed)
+                torch.add(d_vr, v, out=tmp).clamp_(min=0).div_(bc2).sqrt_().add_(g.eps)
+                torch.add(d_mr, m, out=d_g).div_(tmp)
+                d_th.add_(d_g, alpha=-g.lr / bc1).add_(m_hat / denom, alpha=g.lr)
+            else:
+                d_vr.mul_(g.beta2).addcmul_(d_g, g_hat.expand_as(d_g), value=2 * (1 - g.beta2))
+                # ∂/∂v of m̂/(√v̂+ε) is −m̂/(2√v̂(√v̂+ε)²)/bc2; the term is 0 where v̂ = 0
+                safe = sqrt_v_hat.clamp(min=torch.finfo(v.dtype).tiny)
+                coef_v = torch.where(sqrt_v_hat > 0, m_hat / (2 * safe * denom**2 * bc2), 0.0)
+                d_th.addcmul_(d_mr, (1 / (bc1 * denom)).expand_as(d_mr), value=-g.lr)
+                d_th.addcmul_(d_vr, coef_v.expand_as(d_vr), value=g.lr)
+
+    def _scratch_like(self, like: torch.Tensor) -> torch.Tensor:
+        """A reusable ``Tensor[c, p]`` work buffer (kept across steps, grown when needed)."""
+        buf = getattr(self, "_scratch", None)
+        if buf is None or buf.shape[0] < like.shape[0] or buf.shape[1:] != like.shape[1:] or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self._scratch = torch.empty_like(like)
+        return buf[: like.shape[0]]
 
     def predict(self, step, pre_state):
         theta = step.theta.clone()
