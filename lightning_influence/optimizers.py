@@ -154,7 +154,7 @@ class AdamJacobian(OptimizerJacobian):
             if g.weight_decay and not self.decoupled:
                 g_hat = g_hat + g.weight_decay * step.theta[r]
                 d_g.add_(d_th, alpha=g.weight_decay)
-            d_mr.mul_(g.beta1).add_(d_g, alpha=1 - g.beta1)
+            d_mr.lerp_(d_g, 1 - g.beta1)  # β1 δm + (1-β1) δĝ
             m_hat = m / bc1
             sqrt_v_hat = (v / bc2).sqrt()
             denom = sqrt_v_hat + g.eps
@@ -163,12 +163,13 @@ class AdamJacobian(OptimizerJacobian):
             if exact:
                 tmp = scratch[:, r]
                 # counterfactual v' = β2 v'_prev + (1-β2)(ĝ+δĝ)²  ⇒  δv gains (1-β2)(2ĝ+δĝ)δĝ
-                torch.add(d_g, g_hat, alpha=2, out=tmp).mul_(d_g)
-                d_vr.mul_(g.beta2).add_(tmp, alpha=1 - g.beta2)
-                # δθ −= η [ (m+δm)/bc1 / (√((v+δv)/bc2) + ε) − m̂/(√v̂ + ε) ]   (δg is no longer needed)
-                torch.add(d_vr, v, out=tmp).clamp_(min=0).div_(bc2).sqrt_().add_(g.eps)
-                torch.add(d_mr, m, out=d_g).div_(tmp)
-                d_th.add_(d_g, alpha=-g.lr / bc1).add_(m_hat / denom, alpha=g.lr)
+                torch.add(d_g, g_hat, alpha=2, out=tmp)
+                d_vr.mul_(g.beta2).addcmul_(tmp, d_g, value=1 - g.beta2)
+                # δθ −= η [ (m+δm)/bc1 / (√((v+δv)/bc2) + ε) − m̂/(√v̂ + ε) ], with √bc2 moved out of the
+                # square root so that the division fuses into one addcdiv (δg is no longer needed)
+                torch.add(d_vr, v, out=tmp).clamp_(min=0).sqrt_().add_(g.eps * math.sqrt(bc2))
+                torch.add(d_mr, m, out=d_g)
+                d_th.addcdiv_(d_g, tmp, value=-g.lr * math.sqrt(bc2) / bc1).add_(m_hat / denom, alpha=g.lr)
             else:
                 d_vr.mul_(g.beta2).addcmul_(d_g, g_hat.expand_as(d_g), value=2 * (1 - g.beta2))
                 # ∂/∂v of m̂/(√v̂+ε) is −m̂/(2√v̂(√v̂+ε)²)/bc2; the term is 0 where v̂ = 0
