@@ -140,3 +140,18 @@ def test_tracked_ids_subset_gives_the_same_scores():
     res = some.influence(query)
     assert res.sample_ids.tolist() == [17, 3]
     torch.testing.assert_close(res.scores, full.influence(query).scores[[17, 3]], rtol=1e-10, atol=1e-14)
+
+
+def test_two_trackers_on_one_trainer_match_separate_runs():
+    x, y, query = _data()
+    schedule = random_schedule(N, 6, 2, seed=6)
+    net = _net("mlp")
+    make_opt, make_sched = OPTIMIZERS["adamw-step-lr"]
+    both = [InfluenceTracker(estimator="acc"), InfluenceTracker(estimator="first-order", track=[1, 2, 3])]
+    assert both[0].state_key != both[1].state_key
+    module = TinyClassifier(copy.deepcopy(net), make_opt, make_sched)
+    lightning_trainer(len(schedule), callbacks=both).fit(module, fixed_loader(x, y, schedule))
+    alone, _ = _tracked_run(net, make_opt, make_sched, x, y, schedule, estimator="first-order", track=[1, 2, 3])
+    torch.testing.assert_close(both[1].influence(query).scores, alone.influence(query).scores, rtol=1e-12, atol=0)
+    acc_alone, _ = _tracked_run(net, make_opt, make_sched, x, y, schedule, estimator="acc")
+    torch.testing.assert_close(both[0].influence(query).scores, acc_alone.influence(query).scores, rtol=1e-12, atol=0)
