@@ -397,6 +397,7 @@ def test_memory_budget(make_trainer, make_model, train_loader):
         pytest.param({"window_every_n_steps": 2}, NotImplementedError, r"Time-window \(DIT\) snapshots", id="window-steps"),
         pytest.param({"window_every_n_epochs": 1}, NotImplementedError, r"Time-window \(DIT\) snapshots", id="window-epochs"),
         pytest.param({"hvp_chunk_size": 0}, ValueError, r"hvp_chunk_size must be a positive integer", id="chunk"),
+        pytest.param({"curvature": "gauss-newton"}, ValueError, r"curvature='gauss-newton' is not available", id="curvature"),
         pytest.param({"queries": {0: None}}, TypeError, r"queries must map string names", id="query-name"),
     ],
 )
@@ -587,3 +588,14 @@ class FunctionalDropout(TinyClassifier):
 def test_random_op_inside_the_loss(make_trainer, make_model, train_loader):
     with pytest.raises((SelfCheckError, InfluenceConfigurationError), match=r"random"):
         fit(make_trainer, make_model(cls=FunctionalDropout), train_loader, InfluenceTracker())
+
+
+def test_resume_from_checkpoint_is_refused(make_trainer, make_model, train_loader, tmp_path):
+    """States are not in checkpoints yet: a resumed run would score only the later steps."""
+    model = make_model()
+    trainer = make_trainer(epochs=1, default_root_dir=tmp_path)
+    trainer.fit(model, train_dataloaders=train_loader)
+    ckpt = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(ckpt)
+    with pytest.raises(InfluenceConfigurationError, match=r"resumed from a checkpoint.*from the start"):
+        make_trainer(InfluenceTracker(), epochs=2).fit(make_model(), train_dataloaders=train_loader, ckpt_path=ckpt)

@@ -38,6 +38,9 @@ def _net(kind: str) -> nn.Module:
     torch.manual_seed(1)
     if kind == "logreg":
         return nn.Sequential(nn.Linear(D, C)).double()
+    if kind == "cnn":  # a 1-D convolution over the D features
+        conv = [nn.Unflatten(1, (1, D)), nn.Conv1d(1, 2, 3, padding=1), nn.Tanh(), nn.Flatten()]
+        return nn.Sequential(*conv, nn.Linear(2 * D, C)).double()
     return nn.Sequential(nn.Linear(D, 8), nn.Tanh(), nn.Linear(8, C)).double()
 
 
@@ -101,7 +104,7 @@ def test_lightning_run_replays_the_reference_run():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("model", ["logreg", "mlp"])
+@pytest.mark.parametrize("model", ["logreg", "mlp", "cnn"])
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 def test_first_order_matches_finite_differences(model, optimizer):
     x, y, query = _data()
