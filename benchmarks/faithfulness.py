@@ -30,11 +30,11 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torchmetrics.functional import kendall_rank_corrcoef, pearson_corrcoef, spearman_corrcoef
 
 from lightning_influence import InfluenceTracker
 from lightning_influence.testing import (
     TinyClassifier,
+    agreement,
     fixed_loader,
     leave_one_out,
     lightning_trainer,
@@ -169,15 +169,6 @@ SETUPS = [
 
 
 # ----------------------------------------------------------------------------- one comparison
-def metrics(s: torch.Tensor, loo: torch.Tensor) -> dict[str, float]:
-    return {
-        "spearman": float(spearman_corrcoef(s, loo)),
-        "kendall": float(kendall_rank_corrcoef(s, loo)),
-        "pearson": float(pearson_corrcoef(s, loo)),
-        "rrmse": float((s - loo).norm() / loo.norm()),
-    }
-
-
 def far_off(s: torch.Tensor, loo: torch.Tensor, top: int = 3) -> tuple[int, int, list[tuple[int, float, float]]]:
     """(# errors > 3 × median error, # errors > ½ RMS(loo), the ``top`` largest errors as (id, loo, s))."""
     err = (s - loo).abs()
@@ -216,7 +207,7 @@ def run_setup(setup: Setup, seed: int):
         if drift > 1e-9:
             raise RuntimeError(f"{setup.name}: the Lightning run differs from the reference run by {drift:.2e}.")
         s = tracker.influence("q").scores.to(DT)
-        out[(est, om)] = (metrics(s, loo), far_off(s, loo))
+        out[(est, om)] = (agreement(s, loo), far_off(s, loo))
     return out, loo, t_loo, t_track
 
 
@@ -281,7 +272,7 @@ def main() -> None:
     print("| setup | estimator | Spearman | Kendall τ | Pearson | rel. RMSE |")
     print("|---|---|---:|---:|---:|---:|")
     for (name, est, om), ms in table.items():
-        cols = [fmt([m[key] for m in ms]) for key in ("spearman", "kendall", "pearson", "rrmse")]
+        cols = [fmt([m[key] for m in ms]) for key in ("spearman", "kendall", "pearson", "rel_rmse")]
         print(f"| {name} | {label(est, om)} | " + " | ".join(cols) + " |")
 
     print()

@@ -451,11 +451,7 @@ class InfluenceTracker(Callback):
             assert self._loss is not None
             with torch.enable_grad():
                 grad_t = torch.func.grad(self._loss.batch_loss)(step.theta, self._batch, frozen)
-            if self._loss.last_batch_size != self._batch_ids.numel():
-                raise SampleIdError(
-                    f"loss_fn returned {self._loss.last_batch_size} per-sample losses for a batch with"
-                    f" {self._batch_ids.numel()} sample ids: it must return one loss per row (reduction='none')."
-                )
+            self._loss.check_batch_size(self._batch_ids.numel())
         err = float((grad_t - step.grad).norm() / step.grad.norm().clamp_min(torch.finfo(step.grad.dtype).tiny))
         if err > tol:
             raise SelfCheckError(

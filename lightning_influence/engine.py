@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 
-from lightning_influence.data import SampleIdError
 from lightning_influence.functional import FunctionalLoss
 from lightning_influence.optimizers import OptimizerJacobian, OptimizerStep
 
@@ -109,11 +108,7 @@ class InfluenceEngine:
             return None
 
         grad_t, hvp = self.loss.gradient_and_hvp(theta_t, batch, frozen)
-        if self.loss.last_batch_size != batch_size:
-            raise SampleIdError(
-                f"loss_fn returned {self.loss.last_batch_size} per-sample losses for a batch with {batch_size} sample"
-                " ids: it must return one loss per row of the batch (Tensor[B], reduction='none')."
-            )
+        self.loss.check_batch_size(batch_size)
         # Source terms of the tracked samples present in the batch, from their pre-step δθ:
         # (1/|B|)(g_j + c·H_j δθ_j), Tensor[m, p].
         source = None

@@ -16,6 +16,8 @@ from torch import nn
 from torch.func import functional_call, grad, jacrev, vjp, vmap
 from torch.utils._pytree import tree_map
 
+from lightning_influence.data import SampleIdError
+
 PerSampleLossFn = Callable[[nn.Module, Any], torch.Tensor]
 RegularizerFn = Callable[[nn.Module], torch.Tensor]
 
@@ -116,6 +118,14 @@ class FunctionalLoss:
             params.update({f"module.{k}": v for k, v in frozen.items()})
         return params
 
+    def check_batch_size(self, num_ids: int) -> None:
+        """Raise :class:`SampleIdError` unless the last batch loss had one per-sample loss per sample id."""
+        if self.last_batch_size != num_ids:
+            raise SampleIdError(
+                f"loss_fn returned {self.last_batch_size} per-sample losses for a batch with {num_ids} sample ids:"
+                " it must return one loss per row of the batch (Tensor[B], reduction='none')."
+            )
+
     def call(self, theta: torch.Tensor, fn: Callable[..., Any], *args: Any, frozen: dict | None = None) -> Any:
         """``fn(module, *args)`` evaluated with the tracked parameters set to ``theta``."""
         return functional_call(self._call, self._params(theta, frozen), (fn, *args))
@@ -127,7 +137,7 @@ class FunctionalLoss:
     def batch_loss(self, theta: torch.Tensor, batch: Any, frozen: dict | None = None) -> torch.Tensor:
         """Scalar ``mean_i ℓ_i(θ) + R(θ)``: the real training loss (all weights 1)."""
         losses = self.per_sample_losses(theta, batch, frozen)
-        self.last_batch_size = losses.shape[0]  # read by the engine to check it against the batch's ids
+        self.last_batch_size = losses.shape[0]  # see check_batch_size
         loss = losses.mean()
         if self.regularizer is not None:
             loss = loss + self.call(theta, self.regularizer, frozen=frozen)
@@ -149,11 +159,16 @@ class FunctionalLoss:
         return g.detach(), lambda V: vmap(vjp_fn)(V)[0]
 
     def sample_gradients(
-        self, theta: torch.Tensor, batch: Any, rows: torch.Tensor, batch_size: int, frozen: dict | None = None
+        self,
+        theta: torch.Tensor,
+        batch: Any,
+        rows: torch.Tensor | None = None,
+        batch_size: int | None = None,
+        frozen: dict | None = None,
     ) -> torch.Tensor:
-        """Per-sample gradients ``Tensor[m, p]`` of the batch rows ``rows`` (``LongTensor[m]``): the
-        Jacobian of the sub-batch's per-sample losses (one forward, m vectorised backwards)."""
-        sub, _ = _rows(batch, rows, batch_size)
+        """Per-sample gradients ``Tensor[m, p]`` of the batch rows ``rows`` (``LongTensor[m]``; all rows
+        when None): the Jacobian of the sub-batch's per-sample losses (one forward, m vectorised backwards)."""
+        sub = batch if rows is None else _rows(batch, rows, batch_size)[0]
         return jacrev(lambda t: self.per_sample_losses(t, sub, frozen))(theta)
 
     def sample_gradients_and_hvps(

@@ -48,15 +48,18 @@ def query_gradient(
     loss: FunctionalLoss, theta: torch.Tensor, query: Query, move: MoveFn, frozen: dict | None = None
 ) -> torch.Tensor:
     """``∇f(θ)``: ``Tensor[p]`` for the query's mean loss (or the callable's value)."""
-    if callable(query) and not is_batch(query) and not isinstance(query, Iterable):
+    if _is_callable_query(query):
         return _callable_gradient(loss, theta, query, frozen)
+
+    def summed(t: torch.Tensor, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        losses = loss.per_sample_losses(t, batch, frozen)
+        return losses.sum(), losses
+
     total, count = torch.zeros_like(theta), 0
     for batch in _batches(query):
-        batch = move(batch)
-        n = loss.per_sample_losses(theta, batch, frozen).shape[0]
-        g = grad(lambda t: loss.per_sample_losses(t, batch, frozen).sum())(theta)
+        g, losses = grad(summed, has_aux=True)(theta, move(batch))  # one forward gives both
         total += g
-        count += n
+        count += losses.shape[0]
     if count == 0:
         raise ValueError("The query holds no samples.")
     return total / count
@@ -66,14 +69,13 @@ def query_example_gradients(
     loss: FunctionalLoss, theta: torch.Tensor, query: Query, move: MoveFn, frozen: dict | None = None
 ) -> torch.Tensor:
     """Per-example gradients ``Tensor[n, p]`` of every sample of a batch / DataLoader query."""
-    if callable(query) and not is_batch(query) and not isinstance(query, Iterable):
+    if _is_callable_query(query):
         return _callable_gradient(loss, theta, query, frozen).unsqueeze(0)
-    rows = []
-    for batch in _batches(query):
-        batch = move(batch)
-        n = loss.per_sample_losses(theta, batch, frozen).shape[0]
-        rows.append(loss.sample_gradients(theta, batch, torch.arange(n, device=theta.device), n, frozen))
-    return torch.cat(rows)
+    return torch.cat([loss.sample_gradients(theta, move(batch), frozen=frozen) for batch in _batches(query)])
+
+
+def _is_callable_query(query: Query) -> bool:
+    return callable(query) and not is_batch(query) and not isinstance(query, Iterable)
 
 
 def _callable_gradient(loss: FunctionalLoss, theta: torch.Tensor, fn: Callable, frozen: dict | None) -> torch.Tensor:

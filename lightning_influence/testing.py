@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Sampler, TensorDataset
+from torchmetrics.functional import kendall_rank_corrcoef, pearson_corrcoef, spearman_corrcoef
 
 from lightning_influence.data import IndexedDataset
 
@@ -113,6 +114,17 @@ def leave_one_out(
         w[j] = 0
         out.append(mean_loss(retrain(net, make_optimizer, x, y, schedule, w, make_scheduler), *query) - base)
     return torch.tensor(out, dtype=torch.float64)
+
+
+def agreement(pred: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
+    """How well estimated scores ``pred`` follow ground truth ``truth`` (both ``Tensor[k]``): Spearman,
+    Kendall τ, Pearson and the relative RMSE ``‖pred − truth‖ / ‖truth‖``."""
+    return {
+        "spearman": float(spearman_corrcoef(pred, truth)),
+        "kendall": float(kendall_rank_corrcoef(pred, truth)),
+        "pearson": float(pearson_corrcoef(pred, truth)),
+        "rel_rmse": float((pred - truth).norm() / truth.norm()),
+    }
 
 
 class TinyClassifier(pl.LightningModule):

@@ -12,10 +12,16 @@ import copy
 import pytest
 import torch
 from torch import nn
-from torchmetrics.functional import kendall_rank_corrcoef, pearson_corrcoef, spearman_corrcoef
 
 from lightning_influence import InfluenceTracker
-from lightning_influence.testing import TinyClassifier, fixed_loader, leave_one_out, lightning_trainer, random_schedule
+from lightning_influence.testing import (
+    TinyClassifier,
+    agreement,
+    fixed_loader,
+    leave_one_out,
+    lightning_trainer,
+    random_schedule,
+)
 
 N, D, C = 40, 5, 3
 
@@ -41,15 +47,6 @@ def _problem():
     return x, y, query, net, random_schedule(N, 8, 6, seed=1)
 
 
-def _metrics(pred: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
-    return {
-        "spearman": float(spearman_corrcoef(pred, truth)),
-        "kendall": float(kendall_rank_corrcoef(pred, truth)),
-        "pearson": float(pearson_corrcoef(pred, truth)),
-        "rel_rmse": float((pred - truth).norm() / truth.norm()),
-    }
-
-
 @pytest.mark.parametrize("setup", list(SETUPS))
 def test_estimators_against_leave_one_out(setup):
     x, y, query, net, schedule = _problem()
@@ -60,7 +57,7 @@ def test_estimators_against_leave_one_out(setup):
         tracker = InfluenceTracker(queries={"q": query}, **kwargs)
         module = TinyClassifier(copy.deepcopy(net), make_opt)
         lightning_trainer(len(schedule), callbacks=[tracker]).fit(module, fixed_loader(x, y, schedule))
-        got[name] = _metrics(tracker.influence("q").scores, truth)
+        got[name] = agreement(tracker.influence("q").scores, truth)
         print(setup, name, {k: round(v, 3) for k, v in got[name].items()})
 
     assert got["acc"]["spearman"] >= 0.9
