@@ -42,6 +42,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_influence import IndexedDataset, InfluenceTracker
+from lightning_influence.engine import MicroBatch
 from lightning_influence.optimizers import OptimizerStep, read_group_step
 from lightning_influence.testing import TinyClassifier, lightning_trainer
 
@@ -185,7 +186,7 @@ def one_case(kind, x, y, k, opt_name, steps, warmup, reps, repeats, seed=0):
     with torch.enable_grad():
 
         def floor():
-            _, hvp = loss.gradient_and_hvp(theta, batch)
+            _, hvp = loss.gradient_and_hvp(theta, [batch])
             return hvp(V)
 
         t_floor = median_time(floor, reps)
@@ -227,7 +228,7 @@ def one_case(kind, x, y, k, opt_name, steps, warmup, reps, repeats, seed=0):
 
     # one whole engine step (HVP + source + optimizer map), advancing the tracker's own states
     with torch.enable_grad():
-        t_engine = median_time(lambda: engine.step(batch, BATCH, state_rows, batch_rows, step), reps)
+        t_engine = median_time(lambda: engine.step([MicroBatch(batch, BATCH, state_rows, batch_rows)], step), reps)
     p = layout.numel
     return dict(
         model=kind,

@@ -6,7 +6,7 @@ most harmful and most helpful training samples for the validation loss. A few tr
 flipped on purpose, so you can see whether the harmful end of the ranking finds them.
 
     python examples/quickstart.py                 # ~1 minute on 2 CPU cores
-    tensorboard --logdir influence_logs           # training curves + the final influence histogram
+    tensorboard --logdir influence_logs           # training curves + influence per epoch window
 
 Sign convention: score = predicted change of the validation loss if the sample were removed.
 Negative = harmful (removing it lowers the loss), positive = helpful.
@@ -80,7 +80,9 @@ def main() -> None:
     train_loader = DataLoader(IndexedDataset(TensorDataset(x_tr, y_tr)), batch_size=64, shuffle=True)
     val_loader = DataLoader(TensorDataset(x_va, y_va), batch_size=200)
 
-    tracker = InfluenceTracker()  # every training sample, estimator "acc", AdamW's own Jacobian
+    # every training sample, estimator "acc", AdamW's own Jacobian; the validation loss is scored at the end
+    # of every epoch (a DIT window), logged to TensorBoard and written to <log_dir>/influence/windows.jsonl
+    tracker = InfluenceTracker(queries={"val": val_loader}, window_every_n_epochs=1)
     logger = TensorBoardLogger(args.logdir, name="quickstart")
     trainer = pl.Trainer(
         max_epochs=args.epochs,
@@ -94,9 +96,7 @@ def main() -> None:
     )
     trainer.fit(DigitsMLP(), train_loader, val_loader)
 
-    result = tracker.influence(val_loader)  # f = mean validation loss
-    logger.experiment.add_histogram("influence/val_loss_scores", result.scores, global_step=trainer.global_step)
-    logger.experiment.flush()
+    result = tracker.influence("val")  # f = mean validation loss over the whole run
 
     def show(title, part):
         print(f"\n{title} (score = Δ val loss if removed; negative = harmful)")
@@ -112,7 +112,9 @@ def main() -> None:
         f"\n{hits} of the {len(harmful)} most harmful samples have a flipped label"
         f" ({len(flipped)} of {args.n_train} training labels were flipped, {len(flipped) / args.n_train:.0%})."
     )
-    print(f"TensorBoard logs: {logger.log_dir}  (tensorboard --logdir {args.logdir})")
+    patterns = tracker.patterns("val").counts()
+    print(f"Influence dynamics over {len(tracker.windows('val'))} epoch windows: {patterns}")
+    print(f"TensorBoard logs: {logger.log_dir}  (tensorboard --logdir {args.logdir}; see the influence/val/* tags)")
 
 
 if __name__ == "__main__":

@@ -4,11 +4,14 @@ Sign convention everywhere: a score is the predicted change of the query, f(θ_-
 training sample j is removed. Negative = harmful, positive = helpful.
 """
 
+from lightning_influence.artifacts import load_final_scores, load_snapshots
 from lightning_influence.callback import InfluenceConfigurationError, InfluenceTracker, SelfCheckError
 from lightning_influence.data import IndexedDataset, SampleIdError, default_sample_ids
 from lightning_influence.engine import InfluenceEngine, NonFiniteInfluenceError
 from lightning_influence.optimizers import AdamJacobian, AdamWJacobian, SGDJacobian, UnsupportedOptimizerError
+from lightning_influence.patterns import InfluencePatterns, classify_patterns
 from lightning_influence.result import InfluenceResult
+from lightning_influence.windows import WindowSnapshot
 
 __version__ = "0.1.0"
 
@@ -16,6 +19,7 @@ __all__ = [
     "AdamJacobian",
     "AdamWJacobian",
     "IndexedDataset",
+    "InfluencePatterns",
     "InfluenceConfigurationError",
     "InfluenceEngine",
     "InfluenceResult",
@@ -25,5 +29,9 @@ __all__ = [
     "SampleIdError",
     "SelfCheckError",
     "UnsupportedOptimizerError",
+    "WindowSnapshot",
+    "classify_patterns",
     "default_sample_ids",
+    "load_final_scores",
+    "load_snapshots",
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable
@@ -19,10 +20,12 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import SingleDeviceStrategy
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from lightning_influence.artifacts import SnapshotWriter
+from lightning_influence.clipping import GradientClip, NormClip, ValueClip
 from lightning_influence.data import (
     SAMPLE_ID_KEY,
     IndexedDataset,
@@ -31,11 +34,14 @@ from lightning_influence.data import (
     default_sample_ids,
     validate_sample_ids,
 )
-from lightning_influence.engine import ESTIMATORS, InfluenceEngine, chunk_rows_for_budget
+from lightning_influence.engine import ESTIMATORS, InfluenceEngine, MicroBatch, chunk_rows_for_budget
 from lightning_influence.functional import FlatParameters, FunctionalLoss, PerSampleLossFn, RegularizerFn
 from lightning_influence.optimizers import OptimizerSpec, OptimizerStep, model_optimizer, read_group_step
+from lightning_influence.patterns import InfluencePatterns, classify_patterns
 from lightning_influence.queries import query_example_gradients, query_gradient
+from lightning_influence.reporting import log_window
 from lightning_influence.result import InfluenceResult
+from lightning_influence.windows import WindowRecorder, WindowSchedule, WindowSnapshot
 
 
 class InfluenceConfigurationError(RuntimeError):
@@ -47,7 +53,11 @@ class SelfCheckError(RuntimeError):
 
 
 _GIB = 2**30
-_SUPPORTED_PRECISION = ("32-true", "64-true", "32", "64")
+_SUPPORTED_PRECISION = ("32-true", "64-true", "32", "64", "bf16-mixed", "16-mixed")
+_MIXED_PRECISION = ("bf16-mixed", "16-mixed")
+# Relative gradient mismatch the self-check accepts: under autocast the step's gradient is computed in
+# bf16/fp16 while the tracker differentiates the loss in the parameters' float32.
+_MIXED_GRAD_TOLERANCE = 5e-2
 
 
 class InfluenceTracker(Callback):
@@ -63,9 +73,16 @@ class InfluenceTracker(Callback):
             (no propagation; registered ``queries`` only).
         optimizer_model: ``"auto"`` (the real optimizer's Jacobian) or ``"sgd"`` (model any
             optimizer as plain SGD: the classic optimizer-mismatch approximation).
-        queries: ``{"name": batch or DataLoader}``; ``influence("name")`` answers for them, and
-            ``"tracin"`` accumulates on them during training.
-        window_every_n_steps, window_every_n_epochs: DIT time windows (not available yet).
+        queries: ``{"name": batch or DataLoader}``, evaluated at every window boundary;
+            ``influence("name")`` and ``windows("name")`` answer for them, and ``"tracin"``
+            accumulates on them during training.
+        window_every_n_steps, window_every_n_epochs: close a DIT time window after every n optimizer
+            steps, or at the end of every n-th epoch (at most one); the end of fit closes the last
+            window. With neither, the whole run is one window.
+        dirpath: where window snapshots and final scores are written (``windows.jsonl``,
+            ``final_scores.json``); default ``<trainer.log_dir>/influence`` (next to the logger's logs).
+        write_artifacts: write the files above (rank zero only) when queries are registered.
+        log_top_k: how many most harmful / helpful sample ids the TensorBoard text table lists.
         curvature: ``"exact"``: Hessian-vector products of the real batch loss (the only option).
         params: which parameters to track: ``None`` (all trainable ones), or a sequence of name
             prefixes and/or ``nn.Module`` objects. Untracked parameters are held fixed in the
@@ -94,6 +111,9 @@ class InfluenceTracker(Callback):
         queries: Mapping[str, Any] | None = None,
         window_every_n_steps: int | None = None,
         window_every_n_epochs: int | None = None,
+        dirpath: str | os.PathLike | None = None,
+        write_artifacts: bool = True,
+        log_top_k: int = 10,
         curvature: str = "exact",
         params: Sequence[str | nn.Module] | None = None,
         regularizer: RegularizerFn | None = None,
@@ -112,10 +132,7 @@ class InfluenceTracker(Callback):
                 f"curvature={curvature!r} is not available: only 'exact' Hessian-vector products of the batch loss are"
                 " implemented (an approximation is never substituted silently)."
             )
-        if window_every_n_steps is not None or window_every_n_epochs is not None:
-            raise NotImplementedError(
-                "Time-window (DIT) snapshots are not available in this version; use `influence()` after fit."
-            )
+        self.window_schedule = WindowSchedule(window_every_n_steps, window_every_n_epochs)
         self.queries = dict(queries or {})
         if any(not isinstance(name, str) for name in self.queries):
             raise TypeError("queries must map string names to a batch or a DataLoader.")
@@ -131,8 +148,15 @@ class InfluenceTracker(Callback):
             track = track.to(torch.long).flatten()
             if track.numel() == 0 or torch.unique(track).numel() != track.numel() or int(track.min()) < 0:
                 raise ValueError("track must be a non-empty sequence of distinct, non-negative training-set ids.")
+        if (window_every_n_steps or window_every_n_epochs) and not self.queries:
+            raise ValueError(
+                "Time windows score the registered queries: pass queries={'val': val_batch_or_loader} with"
+                " window_every_n_steps / window_every_n_epochs."
+            )
         if hvp_chunk_size is not None and hvp_chunk_size < 1:
             raise ValueError("hvp_chunk_size must be a positive integer.")
+        if log_top_k < 1:
+            raise ValueError("log_top_k must be a positive integer.")
         self.track = track
         self.loss_fn = loss_fn
         self.sample_ids = sample_ids or default_sample_ids
@@ -145,11 +169,19 @@ class InfluenceTracker(Callback):
         self.hvp_chunk_size = hvp_chunk_size
         self.hvp_memory_bytes = int(hvp_memory_bytes)
         self.self_check_steps = int(self_check_steps)
+        self.dirpath = dirpath
+        self.write_artifacts = write_artifacts
+        self.log_top_k = int(log_top_k)
 
         # Lightning reads state_key several times per step: build it once
         track_key = "all" if track is None else hashlib.sha1(track.numpy().tobytes()).hexdigest()[:12]
         self._state_key = self._generate_state_key(
-            estimator=estimator, optimizer_model=optimizer_model, track=track_key, params=repr(params)
+            estimator=estimator,
+            optimizer_model=optimizer_model,
+            track=track_key,
+            params=repr(params),
+            queries=sorted(self.queries),
+            windows=(window_every_n_steps, window_every_n_epochs),
         )
         self.engine: InfluenceEngine | None = None
         self.tracked_ids: torch.Tensor | None = None
@@ -159,14 +191,18 @@ class InfluenceTracker(Callback):
         self._tracked_groups: list[list[nn.Parameter]] = []  # tracked parameters per optimizer param group
         self._tracked_params: list[nn.Parameter] = []
         self._untracked_trainable: dict[str, nn.Parameter] = {}
-        self._batch: Any = None
-        self._batch_ids: torch.Tensor | None = None
+        self._micro: list[tuple[Any, torch.Tensor]] = []  # (batch, ids) of the micro-batches since the last step
+        self._last_global_step = 0
+        self._seen: torch.Tensor | None = None  # Tensor[k] bool: tracked samples that appeared in a step
+        self._restored: dict[str, Any] | None = None  # a checkpoint's state, applied at train start
         self._pending: dict[str, Any] | None = None
         self._observed_after_check: torch.Tensor | None = None  # θ after a self-checked step
         self._steps_done = 0
         self._final: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
         self._convert: Callable[[Any], Any] = lambda batch: batch
         self._expect_indexed = False
+        self._recorder: WindowRecorder | None = None
+        self._writer: SnapshotWriter | None = None
 
     @property
     def state_key(self) -> str:
@@ -198,27 +234,41 @@ class InfluenceTracker(Callback):
             loss_fn = type(pl_module).per_sample_loss
         self._loss = FunctionalLoss(pl_module, loss_fn, layout, self.regularizer)
         self._convert = trainer.precision_plugin.convert_input
+        self._strategy = trainer.strategy
 
     def _check_trainer(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         def refuse(what: str, fix: str) -> None:
             raise InfluenceConfigurationError(f"InfluenceTracker cannot model {what} exactly. {fix}")
 
-        if not isinstance(trainer.strategy, SingleDeviceStrategy) or trainer.world_size > 1:
-            refuse(f"the {type(trainer.strategy).__name__} strategy", "Train on a single device (devices=1).")
+        strategy = trainer.strategy
+        # DeepSpeedStrategy subclasses DDPStrategy, hence the exact type test
+        if type(strategy) not in (SingleDeviceStrategy, DDPStrategy):
+            refuse(
+                f"the {type(strategy).__name__} strategy (sharded parameters or optimizer state)",
+                "Use a single device or strategy='ddp'.",
+            )
         if not pl_module.automatic_optimization:
-            refuse("manual optimization", "Use automatic optimization (one optimizer, return the loss).")
+            refuse(
+                "manual optimization (it cannot see which losses and steps the optimizer used)",
+                "Use automatic optimization: one optimizer, return the loss from training_step.",
+            )
         if len(trainer.optimizers) != 1:
             refuse(f"{len(trainer.optimizers)} optimizers", "Configure exactly one optimizer.")
-        if trainer.accumulate_grad_batches != 1:
-            refuse("gradient accumulation", "Set accumulate_grad_batches=1.")
-        if trainer.gradient_clip_val:
-            refuse("gradient clipping", "Remove gradient_clip_val from the Trainer.")
-        if str(trainer.precision) not in _SUPPORTED_PRECISION:
-            refuse(f"precision={trainer.precision!r}", "Use precision='32-true' or '64-true'.")
-        if trainer.ckpt_path is not None:
+        if trainer.gradient_clip_val and type(pl_module).configure_gradient_clipping is not pl.LightningModule.configure_gradient_clipping:
             refuse(
-                "a run resumed from a checkpoint (its influence states are not saved in checkpoints yet)",
-                "Train from the start with the tracker attached.",
+                f"{type(pl_module).__name__}.configure_gradient_clipping (a custom clipping rule)",
+                "Remove the override and use Trainer(gradient_clip_val=..., gradient_clip_algorithm='norm'|'value').",
+            )
+        if str(trainer.precision) not in _SUPPORTED_PRECISION:
+            refuse(
+                f"precision={trainer.precision!r} (parameters held in half precision)",
+                "Use precision='32-true', '64-true', 'bf16-mixed' or '16-mixed'.",
+            )
+        if trainer.ckpt_path is not None and self._restored is None:
+            refuse(
+                f"a run resumed from {trainer.ckpt_path!r}, a checkpoint without this tracker's state (it was"
+                " saved without the tracker, or with a tracker configured differently)",
+                "Resume from a checkpoint saved with the same InfluenceTracker attached, or train from the start.",
             )
 
     def _select_parameters(self, pl_module: nn.Module, optimizer: torch.optim.Optimizer) -> list[list[tuple[str, Any]]]:
@@ -316,6 +366,27 @@ class InfluenceTracker(Callback):
         self.engine = InfluenceEngine(
             self._loss, self._optimizer_spec.jacobian, k, self.estimator, chunk, dtype, pl_module.device
         )
+        self._recorder = WindowRecorder(track)
+        self._seen = torch.zeros(k, dtype=torch.bool)
+        self._micro, self._last_global_step, self._last_step_epoch = [], trainer.global_step, trainer.current_epoch
+        if self._restored is not None:
+            self._restore(self._restored)
+            self._restored = None
+        # several trackers with queries on one Trainer each get their own folder and logger tags
+        trackers = [c for c in trainer.callbacks if isinstance(c, InfluenceTracker) and c.queries]
+        self._namespace = "influence" if len(trackers) <= 1 else f"influence_{trackers.index(self)}"
+        self._writer = None
+        if self.queries and self.write_artifacts:
+            dirpath = self._artifact_dir(trainer)  # on every rank: trainer.log_dir is a collective call
+            if trainer.is_global_zero:
+                self._writer = SnapshotWriter(dirpath)
+                # a resumed run rewrites the windows the checkpoint does not know (closed after it was saved)
+                self._writer.truncate({q: len(self._recorder.windows(q)) for q in self.queries})
+
+    def _artifact_dir(self, trainer: pl.Trainer) -> str:
+        if self.dirpath is not None:
+            return os.fspath(self.dirpath)
+        return os.path.join(trainer.log_dir or trainer.default_root_dir, self._namespace)
 
     @staticmethod
     def _refuse_batch_coupled_layers(pl_module: nn.Module) -> None:
@@ -340,8 +411,8 @@ class InfluenceTracker(Callback):
                 " would take the last element, e.g. the labels, as ids). Wrap it: DataLoader(IndexedDataset(dataset),"
                 " ...), or pass sample_ids=lambda batch: ... returning LongTensor[B] of training-set indices."
             )
-        self._batch = batch
-        self._batch_ids = validate_sample_ids(self.sample_ids(batch), None, self.num_samples)
+        ids = validate_sample_ids(self.sample_ids(batch), None, self.num_samples)
+        self._micro.append((batch, ids))
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -377,12 +448,31 @@ class InfluenceTracker(Callback):
             first_momentum = first_state.get("momentum_buffer") is None
             groups.append(read_group_step(group, region, step_count, first_momentum))
         check = self._steps_done < self.self_check_steps
+        raw_grad = layout.flatten(grads)
+        skipped = getattr(trainer.precision_plugin, "scaler", None) is not None and not bool(torch.isfinite(raw_grad).all())
+        clip = None if skipped else self._gradient_clip(trainer, raw_grad)
         self._pending = {
-            "step": OptimizerStep(groups, theta, layout.flatten(grads)),
+            "step": OptimizerStep(groups, theta, raw_grad if clip is None else clip.clipped),
+            "raw_grad": raw_grad,
+            "clip": clip,
+            "skipped": skipped,  # a GradScaler step with inf/NaN gradients: the optimizer will not run
             "frozen": {n: p.detach().clone() for n, p in self._untracked_trainable.items()},
             "pre_state": self._flat_optimizer_state(optimizer) if check else None,
-            "global_step": trainer.global_step,
         }
+
+    def _all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over the data-parallel processes (each holds its own micro-batches of the step)."""
+        return self._strategy.reduce(tensor.contiguous(), reduce_op="sum")
+
+    def _gradient_clip(self, trainer: pl.Trainer, raw_grad: torch.Tensor) -> GradientClip | None:
+        """The Trainer's gradient clipping of this step, bound to the unclipped gradient."""
+        if not trainer.gradient_clip_val:
+            return None
+        if str(trainer.gradient_clip_algorithm) in ("value", "GradClipAlgorithmType.VALUE"):
+            return ValueClip(raw_grad, trainer.gradient_clip_val)
+        # the global norm also counts trainable parameters the tracker does not track
+        other = sum(float(p.grad.double().pow(2).sum()) for p in self._untracked_trainable.values() if p.grad is not None)
+        return NormClip(raw_grad, trainer.gradient_clip_val, other)
 
     def _flat_optimizer_state(
         self, optimizer: torch.optim.Optimizer, keys: Sequence[str] = ("exp_avg", "exp_avg_sq", "momentum_buffer")
@@ -403,18 +493,34 @@ class InfluenceTracker(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         pending, self._pending = self._pending, None
-        if pending is None or trainer.global_step == pending["global_step"]:
-            return  # no optimizer step was taken on this batch
+        if trainer.global_step == self._last_global_step:
+            return  # accumulating: no optimizer step was taken on this batch
+        self._last_global_step = trainer.global_step
+        self._last_step_epoch = trainer.current_epoch  # at the end of fit current_epoch has moved on
+        micro, self._micro = self._micro, []
+        # no gradient (training_step returned None) or a GradScaler skip: the step did not happen
+        if pending is not None and not pending["skipped"]:
+            self._book_step(trainer, pending, micro)
+        if self.window_schedule.closes_after_step(trainer.global_step):
+            self._close_windows(trainer)
+
+    def _book_step(self, trainer: pl.Trainer, pending: dict[str, Any], micro: list[tuple[Any, torch.Tensor]]) -> None:
+        """Advance the states over the optimizer step just taken on the micro-batches ``micro``."""
         assert self.engine is not None and self._loss is not None and self._row_of is not None
         step: OptimizerStep = pending["step"]
         if self._optimizer_spec.kind in ("adam", "adamw"):
             post = self._flat_optimizer_state(trainer.optimizers[0], ("exp_avg", "exp_avg_sq"))
             step.exp_avg, step.exp_avg_sq = post["exp_avg"], post["exp_avg_sq"]
-        ids = self._batch_ids
-        batch = self._batch
-        rows = self._row_of[ids]
-        present = rows >= 0
-        state_rows, batch_rows = rows[present], present.nonzero().flatten()
+        # the step's loss: DDP averages the processes' gradients, and Lightning divides each of the
+        # accumulated micro-batch losses by accumulate_grad_batches
+        weight = 1.0 / (trainer.accumulate_grad_batches * trainer.world_size)
+        parts = []
+        for batch, ids in micro:
+            rows = self._row_of[ids]
+            present = rows >= 0
+            self._seen[rows[present]] = True
+            parts.append(MicroBatch(batch, ids.numel(), rows[present], present.nonzero().flatten(), weight))
+        reduce = self._all_reduce_sum if trainer.world_size > 1 else None
         checking = pending["pre_state"] is not None
         tracin_grads = None
         if self.estimator == "tracin":
@@ -425,7 +531,7 @@ class InfluenceTracker(Callback):
         started = time.perf_counter()
         try:
             with torch.enable_grad():
-                grad_t = self.engine.step(batch, ids.numel(), state_rows, batch_rows, step, pending["frozen"], tracin_grads)
+                grad_t = self.engine.step(parts, step, pending["frozen"], tracin_grads, pending["clip"], reduce)
         except RuntimeError as err:
             if "random" not in str(err):
                 raise
@@ -435,24 +541,72 @@ class InfluenceTracker(Callback):
             ) from err
         elapsed = time.perf_counter() - started
         if checking:
-            self._self_check(step, pending["pre_state"], pending["frozen"], grad_t, trainer.global_step)
+            self._self_check(
+                step, pending["raw_grad"], pending["pre_state"], pending["frozen"], grad_t, parts, reduce, trainer
+            )
         if self.estimator != "tracin":
             self.engine.check_finite(trainer.global_step - 1, self.tracked_ids)
         self._steps_done += 1
         if self._steps_done == 3:
             rank_zero_info(f"InfluenceTracker: measured {elapsed * 1e3:.1f} ms of tracker work per optimizer step.")
 
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.window_schedule.closes_after_epoch(trainer.current_epoch):
+            self._close_windows(trainer)
+
+    def _close_windows(self, trainer: pl.Trainer) -> None:
+        """Close every registered query's current window at the current parameters θ(global_step)."""
+        assert self._recorder is not None and self.engine is not None and self._loss is not None
+        end = trainer.global_step
+        if not self.queries or end <= self._recorder.last_boundary:
+            return  # no optimizer step since the last boundary (e.g. an epoch and a step window coincide)
+        theta = self._loss.layout.flatten([p.detach() for p in self._tracked_params])
+        frozen = {n: p.detach() for n, p in self._untracked_trainable.items()}
+        for name, query in self.queries.items():
+            if self.estimator == "tracin":
+                totals = self.engine.tracin_scores.get(name, torch.zeros(self.engine.num_tracked))
+            else:
+                with torch.enable_grad():
+                    grad = query_gradient(self._loss, theta, query, self._to_module, frozen)
+                totals = self.engine.project(grad.to(self.engine.theta.device))
+            snapshot = self._recorder.close(name, end, self._last_step_epoch, totals)
+            if trainer.is_global_zero:
+                if self._writer is not None:
+                    self._writer.write(snapshot)
+                history = self._recorder.windows(name)
+                log_window(
+                    trainer.loggers,
+                    snapshot,
+                    self._recorder.window_matrix(name),
+                    self.log_top_k,
+                    end_steps=[s.end_step for s in history],
+                    namespace=self._namespace,
+                )
+
     def _self_check(
-        self, step: OptimizerStep, pre_state: dict, frozen: dict, grad_t: torch.Tensor | None, step_index: int
+        self,
+        step: OptimizerStep,
+        raw_grad: torch.Tensor,
+        pre_state: dict,
+        frozen: dict,
+        grad_t: torch.Tensor | None,
+        parts: list[MicroBatch],
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None,
+        trainer: pl.Trainer,
     ) -> None:
         """Stop if the per-sample losses or the optimizer model do not reproduce the real step."""
-        tol = 1e-6 if step.theta.dtype == torch.float64 else 1e-3
+        step_index = trainer.global_step
+        mixed = str(trainer.precision) in _MIXED_PRECISION
+        tol = _MIXED_GRAD_TOLERANCE if mixed else 1e-6 if step.theta.dtype == torch.float64 else 1e-3
         if grad_t is None:
             assert self._loss is not None
             with torch.enable_grad():
-                grad_t = torch.func.grad(self._loss.batch_loss)(step.theta, self._batch, frozen)
-            self._loss.check_batch_size(self._batch_ids.numel())
-        err = float((grad_t - step.grad).norm() / step.grad.norm().clamp_min(torch.finfo(step.grad.dtype).tiny))
+                batches, weights = [p.batch for p in parts], [p.weight for p in parts]
+                grad_t = torch.func.grad(self._loss.step_loss)(step.theta, batches, weights, frozen)
+            for part, num_losses in zip(parts, self._loss.last_batch_sizes):
+                self._loss.check_batch_size(part.batch_size, num_losses)
+            grad_t = grad_t if reduce is None else reduce(grad_t)
+        err = float((grad_t - raw_grad).norm() / raw_grad.norm().clamp_min(torch.finfo(raw_grad.dtype).tiny))
         if err > tol:
             raise SelfCheckError(
                 f"At optimizer step {step_index - 1}, the mean of loss_fn's per-sample losses does not reproduce the"
@@ -460,6 +614,7 @@ class InfluenceTracker(Callback):
                 " regulariser or auxiliary loss in training_step that loss_fn lacks (pass regularizer=), a loss"
                 " that is not the mean of per-sample losses (reduction='sum', extra scaling), or random layers."
             )
+        tol = 1e-6 if step.theta.dtype == torch.float64 else 1e-3
         assert self._optimizer_spec is not None and self._loss is not None
         observed = self._loss.layout.flatten([p.detach() for p in self._tracked_params])
         self._observed_after_check = observed
@@ -481,8 +636,101 @@ class InfluenceTracker(Callback):
         assert self._loss is not None
         theta = self._loss.layout.flatten([p.detach() for p in self._tracked_params])
         self._final = (theta, {n: p.detach().clone() for n, p in self._untracked_trainable.items()})
+        self._close_windows(trainer)  # the end of fit closes the last window
+        self._report_unseen(trainer)
+        if self._writer is not None:
+            final = {name: self.influence(name) for name in self.queries}
+            self._writer.write_final(
+                final, {"estimator": self.estimator, "optimizer_model": self._optimizer_spec.kind, "steps": trainer.global_step}
+            )
+
+    def _report_unseen(self, trainer: pl.Trainer) -> None:
+        """Warn (not an error) about tracked samples that no optimizer step consumed: their score is 0."""
+        assert self._seen is not None and self.tracked_ids is not None
+        seen = self._seen
+        if trainer.world_size > 1:  # each process saw its own shard
+            seen = self._all_reduce_sum(seen.to(torch.float32).to(self._tracked_params[0].device)).cpu() > 0
+            self._seen = seen
+        if not bool(seen.all()):
+            unseen = self.tracked_ids[~seen]
+            rank_zero_warn(
+                f"InfluenceTracker: {unseen.numel()} tracked sample(s) never appeared in an optimizer step (e.g. ids"
+                f" {unseen[:10].tolist()}): their influence is 0. `tracker.unseen_ids` lists them all; check track="
+                " against the training set and the sampler (drop_last, limit_train_batches)."
+            )
+
+    @property
+    def unseen_ids(self) -> torch.Tensor:
+        """``LongTensor``: tracked ids that no optimizer step of the fit consumed (influence 0)."""
+        if self._seen is None or self.tracked_ids is None:
+            raise RuntimeError("unseen_ids is available once trainer.fit(...) has started with this tracker.")
+        return self.tracked_ids[~self._seen]
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs: the influence states, the windows so far and the step count.
+        The states are k × p × blocks floats: checkpoints grow by that much."""
+        if self.engine is None:
+            return {}
+        assert self._recorder is not None and self.tracked_ids is not None
+        return {
+            "version": 1,
+            "tracked_ids": self.tracked_ids.clone(),
+            "steps_done": self._steps_done,
+            "seen": self._seen.clone(),
+            "engine": {k: {n: t.detach().cpu().clone() for n, t in v.items()} for k, v in self.engine.state_dict().items()},
+            "windows": self._recorder.state_dict(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Lightning restores callbacks before fit start, when no engine exists yet: apply at train start
+        if state_dict:
+            if state_dict.get("version") != 1:
+                raise ValueError(f"Unknown InfluenceTracker checkpoint state version {state_dict.get('version')!r}.")
+            self._restored = state_dict
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        assert self.engine is not None and self._recorder is not None and self.tracked_ids is not None
+        if not torch.equal(state["tracked_ids"], self.tracked_ids):
+            raise InfluenceConfigurationError(
+                "The checkpoint's influence state tracks different sample ids than this tracker. Resume with the"
+                " same track= and training set."
+            )
+        saved = state["engine"]["states"]
+        if {b: tuple(t.shape) for b, t in saved.items()} != {b: tuple(t.shape) for b, t in self.engine.states.items()}:
+            raise InfluenceConfigurationError(
+                "The checkpoint's influence states do not fit this tracker (different parameters, estimator or"
+                " optimizer). Resume with the same model, params= and optimizer."
+            )
+        self.engine.load_state_dict(state["engine"])
+        self._recorder.load_state_dict(state["windows"])
+        self._steps_done = int(state["steps_done"])
+        self._seen = state["seen"].clone()
 
     # ------------------------------------------------------------------ after fit
+    def windows(self, query: str) -> list[WindowSnapshot]:
+        """The DIT window snapshots of registered query ``query``, in time order.
+
+        Each :class:`WindowSnapshot` carries ``start_step``, ``end_step``, ``sample_ids: LongTensor[k]``
+        and ``scores: Tensor[k]`` = I(end) − I(start) (negative = harmful over that window). The
+        windows telescope: their scores sum to ``influence(query).scores``.
+        Available during training (windows closed so far) and after fit.
+        """
+        self._check_registered(query)
+        return [] if self._recorder is None else self._recorder.windows(query)
+
+    def patterns(self, query: str, **thresholds: float) -> InfluencePatterns:
+        """Classify tracked samples as stable / early / late / fluctuating from their window scores
+        on ``query`` (SPEC §4); ``thresholds`` go to :func:`~lightning_influence.patterns.classify_patterns`."""
+        self._check_registered(query)
+        if self._recorder is None or not self._recorder.windows(query):
+            raise RuntimeError(f"No window of {query!r} has closed yet: patterns() needs the window snapshots of a fit.")
+        return classify_patterns(self._recorder.window_matrix(query), self.tracked_ids, **thresholds)
+
+    def _check_registered(self, query: str) -> None:
+        if query not in self.queries:
+            raise KeyError(f"No registered query named {query!r}; registered: {sorted(self.queries)}.")
+
     def _to_module(self, batch: Any) -> Any:
         """A query batch in the module's precision, on the device its parameters are on now (Lightning
         may have moved the module back to the CPU at teardown)."""
@@ -505,8 +753,7 @@ class InfluenceTracker(Callback):
             raise RuntimeError("influence() is available after trainer.fit(...) has run with this tracker.")
         assert self.tracked_ids is not None
         if isinstance(query, str):
-            if query not in self.queries:
-                raise KeyError(f"No registered query named {query!r}; registered: {sorted(self.queries)}.")
+            self._check_registered(query)
             if self.estimator == "tracin":
                 if per_example:
                     raise ValueError("per_example=True is not available with estimator='tracin'.")

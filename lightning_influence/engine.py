@@ -1,23 +1,29 @@
 """The per-step update of the stacked accumulative influence states (SPEC §3).
 
-For the real batch B_t at pre-step parameters θ_t, every tracked sample j's perturbation of the
-batch gradient is
+A step's loss is L = Σ_m w_m mean_{i∈B_m} ℓ_i over its micro-batches B_m (one micro-batch with
+w = 1 normally; w_m = 1/N under gradient accumulation of N; divided again by the world size under
+data parallelism, each process holding its own micro-batches). At pre-step parameters θ_t, every
+tracked sample j's perturbation of the step gradient is
 
-    δg_j = H δθ_j − 1_j (1/|B_t|) (g_j + c · H_j δθ_j)
+    δg_j = H δθ_j − Σ_{m ∋ j} (w_m/|B_m|) (g_j + c · H_j δθ_j)
 
-with H the Hessian of the real batch loss (one vectorised HVP over all k states, chunked), g_j and
-H_j the sample's own gradient and Hessian (only for the tracked samples present in the batch), and
-c = 1 for ``"acc"`` (leave-k-out transition), c = 0 for ``"first-order"``. The optimizer model then
-advances every state block in place. ``"tracin"`` keeps no states: it accumulates
-(η/|B|)⟨∇q(θ_t), g_j(θ_t)⟩ for registered query gradients. Nothing here knows Lightning.
+with H the Hessian of L (one vectorised HVP over all k states, chunked), g_j and H_j the sample's
+own gradient and Hessian (only for the tracked samples present in the step), and c = 1 for
+``"acc"`` (leave-k-out transition), c = 0 for ``"first-order"``. Gradient clipping, if any, maps
+δg (:mod:`~lightning_influence.clipping`); the optimizer model then advances every state block
+in place. ``"tracin"`` keeps no states: it accumulates (η w_m/|B_m|)⟨∇q(θ_t), g_j(θ_t)⟩ for
+registered query gradients. Nothing here knows Lightning or torch.distributed: a ``reduce``
+callable sums a tensor over processes.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import torch
 
+from lightning_influence.clipping import GradientClip
 from lightning_influence.functional import FunctionalLoss
 from lightning_influence.optimizers import OptimizerJacobian, OptimizerStep
 
@@ -25,6 +31,23 @@ ESTIMATORS = ("acc", "first-order", "tracin")
 
 class NonFiniteInfluenceError(FloatingPointError):
     """NaN or inf appeared in the influence states."""
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch of an optimizer step.
+
+    ``state_rows`` / ``batch_rows`` (``LongTensor[m]``): tracked sample ``state_rows[i]`` sits at row
+    ``batch_rows[i]`` of ``batch``; ``batch_size`` = |B_m|, the denominator of its mean;
+    ``weight`` = w_m, its mean loss's factor in the step loss.
+    """
+
+    batch: Any
+    batch_size: int
+    state_rows: torch.Tensor
+    batch_rows: torch.Tensor
+    weight: float = 1.0
+
 
 class InfluenceEngine:
     """Holds the stacked states (``states[block]: Tensor[k, p]``) and advances them one step at a time.
@@ -73,56 +96,73 @@ class InfluenceEngine:
 
     def step(
         self,
-        batch: Any,
-        batch_size: int,
-        state_rows: torch.Tensor,
-        batch_rows: torch.Tensor,
+        parts: Sequence[MicroBatch],
         opt_step: OptimizerStep,
         frozen: dict[str, torch.Tensor] | None = None,
         tracin_query_grads: dict[str, torch.Tensor] | None = None,
+        clip: GradientClip | None = None,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor | None:
         """Advance the states over one real optimizer step.
 
         Args:
-            batch: the batch the optimizer consumed (as the loss function takes it).
-            batch_size: |B_t|, the denominator of the batch mean.
-            state_rows / batch_rows: ``LongTensor[m]``; tracked sample ``state_rows[i]`` sits at row
-                ``batch_rows[i]`` of the batch.
-            opt_step: the factual step (θ_t, gradient, hyper-parameters, post-step moments).
+            parts: the step's micro-batches held by this process.
+            opt_step: the factual step (θ_t, the gradient the optimizer consumed, hyper-parameters,
+                post-step moments).
             frozen: values of the model's untracked parameters at θ_t.
             tracin_query_grads: for ``"tracin"``, ``{name: ∇q(θ_t): Tensor[p]}``.
+            clip: the step's gradient clipping, bound to the unclipped gradient (None: no clipping).
+            reduce: sums a tensor over data-parallel processes (None: a single process). Every
+                process must call ``step`` with identical states; they stay identical.
 
         Returns:
-            the gradient of the batch loss at θ_t as the tracker computes it (``Tensor[p]``), for
-            the self-check; ``None`` for ``"tracin"``.
+            the (unclipped, reduced) gradient of the step loss at θ_t as the tracker computes it
+            (``Tensor[p]``), for the self-check; ``None`` for ``"tracin"``.
         """
         theta_t = opt_step.theta
         dtype = self._dtype
+        reduce = reduce or (lambda t: t)
         if self.estimator == "tracin":
-            if state_rows.numel() and tracin_query_grads:
-                g = self.loss.sample_gradients(theta_t, batch, batch_rows.to(theta_t.device), batch_size, frozen)
-                scaled = g * (opt_step.lr_vector() / batch_size)  # [m, p]
-                for name, q in tracin_query_grads.items():
+            if tracin_query_grads:
+                increments = {name: torch.zeros(self._k, dtype=dtype, device=self._device) for name in tracin_query_grads}
+                lr = opt_step.lr_vector()
+                for part in parts:
+                    if not part.state_rows.numel():
+                        continue
+                    g = self.loss.sample_gradients(
+                        theta_t, part.batch, part.batch_rows.to(theta_t.device), part.batch_size, frozen
+                    )
+                    scaled = g * (lr * (part.weight / part.batch_size))  # [m, p]
+                    for name, q in tracin_query_grads.items():
+                        increments[name].index_add_(0, part.state_rows.to(self._device), (scaled @ q).to(dtype))
+                for name, inc in increments.items():
                     scores = self.tracin_scores.setdefault(name, torch.zeros(self._k, dtype=dtype, device=self._device))
-                    scores.index_add_(0, state_rows.to(self._device), (scaled @ q).to(dtype))
+                    scores += reduce(inc)
             return None
 
-        grad_t, hvp = self.loss.gradient_and_hvp(theta_t, batch, frozen)
-        self.loss.check_batch_size(batch_size)
-        # Source terms of the tracked samples present in the batch, from their pre-step δθ:
-        # (1/|B|)(g_j + c·H_j δθ_j), Tensor[m, p].
-        source = None
-        if state_rows.numel():
-            rows_dev = state_rows.to(self._device)
-            b_rows = batch_rows.to(theta_t.device)
+        grad_t, hvp = self.loss.gradient_and_hvp(theta_t, [p.batch for p in parts], frozen, [p.weight for p in parts])
+        for part, num_losses in zip(parts, self.loss.last_batch_sizes):
+            self.loss.check_batch_size(part.batch_size, num_losses)
+        grad_t = reduce(grad_t)
+        # Source terms of the tracked samples present in the step, from their pre-step δθ:
+        # (w_m/|B_m|)(g_j + c·H_j δθ_j), Tensor[m, p] per micro-batch.
+        rows, sources = [], []
+        for part in parts:
+            if not part.state_rows.numel():
+                continue
+            rows_dev = part.state_rows.to(self._device)
+            b_rows = part.batch_rows.to(theta_t.device)
             if self.estimator == "acc":
                 g_j, h_j = self.loss.sample_gradients_and_hvps(
-                    theta_t, batch, b_rows, batch_size, self.theta[rows_dev].to(theta_t.dtype), frozen
+                    theta_t, part.batch, b_rows, part.batch_size, self.theta[rows_dev].to(theta_t.dtype), frozen
                 )
-                source = (g_j + h_j) / batch_size
+                source = g_j + h_j
             else:
-                source = self.loss.sample_gradients(theta_t, batch, b_rows, batch_size, frozen) / batch_size
-            source = source.to(dtype)
+                source = self.loss.sample_gradients(theta_t, part.batch, b_rows, part.batch_size, frozen)
+            rows.append(part.state_rows)
+            sources.append((source * (part.weight / part.batch_size)).to(dtype))
+        state_rows = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
+        source = torch.cat(sources) if sources else None
         k = self._k
         for start in range(0, k, self.chunk_size):
             stop = min(start + self.chunk_size, k)
@@ -132,6 +172,9 @@ class InfluenceEngine:
                 inside = (state_rows >= start) & (state_rows < stop)
                 if inside.any():
                     delta_g.index_add_(0, (state_rows[inside] - start).to(self._device), source[inside.to(source.device)], alpha=-1)
+            delta_g = reduce(delta_g)
+            if clip is not None:
+                delta_g = clip.perturb(delta_g, exact=self.estimator == "acc")
             self.jacobian.advance(chunk, delta_g, opt_step, exact=self.estimator == "acc")
         return grad_t
 

@@ -111,6 +111,7 @@ class FunctionalLoss:
         self.regularizer = regularizer
         self._call = _ModuleCall(module)
         self.last_batch_size: int | None = None
+        self.last_batch_sizes: list[int] = []
 
     def _params(self, theta: torch.Tensor, frozen: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
         params = {f"module.{k}": v for k, v in self.layout.unflatten(theta).items()}
@@ -118,11 +119,13 @@ class FunctionalLoss:
             params.update({f"module.{k}": v for k, v in frozen.items()})
         return params
 
-    def check_batch_size(self, num_ids: int) -> None:
-        """Raise :class:`SampleIdError` unless the last batch loss had one per-sample loss per sample id."""
-        if self.last_batch_size != num_ids:
+    def check_batch_size(self, num_ids: int, num_losses: int | None = None) -> None:
+        """Raise :class:`SampleIdError` unless the last batch loss (or ``num_losses``) had one per-sample
+        loss per sample id."""
+        num_losses = self.last_batch_size if num_losses is None else num_losses
+        if num_losses != num_ids:
             raise SampleIdError(
-                f"loss_fn returned {self.last_batch_size} per-sample losses for a batch with {num_ids} sample ids:"
+                f"loss_fn returned {num_losses} per-sample losses for a batch with {num_ids} sample ids:"
                 " it must return one loss per row of the batch (Tensor[B], reduction='none')."
             )
 
@@ -149,13 +152,34 @@ class FunctionalLoss:
         one = tree_map(lambda t, d: t.unsqueeze(0) if d == 0 else t, sample, in_dims)
         return self.call(theta, self.loss_fn, one, frozen=frozen).reshape(-1)[0]
 
-    def gradient_and_hvp(self, theta: torch.Tensor, batch: Any, frozen: dict | None = None):
-        """Return ``(∇L(θ), hvp)`` where ``hvp(V: Tensor[c, p]) -> Tensor[c, p]`` is ``V ∇²L(θ)``.
+    def step_loss(
+        self, theta: torch.Tensor, batches: Sequence[Any], weights: Sequence[float], frozen: dict | None = None
+    ) -> torch.Tensor:
+        """Scalar ``Σ_m w_m L_m(θ)``: the loss of one optimizer step over its micro-batches (w_m = 1/N
+        under gradient accumulation of N micro-batches). Records ``last_batch_sizes``."""
+        total, sizes = None, []
+        for batch, weight in zip(batches, weights):
+            loss = self.batch_loss(theta, batch, frozen) * weight
+            sizes.append(self.last_batch_size)
+            total = loss if total is None else total + loss
+        self.last_batch_sizes = sizes
+        return total
+
+    def gradient_and_hvp(
+        self,
+        theta: torch.Tensor,
+        batches: Sequence[Any],
+        frozen: dict | None = None,
+        weights: Sequence[float] | None = None,
+    ):
+        """Return ``(∇L(θ), hvp)`` for the step loss ``L = Σ_m w_m L_m`` over ``batches`` (weights
+        default to 1), where ``hvp(V: Tensor[c, p]) -> Tensor[c, p]`` is ``V ∇²L(θ)``.
 
         The gradient's graph is built once; each ``hvp`` call is one vectorised double-backward
         over the ``c`` rows (reverse-over-reverse; ∇²L is symmetric, so the VJP is the HVP).
         """
-        g, vjp_fn = vjp(lambda t: grad(self.batch_loss)(t, batch, frozen), theta)
+        weights = [1.0] * len(batches) if weights is None else list(weights)
+        g, vjp_fn = vjp(lambda t: grad(self.step_loss)(t, batches, weights, frozen), theta)
         return g.detach(), lambda V: vmap(vjp_fn)(V)[0]
 
     def sample_gradients(

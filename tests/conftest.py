@@ -85,3 +85,9 @@ def make_trainer() -> Callable[..., pl.Trainer]:
         return lightning_trainer(epochs, callbacks=list(callbacks), **kwargs)
 
     return factory
+
+
+@pytest.fixture(autouse=True)
+def _run_in_tmp_path(tmp_path, monkeypatch):
+    """Trainers without a logger write artifacts under the working directory: keep it per test."""
+    monkeypatch.chdir(tmp_path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
@@ -264,6 +265,15 @@ class ManualOptimization(TinyClassifier):
             opt.step()
 
 
+class CustomStrategy(SingleDeviceStrategy):
+    """Stands for FSDP / DeepSpeed (which need a GPU): any strategy the tracker does not know."""
+
+
+class CustomClipping(TinyClassifier):
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        self.clip_gradients(optimizer, gradient_clip_val / 2, gradient_clip_algorithm)
+
+
 class TwoOptimizersManual(ManualOptimization):
     def configure_optimizers(self):
         return torch.optim.SGD([self.net.weight], lr=0.1), torch.optim.SGD([self.net.bias], lr=0.1)
@@ -272,9 +282,9 @@ class TwoOptimizersManual(ManualOptimization):
 @pytest.mark.parametrize(
     ("trainer_kwargs", "cls", "match"),
     [
-        pytest.param({"accumulate_grad_batches": 2}, TinyClassifier, r"gradient accumulation.*accumulate_grad_batches=1", id="accumulate"),
-        pytest.param({"gradient_clip_val": 1.0}, TinyClassifier, r"gradient clipping.*gradient_clip_val", id="clip"),
-        pytest.param({"precision": "bf16-mixed"}, TinyClassifier, r"precision='bf16-mixed'.*'64-true'", id="bf16-mixed"),
+        pytest.param({"gradient_clip_val": 1.0}, CustomClipping, r"CustomClipping.configure_gradient_clipping", id="custom-clip"),
+        pytest.param({"precision": "bf16-true"}, TinyClassifier, r"precision='bf16-true'.*'bf16-mixed'", id="bf16-true"),
+        pytest.param({"strategy": CustomStrategy("cpu")}, TinyClassifier, r"the CustomStrategy strategy.*strategy='ddp'", id="other-strategy"),
         pytest.param({}, ManualOptimization, r"manual optimization.*automatic optimization", id="manual"),
         # Lightning itself refuses several optimizers under automatic optimization, so the tracker only
         # ever sees them with manual optimization, which it refuses first.
@@ -394,8 +404,10 @@ def test_memory_budget(make_trainer, make_model, train_loader):
         pytest.param({"track": [1, 2, 1]}, ValueError, r"track must be a non-empty sequence of distinct", id="track-duplicates"),
         pytest.param({"track": [0, -1]}, ValueError, r"non-negative training-set ids", id="track-negative"),
         pytest.param({"track": []}, ValueError, r"track must be a non-empty", id="track-empty"),
-        pytest.param({"window_every_n_steps": 2}, NotImplementedError, r"Time-window \(DIT\) snapshots", id="window-steps"),
-        pytest.param({"window_every_n_epochs": 1}, NotImplementedError, r"Time-window \(DIT\) snapshots", id="window-epochs"),
+        pytest.param({"window_every_n_steps": 2}, ValueError, r"Time windows score the registered queries", id="window-no-query"),
+        pytest.param({"window_every_n_epochs": 0, "queries": {"v": torch.zeros(1)}}, ValueError, r"window_every_n_epochs must be a positive integer", id="window-zero"),
+        pytest.param({"window_every_n_steps": 2, "window_every_n_epochs": 1, "queries": {"v": torch.zeros(1)}}, ValueError, r"not both", id="window-both"),
+        pytest.param({"log_top_k": 0}, ValueError, r"log_top_k must be a positive integer", id="log-top-k"),
         pytest.param({"hvp_chunk_size": 0}, ValueError, r"hvp_chunk_size must be a positive integer", id="chunk"),
         pytest.param({"curvature": "gauss-newton"}, ValueError, r"curvature='gauss-newton' is not available", id="curvature"),
         pytest.param({"queries": {0: None}}, TypeError, r"queries must map string names", id="query-name"),
@@ -590,12 +602,12 @@ def test_random_op_inside_the_loss(make_trainer, make_model, train_loader):
         fit(make_trainer, make_model(cls=FunctionalDropout), train_loader, InfluenceTracker())
 
 
-def test_resume_from_checkpoint_is_refused(make_trainer, make_model, train_loader, tmp_path):
-    """States are not in checkpoints yet: a resumed run would score only the later steps."""
+def test_resume_from_a_checkpoint_without_tracker_state_is_refused(make_trainer, make_model, train_loader, tmp_path):
+    """A checkpoint saved without the tracker: a resumed run would score only the later steps."""
     model = make_model()
     trainer = make_trainer(epochs=1, default_root_dir=tmp_path)
     trainer.fit(model, train_dataloaders=train_loader)
     ckpt = tmp_path / "last.ckpt"
     trainer.save_checkpoint(ckpt)
-    with pytest.raises(InfluenceConfigurationError, match=r"resumed from a checkpoint.*from the start"):
+    with pytest.raises(InfluenceConfigurationError, match=r"a checkpoint without this tracker's state.*train from the start"):
         make_trainer(InfluenceTracker(), epochs=2).fit(make_model(), train_dataloaders=train_loader, ckpt_path=ckpt)

@@ -14,7 +14,7 @@ from torch.utils.data.dataloader import default_collate
 
 from lightning_influence import IndexedDataset, InfluenceResult, NonFiniteInfluenceError, SampleIdError, default_sample_ids
 from lightning_influence.data import validate_sample_ids
-from lightning_influence.engine import InfluenceEngine, chunk_rows_for_budget
+from lightning_influence.engine import InfluenceEngine, MicroBatch, chunk_rows_for_budget
 from lightning_influence.functional import FlatParameters, FunctionalLoss, check_per_sample_losses
 from lightning_influence.optimizers import (
     AdamJacobian,
@@ -505,7 +505,7 @@ def test_per_sample_and_batch_loss(problem):
 def test_gradient_and_hvp_match_autograd(problem):
     net, layout, loss, batch, theta = problem
     f = _reference_batch_loss(net, layout, batch)
-    g, hvp = loss.gradient_and_hvp(theta, batch)
+    g, hvp = loss.gradient_and_hvp(theta, [batch])
     torch.testing.assert_close(g, torch.func.grad(f)(theta), rtol=1e-12, atol=1e-14)
 
     V = torch.randn(3, theta.numel(), dtype=DTYPE)
@@ -557,7 +557,7 @@ def test_frozen_parameters_are_read_from_the_dict(problem):
         shifted[0].bias.sub_(1)
     torch.testing.assert_close(loss.per_sample_losses(theta, batch, frozen), _losses(shifted, batch).detach(), rtol=1e-14, atol=0)
     # the gradient is taken only with respect to the tracked (last-layer) parameters
-    g, _ = loss.gradient_and_hvp(theta, batch, frozen)
+    g, _ = loss.gradient_and_hvp(theta, [batch], frozen)
     assert g.shape == (18,)
 
 
@@ -583,7 +583,7 @@ def test_engine_result_does_not_depend_on_the_chunk_size(problem, estimator):
     k = 6
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     jac = model_optimizer(opt).jacobian
-    grad = loss.gradient_and_hvp(theta, batch)[0]
+    grad = loss.gradient_and_hvp(theta, [batch])[0]
     groups = [read_group_step(opt.param_groups[0], layout.group_slices[0], 1, True)]
     init = {b: 1e-2 * torch.randn(k, theta.numel(), dtype=DTYPE) for b in jac.blocks}
     out = []
@@ -591,7 +591,7 @@ def test_engine_result_does_not_depend_on_the_chunk_size(problem, estimator):
         engine = InfluenceEngine(loss, jac, k, estimator, chunk, DTYPE, torch.device("cpu"))
         engine.load_state_dict({"states": init, "tracin_scores": {}})
         # tracked samples 1, 4, 5 sit at batch rows 6, 0, 3
-        engine.step(batch, 8, torch.tensor([1, 4, 5]), torch.tensor([6, 0, 3]), OptimizerStep(groups, theta, grad))
+        engine.step([MicroBatch(batch, 8, torch.tensor([1, 4, 5]), torch.tensor([6, 0, 3]))], OptimizerStep(groups, theta, grad))
         out.append(engine.theta.clone())
     torch.testing.assert_close(out[0], out[1], rtol=1e-13, atol=1e-16)
     torch.testing.assert_close(out[0], out[2], rtol=1e-13, atol=1e-16)
