@@ -199,7 +199,7 @@ class InfluenceTracker(Callback):
         self._observed_after_check: torch.Tensor | None = None  # θ after a self-checked step
         self._steps_done = 0
         self._final: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
-        self._convert: Callable[[Any], Any] = lambda batch: batch
+        self._convert: Callable[[Any], Any] | None = None  # the precision plugin's input conversion
         self._expect_indexed = False
         self._recorder: WindowRecorder | None = None
         self._writer: SnapshotWriter | None = None
@@ -247,6 +247,13 @@ class InfluenceTracker(Callback):
                 f"the {type(strategy).__name__} strategy (sharded parameters or optimizer state)",
                 "Use a single device or strategy='ddp'.",
             )
+        start_method = getattr(strategy, "_start_method", "popen")
+        if isinstance(strategy, DDPStrategy) and start_method != "popen":
+            refuse(
+                f"strategy='ddp_{start_method}' (the tracker would live in worker processes and its results would"
+                " not come back)",
+                "Use strategy='ddp', which runs the script once per process.",
+            )
         if not pl_module.automatic_optimization:
             refuse(
                 "manual optimization (it cannot see which losses and steps the optimizer used)",
@@ -261,8 +268,15 @@ class InfluenceTracker(Callback):
             )
         if str(trainer.precision) not in _SUPPORTED_PRECISION:
             refuse(
-                f"precision={trainer.precision!r} (parameters held in half precision)",
+                f"precision={trainer.precision!r}",
                 "Use precision='32-true', '64-true', 'bf16-mixed' or '16-mixed'.",
+            )
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None and getattr(trainer.optimizers[0], "_step_supports_amp_scaling", False):
+            refuse(
+                f"{type(trainer.optimizers[0]).__name__}(fused=True) under a GradScaler (it unscales inside its step,"
+                " after the tracker has read the still-scaled gradients)",
+                "Drop fused=True, or use precision='bf16-mixed' or '32-true'.",
             )
         if trainer.ckpt_path is not None and self._restored is None:
             refuse(
@@ -470,8 +484,14 @@ class InfluenceTracker(Callback):
             return None
         if str(trainer.gradient_clip_algorithm) in ("value", "GradClipAlgorithmType.VALUE"):
             return ValueClip(raw_grad, trainer.gradient_clip_val)
-        # the global norm also counts trainable parameters the tracker does not track
-        other = sum(float(p.grad.double().pow(2).sum()) for p in self._untracked_trainable.values() if p.grad is not None)
+        # the global norm runs over all the optimizer's parameters, tracked or not
+        tracked = {id(p) for p in self._tracked_params}
+        other = sum(
+            float(p.grad.double().pow(2).sum())
+            for group in trainer.optimizers[0].param_groups
+            for p in group["params"]
+            if id(p) not in tracked and p.grad is not None
+        )
         return NormClip(raw_grad, trainer.gradient_clip_val, other)
 
     def _flat_optimizer_state(
@@ -493,6 +513,8 @@ class InfluenceTracker(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         pending, self._pending = self._pending, None
+        if not outputs and self._micro:
+            self._micro.pop()  # training_step returned None: this micro-batch added no gradient
         if trainer.global_step == self._last_global_step:
             return  # accumulating: no optimizer step was taken on this batch
         self._last_global_step = trainer.global_step
@@ -734,7 +756,8 @@ class InfluenceTracker(Callback):
     def _to_module(self, batch: Any) -> Any:
         """A query batch in the module's precision, on the device its parameters are on now (Lightning
         may have moved the module back to the CPU at teardown)."""
-        return move_data_to_device(self._convert(batch), self._tracked_params[0].device)
+        batch = batch if self._convert is None else self._convert(batch)
+        return move_data_to_device(batch, self._tracked_params[0].device)
 
     def influence(self, query: Any, per_example: bool = False) -> InfluenceResult:
         """Influence of every tracked training sample on ``query``.

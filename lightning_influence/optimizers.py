@@ -155,9 +155,6 @@ class AdamJacobian(OptimizerJacobian):
                 g_hat = g_hat + g.weight_decay * step.theta[r]
                 d_g.add_(d_th, alpha=g.weight_decay)
             d_mr.lerp_(d_g, 1 - g.beta1)  # β1 δm + (1-β1) δĝ
-            m_hat = m / bc1
-            sqrt_v_hat = (v / bc2).sqrt()
-            denom = sqrt_v_hat + g.eps
             if self.decoupled and g.weight_decay:
                 d_th.mul_(1 - g.lr * g.weight_decay)
             if exact:
@@ -167,10 +164,17 @@ class AdamJacobian(OptimizerJacobian):
                 d_vr.mul_(g.beta2).addcmul_(tmp, d_g, value=1 - g.beta2)
                 # δθ −= η [ (m+δm)/bc1 / (√((v+δv)/bc2) + ε) − m̂/(√v̂ + ε) ], with √bc2 moved out of the
                 # square root so that the division fuses into one addcdiv (δg is no longer needed)
-                torch.add(d_vr, v, out=tmp).clamp_(min=0).sqrt_().add_(g.eps * math.sqrt(bc2))
+                # The factual term is computed by the same operations, so that it cancels exactly where
+                # δ = 0 (a sample not yet seen keeps a state of exactly 0).
+                coef, eps_scaled = g.lr * math.sqrt(bc2) / bc1, g.eps * math.sqrt(bc2)
+                factual_denom = v.clamp(min=0).sqrt().add_(eps_scaled)
+                torch.add(d_vr, v, out=tmp).clamp_(min=0).sqrt_().add_(eps_scaled)
                 torch.add(d_mr, m, out=d_g)
-                d_th.addcdiv_(d_g, tmp, value=-g.lr * math.sqrt(bc2) / bc1).add_(m_hat / denom, alpha=g.lr)
+                d_th.addcdiv_(d_g, tmp, value=-coef).addcdiv_(m.expand_as(d_g), factual_denom.expand_as(d_g), value=coef)
             else:
+                m_hat = m / bc1
+                sqrt_v_hat = (v / bc2).sqrt()
+                denom = sqrt_v_hat + g.eps
                 d_vr.mul_(g.beta2).addcmul_(d_g, g_hat.expand_as(d_g), value=2 * (1 - g.beta2))
                 # ∂/∂v of m̂/(√v̂+ε) is −m̂/(2√v̂(√v̂+ε)²)/bc2; the term is 0 where v̂ = 0
                 safe = sqrt_v_hat.clamp(min=torch.finfo(v.dtype).tiny)

@@ -38,19 +38,38 @@ def random_schedule(num_samples: int, batch_size: int, epochs: int, seed: int = 
 
 
 class FixedBatches(Sampler):
-    """A batch sampler that yields epoch e's batches of ``schedule`` on its e-th iteration."""
+    """A batch sampler that yields epoch e's batches of ``schedule``.
+
+    Lightning calls ``set_epoch(e)`` at the start of every training epoch (through the batch sampler's
+    ``sampler`` attribute, which is this object), so a run resumed from a checkpoint replays the
+    batches of the epoch it resumes in. Without ``set_epoch`` calls (a plain ``for`` loop), the e-th
+    iteration yields epoch e; past the schedule's end the last epoch repeats.
+
+    The epoch is read when the first batch is drawn, not when ``iter()`` is called (like PyTorch's
+    samplers inside a ``BatchSampler``): Lightning creates the first epoch's iterator, also the one
+    of a resumed epoch, before it calls ``set_epoch``.
+    """
 
     def __init__(self, schedule: Schedule) -> None:
         self.schedule = [[list(b) for b in epoch] for epoch in schedule]
         self._epoch = 0
 
+    @property
+    def sampler(self) -> FixedBatches:
+        """Lightning's ``_set_sampler_epoch`` looks for ``set_epoch`` on ``batch_sampler.sampler``."""
+        return self
+
+    def set_epoch(self, epoch: int) -> None:
+        """The next iteration yields epoch ``epoch``'s batches (then the counter moves on as before)."""
+        self._epoch = int(epoch)
+
     def __len__(self) -> int:
         return len(self.schedule[0])
 
     def __iter__(self) -> Iterator[list[int]]:
-        batches = self.schedule[min(self._epoch, len(self.schedule) - 1)]
+        epoch = self._epoch  # a generator: runs at the first next(), after Lightning's set_epoch
         self._epoch += 1
-        return iter(batches)
+        yield from (list(b) for b in self.schedule[min(epoch, len(self.schedule) - 1)])
 
 
 def cross_entropy_losses(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -69,22 +88,51 @@ def retrain(
     schedule: Schedule,
     weights: torch.Tensor | None = None,
     make_scheduler: SchedulerFactory | None = None,
+    accumulate: int = 1,
+    clip_norm: float | None = None,
+    clip_value: float | None = None,
+    grad_log: list[torch.Tensor] | None = None,
 ) -> nn.Module:
     """Train a deep copy of ``net`` on ``schedule`` with per-sample ``weights`` (default all 1).
 
-    The step-t loss is ``Σ_{i∈B_t} w_i ℓ_i / |B_t|`` (denominator kept); a scheduler is stepped
-    after every optimizer step. Returns the trained copy.
+    Without accumulation, the step-t loss is ``Σ_{i∈B_t} w_i ℓ_i / |B_t|`` (denominator kept); a
+    scheduler is stepped after every optimizer step. Returns the trained copy.
+
+    Args:
+        accumulate: gradient accumulation as ``Trainer(accumulate_grad_batches=accumulate)`` does it:
+            consecutive groups of ``accumulate`` batches of each epoch (the groups restart at every
+            epoch; the last group of an epoch may be shorter) make one optimizer step whose loss is
+            ``Σ_m mean_m / accumulate`` (a short group is still divided by ``accumulate``); the
+            scheduler steps once per optimizer step (Lightning's ``interval="step"``).
+        clip_norm, clip_value: gradient clipping as ``Trainer(gradient_clip_val=c,
+            gradient_clip_algorithm="norm" | "value")`` applies it between backward and the optimizer
+            step: ``clip_grad_norm_`` / ``clip_grad_value_`` over all the optimizer's parameters.
+        grad_log: if a list, the unclipped gradient of every step (``Tensor[p]``, the optimizer's
+            parameters flattened in param-group order) is appended to it, e.g. to check that a
+            clipping threshold really clips.
     """
+    if accumulate < 1:
+        raise ValueError("accumulate must be a positive integer.")
+    if clip_norm is not None and clip_value is not None:
+        raise ValueError("Pass at most one of clip_norm and clip_value.")
     net = copy.deepcopy(net)
     weights = torch.ones(len(x), dtype=x.dtype) if weights is None else weights
     opt = make_optimizer(net)
     sched = make_scheduler(opt) if make_scheduler else None
+    params = [p for group in opt.param_groups for p in group["params"]]
     for epoch in schedule:
-        for ids in epoch:
-            idx = torch.as_tensor(ids)
+        for start in range(0, len(epoch), accumulate):
             opt.zero_grad()
-            loss = (weights[idx] * cross_entropy_losses(net, x[idx], y[idx])).sum() / len(idx)
-            loss.backward()
+            for ids in epoch[start : start + accumulate]:
+                idx = torch.as_tensor(ids)
+                loss = (weights[idx] * cross_entropy_losses(net, x[idx], y[idx])).sum() / len(idx)
+                (loss / accumulate if accumulate > 1 else loss).backward()
+            if grad_log is not None:
+                grad_log.append(torch.cat([p.grad.detach().reshape(-1) for p in params if p.grad is not None]))
+            if clip_norm is not None:  # what Lightning's precision plugin calls, on the optimizer's params
+                torch.nn.utils.clip_grad_norm_(params, clip_norm)
+            if clip_value is not None:
+                torch.nn.utils.clip_grad_value_(params, clip_value)
             opt.step()
             if sched is not None:
                 sched.step()

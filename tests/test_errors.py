@@ -6,6 +6,7 @@ the fix). A few positive twins check that the documented way out of an error rea
 
 from __future__ import annotations
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
@@ -589,6 +590,35 @@ def test_training_step_skips_a_batch(make_trainer, make_model, train_loader):
     tracker = InfluenceTracker()
     fit(make_trainer, make_model(cls=SkipsABatch), train_loader, tracker)
     assert torch.isfinite(tracker.engine.theta).all()
+
+
+def test_accumulation_with_a_skipped_micro_batch(make_trainer, make_model, train_loader):
+    """A micro-batch whose training_step returned None adds no gradient, so it is not booked: the
+    gradient self-check on every step passes, and its samples were never consumed."""
+    tracker = InfluenceTracker(self_check_steps=100)
+    fit(make_trainer, make_model(cls=SkipsABatch), train_loader, tracker, accumulate_grad_batches=2)
+    assert tracker._steps_done == 2  # 3 batches -> steps over {0, skipped 1} and {2}
+    first_batch = next(iter(train_loader))[-1]
+    assert set(tracker.unseen_ids.tolist()).isdisjoint(first_batch.tolist())
+    assert len(tracker.unseen_ids) == len(first_batch)  # batch 1's samples
+
+
+@pytest.mark.parametrize("start_method", ["spawn", "fork"])
+def test_ddp_with_worker_processes_is_refused(make_model, start_method):
+    from lightning.pytorch.strategies import DDPStrategy
+
+    trainer = pl.Trainer(strategy=DDPStrategy(start_method=start_method), accelerator="cpu", devices=2, logger=False)
+    with pytest.raises(InfluenceConfigurationError, match=rf"strategy='ddp_{start_method}'.*Use strategy='ddp'"):
+        InfluenceTracker()._check_trainer(trainer, make_model())
+
+
+def test_fused_optimizer_under_a_grad_scaler_is_refused(make_trainer, make_model, train_loader):
+    from lightning.pytorch.plugins import MixedPrecision
+
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    model = make_model(lambda n: torch.optim.AdamW(n.parameters(), lr=0.01, fused=True)).float()
+    with pytest.raises(InfluenceConfigurationError, match=r"AdamW\(fused=True\) under a GradScaler.*Drop fused=True"):
+        fit(make_trainer, model, train_loader, InfluenceTracker(), precision=None, plugins=[plugin])
 
 
 class FunctionalDropout(TinyClassifier):
