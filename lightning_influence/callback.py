@@ -463,13 +463,17 @@ class InfluenceTracker(Callback):
             groups.append(read_group_step(group, region, step_count, first_momentum))
         check = self._steps_done < self.self_check_steps
         raw_grad = layout.flatten(grads)
-        skipped = getattr(trainer.precision_plugin, "scaler", None) is not None and not bool(torch.isfinite(raw_grad).all())
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        skipped = scaler is not None and not bool(torch.isfinite(raw_grad).all())
         clip = None if skipped else self._gradient_clip(trainer, raw_grad)
         self._pending = {
             "step": OptimizerStep(groups, theta, raw_grad if clip is None else clip.clipped),
             "raw_grad": raw_grad,
             "clip": clip,
             "skipped": skipped,  # a GradScaler step with inf/NaN gradients: the optimizer will not run
+            # GradScaler.update() lowers the scale after a skipped step, also when the inf/NaN appeared
+            # in a hook after this one
+            "scale": None if scaler is None else float(scaler.get_scale()),
             "frozen": {n: p.detach().clone() for n, p in self._untracked_trainable.items()},
             "pre_state": self._flat_optimizer_state(optimizer) if check else None,
         }
@@ -521,10 +525,17 @@ class InfluenceTracker(Callback):
         self._last_step_epoch = trainer.current_epoch  # at the end of fit current_epoch has moved on
         micro, self._micro = self._micro, []
         # no gradient (training_step returned None) or a GradScaler skip: the step did not happen
-        if pending is not None and not pending["skipped"]:
+        if pending is not None and not self._scaler_skipped(trainer, pending):
             self._book_step(trainer, pending, micro)
         if self.window_schedule.closes_after_step(trainer.global_step):
             self._close_windows(trainer)
+
+    @staticmethod
+    def _scaler_skipped(trainer: pl.Trainer, pending: dict[str, Any]) -> bool:
+        if pending["skipped"]:
+            return True
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        return pending["scale"] is not None and scaler is not None and float(scaler.get_scale()) < pending["scale"]
 
     def _book_step(self, trainer: pl.Trainer, pending: dict[str, Any], micro: list[tuple[Any, torch.Tensor]]) -> None:
         """Advance the states over the optimizer step just taken on the micro-batches ``micro``."""

@@ -96,12 +96,18 @@ def rank_schedule(rank: int, cfg: dict = SHARDS) -> list[list[list[int]]]:
 # ---------------------------------------------------------------------------- the DDP runs
 def _trainer(out: str, epochs: int, callbacks: list, timeout_s: float, loggers: list | bool, **kwargs):
     import lightning.pytorch as pl
+    from lightning.fabric.plugins.environments import LightningEnvironment
     from lightning.pytorch.strategies import DDPStrategy
 
+    # LightningEnvironment: Lightning launches the processes itself, and does not probe for SLURM/MPI
+    # (with mpi4py installed, the MPI probe fails outside an MPI launcher)
+    strategy = DDPStrategy(
+        process_group_backend="gloo", timeout=timedelta(seconds=timeout_s), cluster_environment=LightningEnvironment()
+    )
     return pl.Trainer(
         accelerator="cpu",
         devices=2,
-        strategy=DDPStrategy(process_group_backend="gloo", timeout=timedelta(seconds=timeout_s)),
+        strategy=strategy,
         precision="64-true",
         max_epochs=epochs,
         callbacks=callbacks,
