@@ -175,6 +175,22 @@ def test_norm_clipping_with_untracked_trainable_parameters(estimator):
     assert torch.isfinite(scores).all() and scores.abs().sum() > 0
 
 
+def _adamw_head_only(net: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(net[2].parameters(), lr=0.05, weight_decay=0.01)
+
+
+def test_norm_clipping_counts_only_the_optimizers_parameters():
+    """The body has requires_grad=True and receives gradients, but the optimizer holds only the head:
+    Lightning's clip norm runs over the optimizer's parameters, so the body must not enter it (else the
+    predicted clipped update is off and the self-check stops the run)."""
+    x, y, query = _data()
+    schedule = random_schedule(N, 6, 2, seed=8)
+    tracker = InfluenceTracker(estimator="acc", self_check_steps=100)
+    _fit(_mlp(), _adamw_head_only, None, x, y, schedule, [tracker], gradient_clip_val=0.05, gradient_clip_algorithm="norm")
+    assert tracker._steps_done == 8
+    assert torch.isfinite(tracker.influence(query).scores).all()
+
+
 # ---------------------------------------------------------------------------------------------- mixed precision
 def test_bf16_mixed_follows_the_float32_run():
     x, y, query = _data(torch.float32)
