@@ -14,7 +14,7 @@ The rule, applied to every sample at once (vectorised over ``k``):
    computed per window, scaling a window by a positive constant or shifting it by a constant changes
    nothing.
 2. **Sign flips.** The sign of ``z[t, j]`` is +1, −1, or 0 when ``|z[t, j]| ≤ sign_tolerance``
-   (default 0: only an exact zero has no sign). A zero neither flips nor breaks a run: a flip is
+   (default 0.5: a sample within half a standard deviation of the window's mean has no side). A zero neither flips nor breaks a run: a flip is
    counted at window ``t`` when ``z[t, j]`` has a sign and it is opposite to the last sign the
    sample had before ``t`` (so ``+, 0, −`` is one flip). ``flip_rate = flips / (W − 1)``, the
    fraction of the ``W − 1`` transitions that flip (0 when ``W = 1``). The sample is
@@ -204,7 +204,7 @@ def classify_patterns(
     fluctuation_threshold: float = 0.5,
     trend_threshold: float = 2.0,
     min_slope: float = 0.01,
-    sign_tolerance: float = 0.0,
+    sign_tolerance: float = 0.5,
 ) -> InfluencePatterns:
     """Label each tracked sample "stable", "early", "late" or "fluctuating" (SPEC §4).
 
@@ -221,7 +221,8 @@ def classify_patterns(
         min_slope: ≥ 0, finite; a significant trend must also change ``|z|`` by at least this many
             z-units per window. Default 0.01.
         sign_tolerance: ≥ 0, finite; a z-score with ``|z| ≤ sign_tolerance`` has no sign (cannot flip
-            nor be flipped from). Default 0.0 (only exact zeros).
+            nor be flipped from). Default 0.5: within half a standard deviation of the window's mean
+            a sample's side of the mean is noise, and counting it would call most samples fluctuating.
 
     Returns:
         :class:`InfluencePatterns` on the CPU, in the column order of ``window_scores``.

@@ -217,6 +217,13 @@ def test_zeros_are_skipped_not_counted():
     torch.testing.assert_close(sign_flip_rate(z), expected)
 
 
+def test_default_sign_tolerance_ignores_windows_within_half_a_std():
+    # sample 0 alternates at |z| ≈ 0.2 around the mean: near-average, not fluctuating by default
+    scores = torch.tensor([[0.2, 1.0, -1.0, 3.0, -3.0], [-0.2, 1.0, -1.0, 3.0, -3.0], [0.2, 1.0, -1.0, 3.0, -3.0]])
+    assert classify_patterns(scores).labels[0] != "fluctuating"
+    assert classify_patterns(scores, sign_tolerance=0.0).labels[0] == "fluctuating"
+
+
 def test_sign_tolerance_ignores_near_mean_windows():
     # Column 0 wobbles around its window's mean (|z| small) while staying positive in score.
     wobble = torch.tensor([0.05, -0.05, 0.05, -0.05, 0.05], dtype=DTYPE)
@@ -319,7 +326,7 @@ def test_one_window_is_all_stable():
 
 def test_two_windows_flip_but_never_trend():
     scores = torch.tensor([[3.0, -3.0, 10.0, -10.0, 1.0, -1.0], [-3.0, 3.0, 1.0, -1.0, 10.0, -10.0]])
-    p = classify_patterns(scores)
+    p = classify_patterns(scores, sign_tolerance=0.0)  # samples 0, 1 sit at |z| ≈ 0.49
     assert p.labels[:2] == ["fluctuating", "fluctuating"]
     assert p.labels[2:] == ["stable"] * 4  # they fall/rise a lot, but W = 2 cannot test a trend
     assert torch.equal(p.trend, torch.zeros(6, dtype=DTYPE))
