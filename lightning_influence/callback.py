@@ -1,10 +1,13 @@
 """``InfluenceTracker``: the Lightning adapter over the influence engine.
 
 The callback validates the Trainer / module / optimizer configuration at fit start, allocates the
-stacked states at train start, records the batch and the pre-step parameters at every real
-optimizer step, and hands the engine a plain description of that step once the optimizer has run.
-All maths lives in :mod:`lightning_influence.engine`, :mod:`~lightning_influence.optimizers` and
-:mod:`~lightning_influence.queries`.
+stacked states at train start (restoring them on a resumed run), collects the micro-batches and
+the pre-step parameters of every real optimizer step, and hands the engine a plain description of
+that step once the optimizer has run. At window boundaries it scores the registered queries and
+passes the snapshot to the loggers and the artifact writer (rank zero). All maths lives in
+:mod:`~lightning_influence.engine`, :mod:`~lightning_influence.optimizers`,
+:mod:`~lightning_influence.clipping` and :mod:`~lightning_influence.queries`; when a window closes
+in :mod:`~lightning_influence.windows`; what is logged in :mod:`~lightning_influence.reporting`.
 """
 
 from __future__ import annotations
