@@ -245,6 +245,15 @@ def main(argv: list[str] | None = None) -> None:
         run_padded(out, args.timeout_s)
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
         print(f"ddp_worker: done ({args.mode})", file=sys.stderr)
+    # Tear the process group down while both processes are alive: left to interpreter shutdown,
+    # gloo's threads can abort the process ("terminate called without an active exception")
+    # after all the work is done. os._exit then skips the remaining C++ static destructors.
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
