@@ -164,6 +164,30 @@ def leave_one_out(
     return torch.tensor(out, dtype=torch.float64)
 
 
+def removal_derivative(
+    net: nn.Module,
+    make_optimizer: OptimizerFactory,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    schedule: Schedule,
+    query: tuple[torch.Tensor, torch.Tensor],
+    j: int,
+    make_scheduler: SchedulerFactory | None = None,
+    eps: float = 1e-4,
+    **retrain_kwargs,
+) -> float:
+    """``−d f(θ_T)/d w_j`` by central differences of two re-trainings (w_j = 1 ± eps): the exact
+    first-order prediction of removing sample j (f = mean query loss). ``retrain_kwargs`` go to
+    :func:`retrain` (``accumulate``, ``clip_norm``, ``clip_value``)."""
+    values = []
+    for w_j in (1 + eps, 1 - eps):
+        w = torch.ones(len(x), dtype=x.dtype)
+        w[j] = w_j
+        trained = retrain(net, make_optimizer, x, y, schedule, w, make_scheduler, **retrain_kwargs)
+        values.append(mean_loss(trained, *query))
+    return -(values[0] - values[1]) / (2 * eps)
+
+
 def agreement(pred: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
     """How well estimated scores ``pred`` follow ground truth ``truth`` (both ``Tensor[k]``): Spearman,
     Kendall τ, Pearson and the relative RMSE ``‖pred − truth‖ / ‖truth‖``."""

@@ -15,8 +15,8 @@ from lightning_influence.testing import (
     TinyClassifier,
     fixed_loader,
     lightning_trainer,
-    mean_loss,
     random_schedule,
+    removal_derivative,
     retrain,
 )
 
@@ -82,16 +82,6 @@ def _tracked_run(net, make_opt, make_sched, x, y, schedule, **tracker_kwargs):
     return tracker, module
 
 
-def _fd_removal_derivative(net, make_opt, make_sched, x, y, schedule, query, j) -> float:
-    """−d f(θ_T)/d w_j by central differences: the first-order prediction of removing j."""
-    values = []
-    for w_j in (1 + EPS, 1 - EPS):
-        w = torch.ones(N, dtype=torch.float64)
-        w[j] = w_j
-        values.append(mean_loss(retrain(net, make_opt, x, y, schedule, w, make_sched), *query))
-    return -(values[0] - values[1]) / (2 * EPS)
-
-
 def test_lightning_run_replays_the_reference_run():
     """Prerequisite of every ground-truth test: the tracked Lightning run is the reference run."""
     x, y, _ = _data()
@@ -114,7 +104,7 @@ def test_first_order_matches_finite_differences(model, optimizer):
     tracker, _ = _tracked_run(net, make_opt, make_sched, x, y, schedule, estimator="first-order")
     scores = tracker.influence(query).scores
     for j in PROBES:
-        expected = _fd_removal_derivative(net, make_opt, make_sched, x, y, schedule, query, j)
+        expected = removal_derivative(net, make_opt, x, y, schedule, query, j, make_sched, EPS)
         assert abs(float(scores[j]) - expected) <= 1e-3 * abs(expected), (j, float(scores[j]), expected)
 
 
@@ -129,7 +119,7 @@ def test_tracked_subset_of_parameters_with_the_rest_frozen():
     assert tracker.engine.theta.shape[1] == 8 * C + C
     scores = tracker.influence(query).scores
     for j in PROBES:
-        expected = _fd_removal_derivative(net, make_opt, None, x, y, schedule, query, j)
+        expected = removal_derivative(net, make_opt, x, y, schedule, query, j, None, EPS)
         assert abs(float(scores[j]) - expected) <= 1e-3 * abs(expected)
 
 

@@ -30,8 +30,8 @@ from lightning_influence.testing import (
     TinyClassifier,
     fixed_loader,
     lightning_trainer,
-    mean_loss,
     random_schedule,
+    removal_derivative,
     retrain,
 )
 
@@ -89,21 +89,11 @@ def _fit(net, make_opt, make_sched, x, y, schedule, trackers, module_cls=TinyCla
     return trainer, module
 
 
-def _fd_removal_derivative(net, make_opt, make_sched, x, y, schedule, query, j, **retrain_kwargs) -> float:
-    """−d f(θ_T)/d w_j by central differences: the first-order prediction of removing j."""
-    values = []
-    for w_j in (1 + EPS, 1 - EPS):
-        w = torch.ones(N, dtype=torch.float64)
-        w[j] = w_j
-        values.append(mean_loss(retrain(net, make_opt, x, y, schedule, w, make_sched, **retrain_kwargs), *query))
-    return -(values[0] - values[1]) / (2 * EPS)
-
-
 def _assert_matches_finite_differences(tracker, net, make_opt, make_sched, x, y, schedule, query, **retrain_kwargs):
     scores = tracker.influence(query).scores
     errors = []
     for j in PROBES:
-        expected = _fd_removal_derivative(net, make_opt, make_sched, x, y, schedule, query, j, **retrain_kwargs)
+        expected = removal_derivative(net, make_opt, x, y, schedule, query, j, make_sched, EPS, **retrain_kwargs)
         errors.append(abs(float(scores[j]) - expected) / abs(expected))
         assert abs(float(scores[j]) - expected) <= 1e-3 * abs(expected), (j, float(scores[j]), expected)
     print(f"max relative error vs finite differences: {max(errors):.1e}")
