@@ -37,6 +37,19 @@ def random_schedule(num_samples: int, batch_size: int, epochs: int, seed: int = 
     return out
 
 
+def random_classification(
+    num_samples: int, dim: int, classes: int, num_query: int = 8, seed: int = 0, dtype: torch.dtype = torch.float64
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Gaussian inputs with random labels: ``(x [n, dim], y [n], (x_query, y_query))``, reproducible
+    from ``seed`` (drawn in float64, then cast to ``dtype``, so every dtype sees the same values)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_samples, dim, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, classes, (num_samples,), generator=gen)
+    xq = torch.randn(num_query, dim, generator=gen, dtype=torch.float64)
+    yq = torch.randint(0, classes, (num_query,), generator=gen)
+    return x.to(dtype), y, (xq.to(dtype), yq)
+
+
 class FixedBatches(Sampler):
     """A batch sampler that yields epoch e's batches of ``schedule``.
 

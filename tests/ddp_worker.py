@@ -95,28 +95,23 @@ def rank_schedule(rank: int, cfg: dict = SHARDS) -> list[list[list[int]]]:
 
 # ---------------------------------------------------------------------------- the DDP runs
 def _trainer(out: str, epochs: int, callbacks: list, timeout_s: float, loggers: list | bool, **kwargs):
-    import lightning.pytorch as pl
     from lightning.fabric.plugins.environments import LightningEnvironment
     from lightning.pytorch.strategies import DDPStrategy
+
+    from lightning_influence.testing import lightning_trainer
 
     # LightningEnvironment: Lightning launches the processes itself, and does not probe for SLURM/MPI
     # (with mpi4py installed, the MPI probe fails outside an MPI launcher)
     strategy = DDPStrategy(
         process_group_backend="gloo", timeout=timedelta(seconds=timeout_s), cluster_environment=LightningEnvironment()
     )
-    return pl.Trainer(
-        accelerator="cpu",
+    return lightning_trainer(
+        epochs,
         devices=2,
         strategy=strategy,
-        precision="64-true",
-        max_epochs=epochs,
         callbacks=callbacks,
         logger=loggers,
         default_root_dir=out,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
         log_every_n_steps=1,
         **kwargs,
     )

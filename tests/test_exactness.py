@@ -15,6 +15,7 @@ from lightning_influence.testing import (
     TinyClassifier,
     fixed_loader,
     lightning_trainer,
+    random_classification,
     random_schedule,
     removal_derivative,
     retrain,
@@ -26,12 +27,7 @@ PROBES = (0, 5, 17)
 
 
 def _data():
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(N, D, generator=gen, dtype=torch.float64)
-    y = torch.randint(0, C, (N,), generator=gen)
-    xq = torch.randn(8, D, generator=gen, dtype=torch.float64)
-    yq = torch.randint(0, C, (8,), generator=gen)
-    return x, y, (xq, yq)
+    return random_classification(N, D, C)
 
 
 def _net(kind: str) -> nn.Module:

@@ -29,6 +29,7 @@ from lightning_influence.testing import (
     fixed_loader,
     lightning_trainer,
     mean_loss,
+    random_classification,
     random_schedule,
     retrain,
 )
@@ -71,12 +72,7 @@ def _one_thread():
 
 
 def _data():
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(N, D, generator=gen, dtype=torch.float64)
-    y = torch.randint(0, C, (N,), generator=gen)
-    xq = torch.randn(8, D, generator=gen, dtype=torch.float64)
-    yq = torch.randint(0, C, (8,), generator=gen)
-    return x, y, (xq, yq)
+    return random_classification(N, D, C)
 
 
 def _net() -> nn.Module:
