@@ -201,9 +201,7 @@ def run_setup(setup: Setup, seed: int):
         lightning_trainer(len(sched), callbacks=[tracker]).fit(model, fixed_loader(x, y, sched))
         t_track += time.perf_counter() - t0
         # the tracked Lightning run must be the very run the counterfactuals perturb
-        drift = max(
-            float((a - b).abs().max()) for a, b in zip(model.net.parameters(), reference.parameters())
-        )
+        drift = max(float((a - b).abs().max()) for a, b in zip(model.net.parameters(), reference.parameters()))
         if drift > 1e-9:
             raise RuntimeError(f"{setup.name}: the Lightning run differs from the reference run by {drift:.2e}.")
         s = tracker.influence("q").scores.to(DT)

@@ -79,14 +79,20 @@ def main() -> None:
     print("\n1. float64 CPU vs CUDA")
     print(f"   final scores: relative difference {rel(gpu.influence('val').scores, cpu.influence('val').scores):.2e}")
     for wc, wg in zip(cpu.windows("val"), gpu.windows("val")):
-        print(f"   window {wc.index} [{wc.start_step}, {wc.end_step}]: relative difference {rel(wg.scores, wc.scores):.2e}")
+        print(
+            f"   window {wc.index} [{wc.start_step}, {wc.end_step}]:"
+            f" relative difference {rel(wg.scores, wc.scores):.2e}"
+        )
     print(f"   states on {gpu.engine.theta.device}; query after fit answered on {gpu.influence('val').scores.device}")
 
     print("\n2. mixed precision on CUDA vs 32-true on CUDA (float32 model)")
     ref, _ = fit("gpu", "32-true", torch.float32)
     bf16, _ = fit("gpu", "bf16-mixed", torch.float32)
     stats = agreement(bf16.influence("val").scores.double(), ref.influence("val").scores.double())
-    print(f"   bf16-mixed: spearman {stats['spearman']:.4f}, relative RMSE {stats['rel_rmse']:.2e}, state dtype {bf16.engine.theta.dtype}")
+    print(
+        f"   bf16-mixed: spearman {stats['spearman']:.4f}, relative RMSE {stats['rel_rmse']:.2e},"
+        f" state dtype {bf16.engine.theta.dtype}"
+    )
     fp16, _ = fit("gpu", "16-mixed", torch.float32)
     stats = agreement(fp16.influence("val").scores.double(), ref.influence("val").scores.double())
     print(f"   16-mixed:   spearman {stats['spearman']:.4f}, relative RMSE {stats['rel_rmse']:.2e}")
@@ -95,7 +101,7 @@ def main() -> None:
     skip, trainer = fit("gpu", None, torch.float32, plugins=[scaler], extra=[counter])
     print(
         f"   16-mixed, init_scale 2**24: Lightning counted {trainer.global_step} steps, {counter.taken} changed the"
-        f" parameters, the tracker booked {skip._steps_done}; final scores finite:"
+        f" parameters, the tracker booked {skip.steps_booked}; final scores finite:"
         f" {bool(torch.isfinite(skip.influence('val').scores).all())}"
     )
 
@@ -112,7 +118,10 @@ def main() -> None:
         trainer.fit(TinyClassifier(net, adamw), loader)
         torch.cuda.synchronize()
         per_step = (time.perf_counter() - start) / trainer.global_step
-        print(f"   {'with' if tracked else 'without'} tracker (k=1024): {per_step * 1e3:.2f} ms per step (incl. Lightning)")
+        print(
+            f"   {'with' if tracked else 'without'} tracker (k=1024):"
+            f" {per_step * 1e3:.2f} ms per step (incl. Lightning)"
+        )
 
 
 if __name__ == "__main__":

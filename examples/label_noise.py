@@ -282,8 +282,10 @@ def mean_sd(values: list[float], signed: bool = False) -> str:
 def print_most_harmful(run: dict, top: int) -> None:
     data, s = run["data"], run["scores"]["acc, full run"]
     hits = int(data["flipped"][torch.argsort(s)[:top]].sum())
-    print(f"\nSeed {run['seed']}: {top} most harmful training samples, acc full run"
-          " (score = predicted Δ val loss if removed; negative = harmful)")
+    print(
+        f"\nSeed {run['seed']}: {top} most harmful training samples, acc full run"
+        " (score = predicted Δ val loss if removed; negative = harmful)"
+    )
     print(f"{'id':>6} {'label':>6} {'true':>5} {'flipped':>8} {'score':>11} {'last-window':>12} {'tracin':>11}")
     for j in torch.argsort(s)[:top].tolist():
         print(
@@ -299,8 +301,10 @@ def print_tables(runs: list[dict], args) -> None:
     seeds = ", ".join(str(r["seed"]) for r in runs)
     n_flip = int(runs[0]["data"]["flipped"].sum())
     print(f"\n=== Ranking the flipped labels as harmful (harmfulness = −score); seeds {seeds}; mean ± sd ===")
-    print(f"{n_flip} of {args.n_train} training labels flipped; precision at 10% = flipped share of the"
-          f" {flag_count(args.n_train)} most harmful")
+    print(
+        f"{n_flip} of {args.n_train} training labels flipped; precision at 10% = flipped share of the"
+        f" {flag_count(args.n_train)} most harmful"
+    )
     print(f"{'ranking':<26} {'AUROC':>15} {'precision@10%':>15}")
     for name in RANKINGS:
         au = [r["metrics"][name][0] for r in runs]
@@ -313,8 +317,10 @@ def print_tables(runs: list[dict], args) -> None:
     print("(chance: AUROC 0.500, precision@10% 0.100)")
 
     n_test = len(runs[0]["data"]["y_te"])
-    print(f"\n=== Clean test set ({n_test} samples): retrained from the same initial weights, no tracker;"
-          f" seeds {seeds}; mean ± sd ===")
+    print(
+        f"\n=== Clean test set ({n_test} samples): retrained from the same initial weights, no tracker;"
+        f" seeds {seeds}; mean ± sd ==="
+    )
     print(f"{'training set':<38} {'test accuracy':>15} {'Δ accuracy':>15} {'test loss':>15} {'Δ loss':>15}")
     before_acc = [r["test_before"][0] for r in runs]
     before_loss = [r["test_before"][1] for r in runs]
@@ -329,18 +335,24 @@ def print_tables(runs: list[dict], args) -> None:
             label = f"− 10% flagged by {name}"
         else:
             label = name if name.startswith("labels") else f"− {name}"
-        print(f"{label:<38} {mean_sd(acc):>15} {mean_sd(d_acc, signed=True):>15} {mean_sd(loss):>15}"
-              f" {mean_sd(d_loss, signed=True):>15}")
-    print("(the first row is the tracked model itself; retraining it without the trackers gives the same test"
-          f" accuracy and loss up to {max(r['retrain_diff'] for r in runs):.1e})")
+        print(
+            f"{label:<38} {mean_sd(acc):>15} {mean_sd(d_acc, signed=True):>15} {mean_sd(loss):>15}"
+            f" {mean_sd(d_loss, signed=True):>15}"
+        )
+    print(
+        "(the first row is the tracked model itself; retraining it without the trackers gives the same test"
+        f" accuracy and loss up to {max(r['retrain_diff'] for r in runs):.1e})"
+    )
 
     print("\n=== Per seed ===")
     head = " ".join(f"{'AUROC ' + short:>17}" for short in ("acc last", "acc full", "tracin"))
     print(f"{'seed':>4} {head} {'test all':>9} {'−acc full':>10} {'−oracle':>8} {'fit s':>6} {'seed s':>7}")
     for r in runs:
         aus = " ".join(f"{r['metrics'][n][0]:>17.3f}" for n in RANKINGS)
-        print(f"{r['seed']:>4} {aus} {r['test_before'][0]:>9.3f} {r['test_after']['acc, full run'][0]:>10.3f}"
-              f" {r['test_after']['truly flipped (oracle)'][0]:>8.3f} {r['fit_seconds']:>6.1f} {r['seconds']:>7.1f}")
+        print(
+            f"{r['seed']:>4} {aus} {r['test_before'][0]:>9.3f} {r['test_after']['acc, full run'][0]:>10.3f}"
+            f" {r['test_after']['truly flipped (oracle)'][0]:>8.3f} {r['fit_seconds']:>6.1f} {r['seconds']:>7.1f}"
+        )
 
     print(f"\n=== AUROC of each epoch window alone, and of the running sum up to it; seeds {seeds}; mean ===")
     print(f"{'epoch':>5} {'acc window':>11} {'acc cumul.':>11} {'tracin window':>14} {'tracin cumul.':>14}")
@@ -488,14 +500,23 @@ def plot_tensorboard(log_dir: str, path: str, root: str) -> str | None:
             print(f"{step:>5} " + " ".join(f"{series[t].get(step, float('nan')):>13.4g}" for t in shown))
 
     fig = plt.figure(figsize=(19, 7.4), facecolor="#f5f5f5")
-    grid = fig.add_gridspec(2, 5, width_ratios=[1, 1, 1, 1.2, 2.9], hspace=0.45, wspace=0.38,
-                            left=0.04, right=0.99, top=0.86, bottom=0.08)
+    grid = fig.add_gridspec(
+        2, 5, width_ratios=[1, 1, 1, 1.2, 2.9], hspace=0.45, wspace=0.38, left=0.04, right=0.99, top=0.86, bottom=0.08
+    )
     fig.text(0.01, 0.975, "TensorBoard", fontsize=15, weight="bold", color="#e65100", va="top")
-    fig.text(0.105, 0.968, "SCALARS    IMAGES    DISTRIBUTIONS    HISTOGRAMS    TEXT", fontsize=10, color="#555",
-             va="top")
+    fig.text(
+        0.105, 0.968, "SCALARS    IMAGES    DISTRIBUTIONS    HISTOGRAMS    TEXT", fontsize=10, color="#555", va="top"
+    )
     run_name = os.path.relpath(log_dir, os.path.dirname(os.path.abspath(root)))
-    fig.text(0.99, 0.968, f"run: {run_name}   (read back from the event file)", fontsize=9,
-             color="#555", va="top", ha="right")
+    fig.text(
+        0.99,
+        0.968,
+        f"run: {run_name}   (read back from the event file)",
+        fontsize=9,
+        color="#555",
+        va="top",
+        ha="right",
+    )
     for i, tag in enumerate(scalar_tags):
         ax = fig.add_subplot(grid[i // 3, i % 3])
         events = ea.Scalars(tag)
@@ -523,8 +544,16 @@ def plot_tensorboard(log_dir: str, path: str, root: str) -> str | None:
             counts, _ = np.histogram(mid, bins=edges, weights=np.asarray(h.histogram_value.bucket))
             offset = 0.5 * i
             color = plt.cm.Oranges(0.3 + 0.7 * i / max(1, len(hists) - 1))
-            ax.fill_between(centers, offset, offset + counts / max(counts.max(), 1), color=color, alpha=0.9,
-                            lw=0.6, edgecolor="#8d4004", zorder=len(hists) - i)
+            ax.fill_between(
+                centers,
+                offset,
+                offset + counts / max(counts.max(), 1),
+                color=color,
+                alpha=0.9,
+                lw=0.6,
+                edgecolor="#8d4004",
+                zorder=len(hists) - i,
+            )
         every = max(1, len(hists) // 8)
         ax.set_yticks([0.5 * i for i in range(len(hists))][::every])
         ax.set_yticklabels([str(h.step) for h in hists][::every], fontsize=7)
@@ -550,7 +579,8 @@ def plot_tensorboard(log_dir: str, path: str, root: str) -> str | None:
         lines = last.tensor_proto.string_val[0].decode().splitlines()
         # keep the heading and the first 5 rows of each table
         return "\n".join(
-            line for line in lines
+            line
+            for line in lines
             if not (line.startswith("| ") and line.split("|")[1].strip().isdigit() and int(line.split("|")[1]) > 5)
         )
     return None
@@ -586,17 +616,21 @@ def main() -> None:
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
     start = time.perf_counter()
-    print(f"label_noise: digits, {args.n_train} train / {args.n_val} val / rest test, {args.flip:.0%} of training"
-          f" labels flipped, MLP 64-{args.hidden}-10 (AdamW lr {args.lr}, wd {args.weight_decay}),"
-          f" {args.epochs} epochs, batch {args.batch_size}, seeds {args.seed}..{args.seed + args.seeds - 1}")
+    print(
+        f"label_noise: digits, {args.n_train} train / {args.n_val} val / rest test, {args.flip:.0%} of training"
+        f" labels flipped, MLP 64-{args.hidden}-10 (AdamW lr {args.lr}, wd {args.weight_decay}),"
+        f" {args.epochs} epochs, batch {args.batch_size}, seeds {args.seed}..{args.seed + args.seeds - 1}"
+    )
     runs = []
     for seed in range(args.seed, args.seed + args.seeds):
         run = run_seed(seed, args)
         runs.append(run)
         m = run["metrics"]
-        print(f"seed {seed}: AUROC last-window {m[RANKINGS[0]][0]:.3f}, full-run {m[RANKINGS[1]][0]:.3f},"
-              f" tracin {m[RANKINGS[2]][0]:.3f}; fit with 2 trackers {run['fit_seconds']:.1f} s,"
-              f" seed total {run['seconds']:.1f} s; TensorBoard: {run['log_dir']}")
+        print(
+            f"seed {seed}: AUROC last-window {m[RANKINGS[0]][0]:.3f}, full-run {m[RANKINGS[1]][0]:.3f},"
+            f" tracin {m[RANKINGS[2]][0]:.3f}; fit with 2 trackers {run['fit_seconds']:.1f} s,"
+            f" seed total {run['seconds']:.1f} s; TensorBoard: {run['log_dir']}"
+        )
     print_most_harmful(runs[0], args.top)
     print_tables(runs, args)
 

@@ -5,12 +5,15 @@ training sample j is removed. Negative = harmful, positive = helpful.
 """
 
 from lightning_influence.artifacts import load_final_scores, load_snapshots
-from lightning_influence.callback import InfluenceConfigurationError, InfluenceTracker, SelfCheckError
+from lightning_influence.callback import InfluenceTracker
+from lightning_influence.config import TrackerConfig
 from lightning_influence.data import IndexedDataset, SampleIdError, default_sample_ids
-from lightning_influence.engine import InfluenceEngine, NonFiniteInfluenceError
+from lightning_influence.engine import InfluenceEngine
+from lightning_influence.errors import InfluenceConfigurationError, NonFiniteInfluenceError, SelfCheckError
 from lightning_influence.optimizers import AdamJacobian, AdamWJacobian, SGDJacobian, UnsupportedOptimizerError
 from lightning_influence.patterns import InfluencePatterns, classify_patterns
 from lightning_influence.result import InfluenceResult
+from lightning_influence.tracin import TracInAccumulator
 from lightning_influence.windows import WindowSnapshot
 
 __version__ = "0.1.0"
@@ -28,6 +31,8 @@ __all__ = [
     "SGDJacobian",
     "SampleIdError",
     "SelfCheckError",
+    "TracInAccumulator",
+    "TrackerConfig",
     "UnsupportedOptimizerError",
     "WindowSnapshot",
     "classify_patterns",

@@ -27,10 +27,22 @@ import os
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Union
+from typing import Any, Mapping
 
 import torch
 
+from lightning_influence.artifacts_format import (
+    FINAL_FILE,
+    FINAL_FORMAT,
+    FORMAT_VERSION,
+    WINDOWS_FILE,
+    WINDOWS_FORMAT,
+    PathLike,
+    _read_records,
+    load_final_scores,
+    load_snapshots,
+    snapshots_by_query,
+)
 from lightning_influence.result import InfluenceResult
 from lightning_influence.windows import WindowSnapshot
 
@@ -45,16 +57,6 @@ __all__ = [
     "load_snapshots",
     "snapshots_by_query",
 ]
-
-PathLike = Union[str, os.PathLike]
-
-WINDOWS_FILE = "windows.jsonl"
-FINAL_FILE = "final_scores.json"
-WINDOWS_FORMAT = "lightning-influence/windows"
-FINAL_FORMAT = "lightning-influence/final"
-FORMAT_VERSION = 1
-
-_WINDOW_KEYS = ("query", "index", "start_step", "end_step", "epoch", "sample_ids", "scores")
 
 
 def _floats(values: torch.Tensor) -> list[float]:
@@ -189,7 +191,9 @@ class SnapshotWriter:
                 "scores": _floats(result.scores),
             }
             if len(entry["sample_ids"]) != len(entry["scores"]):
-                raise ValueError(f"Result {name!r} has {len(entry['sample_ids'])} ids but {len(entry['scores'])} scores.")
+                raise ValueError(
+                    f"Result {name!r} has {len(entry['sample_ids'])} ids but {len(entry['scores'])} scores."
+                )
             if result.per_example is not None:
                 entry["per_example"] = [_floats(row) for row in result.per_example.reshape(len(entry["scores"]), -1)]
             queries[str(name)] = entry
@@ -202,6 +206,31 @@ class SnapshotWriter:
         }
         _atomic_write_text(self.final_path, json.dumps(document, default=_jsonable) + "\n")
 
+    def start(self, keep: Mapping[str, int] | None) -> None:
+        """Prepare for a fit: a resumed or continued fit keeps its first ``keep[query]`` windows; a fresh fit
+        (``keep=None``) moves an existing ``windows.jsonl`` aside (to ``windows.<n>.jsonl``) rather than mixing runs."""
+        if keep is not None:
+            self.truncate(keep)
+            return
+        if self.windows_path.exists() and self.windows_path.stat().st_size:
+            n = 1
+            while (aside := self.dirpath / f"windows.{n}.jsonl").exists():
+                n += 1
+            os.replace(self.windows_path, aside)
+            warnings.warn(
+                f"{self.windows_path} held the windows of an earlier run: moved to {aside.name}.", stacklevel=2
+            )
+        self._repaired = True
+
+    def window(self, snapshot: WindowSnapshot, recorder: Any = None) -> None:
+        """:class:`~lightning_influence.windows.WindowSink`: append the snapshot."""
+        self.write(snapshot)
+
+    def final(self, results: Mapping[str, InfluenceResult], metadata: Mapping[str, Any]) -> None:
+        """:class:`~lightning_influence.windows.WindowSink`: write the final scores (when there are queries)."""
+        if results:
+            self.write_final(results, metadata)
+
     def truncate(self, keep: Mapping[str, int]) -> None:
         """Keep only the first ``keep[query]`` windows (``index < keep[query]``) of each query.
 
@@ -213,142 +242,6 @@ class SnapshotWriter:
         if not path.exists():
             self._repaired = True
             return
-        kept = [
-            line
-            for _, line, record in _read_records(path)
-            if record["index"] < int(keep.get(record["query"], 0))
-        ]
+        kept = [line for _, line, record in _read_records(path) if record["index"] < int(keep.get(record["query"], 0))]
         _atomic_write_text(path, "".join(line + "\n" for line in kept))
         self._repaired = True
-
-
-def _resolve(path: PathLike, filename: str, what: str) -> Path:
-    p = Path(path)
-    file = p / filename if p.is_dir() else p
-    if not file.is_file():
-        where = f"in the directory {p}" if p.is_dir() else f"at {p}"
-        raise FileNotFoundError(
-            f"No influence {what} {where}: expected {filename}, which InfluenceTracker writes to "
-            f"<logger log_dir>/influence (or its dirpath=, or <default_root_dir>/influence without a "
-            f"logger). Pass that directory or the {filename} file itself."
-        )
-    return file
-
-
-def _check_header(record: Any, expected: str, where: str) -> None:
-    if not isinstance(record, dict) or record.get("format") != expected:
-        found = record.get("format") if isinstance(record, dict) else type(record).__name__
-        raise ValueError(f"{where}: expected format {expected!r}, found {found!r}.")
-    version = record.get("version")
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise ValueError(f"{where}: invalid format version {version!r}.")
-    if version > FORMAT_VERSION:
-        raise ValueError(
-            f"{where}: format version {version} is newer than this lightning-influence reads "
-            f"(version {FORMAT_VERSION}); upgrade lightning-influence."
-        )
-
-
-def _read_records(path: Path) -> list[tuple[int, str, dict[str, Any]]]:
-    """``(line number, raw line, record)`` of every valid line of a windows file.
-
-    A last line that is not valid JSON (crash mid-write) is skipped with a warning; invalid lines
-    elsewhere, wrong formats or versions and missing fields raise ``ValueError``.
-    """
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    numbered = [(n, line) for n, line in enumerate(lines, start=1) if line.strip()]
-    records = []
-    for position, (n, line) in enumerate(numbered):
-        where = f"{path}, line {n}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            if position == len(numbered) - 1:
-                warnings.warn(
-                    f"{where}: skipping a truncated last record (interrupted write?): {err}.", stacklevel=3
-                )
-                continue
-            raise ValueError(f"{where}: not valid JSON ({err}); the file is corrupt.") from err
-        _check_header(record, WINDOWS_FORMAT, where)
-        missing = [key for key in _WINDOW_KEYS if key not in record]
-        if missing:
-            raise ValueError(f"{where}: the record lacks {', '.join(missing)}.")
-        if len(record["sample_ids"]) != len(record["scores"]):
-            raise ValueError(
-                f"{where}: {len(record['sample_ids'])} sample ids but {len(record['scores'])} scores."
-            )
-        records.append((n, line, record))
-    return records
-
-
-def load_snapshots(path: PathLike) -> list[WindowSnapshot]:
-    """Read the window snapshots written by :class:`SnapshotWriter`.
-
-    Args:
-        path: the artifact directory or its ``windows.jsonl`` file.
-
-    Returns:
-        The snapshots of every query in time order (sorted by ``(end_step, query)``, stable), with
-        ``sample_ids`` as ``LongTensor[k]`` and ``scores`` as float64 ``Tensor[k]``.
-
-    Raises:
-        FileNotFoundError: nothing at ``path``.
-        ValueError: a corrupt line other than the last, an unknown format or a newer version.
-    """
-    file = _resolve(path, WINDOWS_FILE, "windows")
-    snapshots: list[WindowSnapshot] = []
-    seen: set[tuple[str, int]] = set()
-    for n, _, r in _read_records(file):
-        key = (r["query"], int(r["index"]))
-        if key in seen:
-            warnings.warn(
-                f"{file}, line {n}: window {key[1]} of query {key[0]!r} appears more than once "
-                f"(two runs appended to one file?); scores summed over windows would count it twice.",
-                stacklevel=2,
-            )
-        seen.add(key)
-        snapshots.append(
-            WindowSnapshot(
-                query=r["query"],
-                index=int(r["index"]),
-                start_step=int(r["start_step"]),
-                end_step=int(r["end_step"]),
-                epoch=int(r["epoch"]),
-                sample_ids=torch.tensor(r["sample_ids"], dtype=torch.long),
-                scores=torch.tensor([float(s) for s in r["scores"]], dtype=torch.float64),
-            )
-        )
-    snapshots.sort(key=lambda s: (s.end_step, s.query))
-    return snapshots
-
-
-def load_final_scores(path: PathLike) -> dict[str, InfluenceResult]:
-    """Read ``final_scores.json`` (``path``: the artifact directory or the file) as
-    ``{query: InfluenceResult}`` with float64 scores."""
-    file = _resolve(path, FINAL_FILE, "final scores")
-    try:
-        document = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{file}: not valid JSON ({err}).") from err
-    _check_header(document, FINAL_FORMAT, str(file))
-    results = {}
-    for name, entry in document.get("queries", {}).items():
-        if not isinstance(entry, dict) or "sample_ids" not in entry or "scores" not in entry:
-            raise ValueError(f"{file}: query {name!r} lacks sample_ids or scores.")
-        per_example = entry.get("per_example")
-        results[name] = InfluenceResult(
-            sample_ids=torch.tensor(entry["sample_ids"], dtype=torch.long),
-            scores=torch.tensor([float(s) for s in entry["scores"]], dtype=torch.float64),
-            per_example=None if per_example is None else torch.tensor(per_example, dtype=torch.float64),
-            estimator=entry.get("estimator") or document.get("estimator") or "acc",
-        )
-    return results
-
-
-def snapshots_by_query(snapshots: Iterable[WindowSnapshot]) -> dict[str, list[WindowSnapshot]]:
-    """Group snapshots by query, each list in window order (by ``index``)."""
-    grouped: dict[str, list[WindowSnapshot]] = {}
-    for snap in snapshots:
-        grouped.setdefault(snap.query, []).append(snap)
-    return {q: sorted(snaps, key=lambda s: s.index) for q, snaps in grouped.items()}

@@ -8,6 +8,7 @@ g + δg, so the optimizer sees the perturbation
     exact:   clip(g + δg) − clip(g)                     (estimator "acc")
     linear:  J_clip(g) δg                                (estimator "first-order")
 
+and the adjoint sweep (SPEC §7) needs the transpose J_clip(g)ᵀ u of the linear map.
 Each class is bound to the factual, unclipped gradient of one step. Nothing here knows Lightning.
 """
 
@@ -29,6 +30,11 @@ class GradientClip:
         raise NotImplementedError
 
     def perturb(self, delta_g: torch.Tensor, exact: bool) -> torch.Tensor:
+        raise NotImplementedError
+
+    def transpose(self, u: torch.Tensor) -> torch.Tensor:
+        """``J_clip(g)ᵀ u`` for rows ``u: Tensor[c, p]`` (not modified): the adjoint of the unclipped
+        gradient's perturbation, given the adjoint u of the clipped one."""
         raise NotImplementedError
 
 
@@ -66,6 +72,15 @@ class NormClip(GradientClip):
         coeff = self.max_norm / ((self.norm + _NORM_EPS) ** 2 * self.norm)
         return (delta_g * self.scale).sub_(torch.outer(delta_g @ g, g), alpha=coeff)
 
+    def transpose(self, u: torch.Tensor) -> torch.Tensor:
+        """J = s I − c g gᵀ / ((‖g‖ + ε)² ‖g‖) is symmetric (a multiple of the identity plus a multiple of
+        g gᵀ), so Jᵀ u = J u; the identity when the clip is inactive."""
+        if self.scale >= 1.0:
+            return u.clone()
+        g = self.grad.to(u.dtype)
+        coeff = self.max_norm / ((self.norm + _NORM_EPS) ** 2 * self.norm)
+        return (u * self.scale).sub_(torch.outer(u @ g, g), alpha=coeff)
+
 
 class ValueClip(GradientClip):
     """``clip_grad_value_(clip_value)``: elementwise clamp to [−c, c]."""
@@ -84,3 +99,8 @@ class ValueClip(GradientClip):
             c = self.clip_value
             return (delta_g + g).clamp_(-c, c).sub_(g.clamp(-c, c))
         return delta_g.mul_((g.abs() < self.clip_value).to(delta_g.dtype))
+
+    def transpose(self, u: torch.Tensor) -> torch.Tensor:
+        """J is diagonal (1 where |g| < c, else 0: a clamped coordinate ignores its perturbation), hence
+        symmetric: Jᵀ u = J u."""
+        return u * (self.grad.abs() < self.clip_value).to(u.dtype)

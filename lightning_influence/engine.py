@@ -11,52 +11,45 @@ with H the Hessian of L (one vectorised HVP over all k states, chunked), g_j and
 own gradient and Hessian (only for the tracked samples present in the step), and c = 1 for
 ``"acc"`` (leave-k-out transition), c = 0 for ``"first-order"``. Gradient clipping, if any, maps
 δg (:mod:`~lightning_influence.clipping`); the optimizer model then advances every state block
-in place. ``"tracin"`` keeps no states: it accumulates (η w_m/|B_m|)⟨∇q(θ_t), g_j(θ_t)⟩ for
-registered query gradients. Nothing here knows Lightning or torch.distributed: a ``reduce``
-callable sums a tensor over processes.
+in place. Nothing here knows Lightning or torch.distributed: a ``reduce`` callable sums a tensor
+over processes.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from lightning_influence.clipping import GradientClip
+from lightning_influence.errors import NonFiniteInfluenceError
+from lightning_influence.estimators import Estimator, QueryGradient, Reduce
 from lightning_influence.functional import FunctionalLoss
 from lightning_influence.optimizers import OptimizerJacobian, OptimizerStep
+from lightning_influence.records import MicroBatch, StepRecord
 
-ESTIMATORS = ("acc", "first-order", "tracin")
+STATE_ESTIMATORS = ("acc", "first-order")
 
-class NonFiniteInfluenceError(FloatingPointError):
-    """NaN or inf appeared in the influence states."""
-
-
-@dataclass
-class MicroBatch:
-    """One micro-batch of an optimizer step.
-
-    ``state_rows`` / ``batch_rows`` (``LongTensor[m]``): tracked sample ``state_rows[i]`` sits at row
-    ``batch_rows[i]`` of ``batch``; ``batch_size`` = |B_m|, the denominator of its mean;
-    ``weight`` = w_m, its mean loss's factor in the step loss.
-    """
-
-    batch: Any
-    batch_size: int
-    state_rows: torch.Tensor
-    batch_rows: torch.Tensor
-    weight: float = 1.0
+__all__ = [
+    "InfluenceEngine",
+    "MemoryPlan",
+    "MicroBatch",
+    "NonFiniteInfluenceError",
+    "chunk_rows_for_budget",
+    "plan_memory",
+]
 
 
-class InfluenceEngine:
+class InfluenceEngine(Estimator):
     """Holds the stacked states (``states[block]: Tensor[k, p]``) and advances them one step at a time.
 
     Args:
         loss: the functional batch / per-sample loss.
         jacobian: the optimizer model (decides the state blocks).
         num_tracked: k, the number of tracked samples (rows).
-        estimator: ``"acc"`` | ``"first-order"`` | ``"tracin"``.
+        estimator: ``"acc"`` | ``"first-order"``.
         chunk_size: rows per vectorised HVP call (bounds the HVP's working memory).
         dtype, device: of the states; the parameters' own dtype is the natural choice.
     """
@@ -71,114 +64,105 @@ class InfluenceEngine:
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}.")
+        if estimator not in STATE_ESTIMATORS:
+            raise ValueError(f"estimator must be one of {STATE_ESTIMATORS}, got {estimator!r}.")
+        self.name = estimator
         self.loss = loss
         self.jacobian = jacobian
-        self.estimator = estimator
         self.chunk_size = max(1, int(chunk_size))
+        self.num_tracked = num_tracked
         p = loss.layout.numel
-        self.states: dict[str, torch.Tensor] = {}
-        if estimator != "tracin":
-            self.states = {b: torch.zeros(num_tracked, p, dtype=dtype, device=device) for b in jacobian.blocks}
-        # tracin: one running score vector Tensor[k] per registered query name
-        self.tracin_scores: dict[str, torch.Tensor] = {}
-        self._k, self._dtype, self._device = num_tracked, dtype, device
-
-    @property
-    def num_tracked(self) -> int:
-        return self._k
+        self.states = {b: torch.zeros(num_tracked, p, dtype=dtype, device=device) for b in jacobian.blocks}
+        self._dtype, self._device = dtype, device
 
     @property
     def theta(self) -> torch.Tensor:
         """δθ for every tracked sample: ``Tensor[k, p]``."""
         return self.states["theta"]
 
+    def book(self, record: StepRecord, parts: Sequence[MicroBatch], reduce: Reduce | None = None) -> torch.Tensor:
+        return self.step(parts, record.optimizer, record.frozen, record.clip, reduce)
+
     def step(
         self,
         parts: Sequence[MicroBatch],
         opt_step: OptimizerStep,
         frozen: dict[str, torch.Tensor] | None = None,
-        tracin_query_grads: dict[str, torch.Tensor] | None = None,
         clip: GradientClip | None = None,
-        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    ) -> torch.Tensor | None:
+        reduce: Reduce | None = None,
+    ) -> torch.Tensor:
         """Advance the states over one real optimizer step.
 
         Args:
-            parts: the step's micro-batches held by this process.
+            parts: the tracked rows of the step's micro-batches held by this process.
             opt_step: the factual step (θ_t, the gradient the optimizer consumed, hyper-parameters,
                 post-step moments).
             frozen: values of the model's untracked parameters at θ_t.
-            tracin_query_grads: for ``"tracin"``, ``{name: ∇q(θ_t): Tensor[p]}``.
             clip: the step's gradient clipping, bound to the unclipped gradient (None: no clipping).
             reduce: sums a tensor over data-parallel processes (None: a single process). Every
                 process must call ``step`` with identical states; they stay identical.
 
         Returns:
             the (unclipped, reduced) gradient of the step loss at θ_t as the tracker computes it
-            (``Tensor[p]``), for the self-check; ``None`` for ``"tracin"``.
+            (``Tensor[p]``), for the self-check.
         """
-        theta_t = opt_step.theta
-        dtype = self._dtype
         reduce = reduce or (lambda t: t)
-        if self.estimator == "tracin":
-            if tracin_query_grads:
-                increments = {name: torch.zeros(self._k, dtype=dtype, device=self._device) for name in tracin_query_grads}
-                lr = opt_step.lr_vector()
-                for part in parts:
-                    if not part.state_rows.numel():
-                        continue
-                    g = self.loss.sample_gradients(
-                        theta_t, part.batch, part.batch_rows.to(theta_t.device), part.batch_size, frozen
-                    )
-                    scaled = g * (lr * (part.weight / part.batch_size))  # [m, p]
-                    for name, q in tracin_query_grads.items():
-                        increments[name].index_add_(0, part.state_rows.to(self._device), (scaled @ q).to(dtype))
-                for name, inc in increments.items():
-                    scores = self.tracin_scores.setdefault(name, torch.zeros(self._k, dtype=dtype, device=self._device))
-                    scores += reduce(inc)
-            return None
+        theta_t = opt_step.theta
+        grad_t, hvp, losses = self.loss.linearize(theta_t, [p.batch for p in parts], frozen, [p.weight for p in parts])
+        for part, part_losses in zip(parts, losses):
+            self.loss.check_batch_size(part.batch_size, part_losses.shape[0])
+        state_rows, source = self._sources(parts, theta_t, frozen)
+        exact = self.name == "acc"
+        for start in range(0, self.num_tracked, self.chunk_size):
+            stop = min(start + self.chunk_size, self.num_tracked)
+            chunk = {b: s[start:stop] for b, s in self.states.items()}
+            delta_g = hvp(chunk["theta"].to(theta_t.dtype)).to(self._dtype)
+            inside = (state_rows >= start) & (state_rows < stop)
+            if source is not None and inside.any():
+                rows = (state_rows[inside] - start).to(self._device)
+                delta_g.index_add_(0, rows, source[inside.to(source.device)], alpha=-1)
+            delta_g = reduce(delta_g)
+            if clip is not None:
+                delta_g = clip.perturb(delta_g, exact=exact)
+            self.jacobian.advance(chunk, delta_g, opt_step, exact=exact)
+        return reduce(grad_t)
 
-        grad_t, hvp = self.loss.gradient_and_hvp(theta_t, [p.batch for p in parts], frozen, [p.weight for p in parts])
-        for part, num_losses in zip(parts, self.loss.last_batch_sizes):
-            self.loss.check_batch_size(part.batch_size, num_losses)
-        grad_t = reduce(grad_t)
-        # Source terms of the tracked samples present in the step, from their pre-step δθ:
-        # (w_m/|B_m|)(g_j + c·H_j δθ_j), Tensor[m, p] per micro-batch.
+    def _sources(
+        self, parts: Sequence[MicroBatch], theta_t: torch.Tensor, frozen: dict | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The source terms (w_m/|B_m|)(g_j + c·H_j δθ_j) of the tracked samples present in the step, from their
+        pre-step δθ: ``(state_rows LongTensor[m], Tensor[m, p])`` over all micro-batches."""
         rows, sources = [], []
         for part in parts:
             if not part.state_rows.numel():
                 continue
-            rows_dev = part.state_rows.to(self._device)
             b_rows = part.batch_rows.to(theta_t.device)
-            if self.estimator == "acc":
+            if self.name == "acc":
+                own = self.theta[part.state_rows.to(self._device)].to(theta_t.dtype)
                 g_j, h_j = self.loss.sample_gradients_and_hvps(
-                    theta_t, part.batch, b_rows, part.batch_size, self.theta[rows_dev].to(theta_t.dtype), frozen
+                    theta_t, part.batch, b_rows, part.batch_size, own, frozen
                 )
                 source = g_j + h_j
             else:
                 source = self.loss.sample_gradients(theta_t, part.batch, b_rows, part.batch_size, frozen)
             rows.append(part.state_rows)
-            sources.append((source * (part.weight / part.batch_size)).to(dtype))
-        state_rows = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
-        source = torch.cat(sources) if sources else None
-        k = self._k
-        for start in range(0, k, self.chunk_size):
-            stop = min(start + self.chunk_size, k)
-            chunk = {b: s[start:stop] for b, s in self.states.items()}
-            delta_g = hvp(chunk["theta"].to(theta_t.dtype)).to(dtype)
-            if source is not None:
-                inside = (state_rows >= start) & (state_rows < stop)
-                if inside.any():
-                    delta_g.index_add_(0, (state_rows[inside] - start).to(self._device), source[inside.to(source.device)], alpha=-1)
-            delta_g = reduce(delta_g)
-            if clip is not None:
-                delta_g = clip.perturb(delta_g, exact=self.estimator == "acc")
-            self.jacobian.advance(chunk, delta_g, opt_step, exact=self.estimator == "acc")
-        return grad_t
+            sources.append((source * (part.weight / part.batch_size)).to(self._dtype))
+        if not rows:
+            return torch.zeros(0, dtype=torch.long), None
+        return torch.cat(rows), torch.cat(sources)
 
-    def check_finite(self, step_index: int, sample_ids: torch.Tensor) -> None:
+    def totals(self, query: str, gradient: QueryGradient) -> torch.Tensor:
+        return self.answer(gradient())
+
+    def answer(self, gradient: torch.Tensor) -> torch.Tensor:
+        """Scores ``⟨∇q, δθ_j⟩`` for every tracked sample: ``Tensor[k]`` (or ``Tensor[k, n]`` for
+        query gradients ``Tensor[n, p]``); the sign of SPEC §2 (negative = harmful)."""
+        q = gradient.to(self.theta.device, self.theta.dtype)
+        return self.theta @ q if q.dim() == 1 else self.theta @ q.T
+
+    project = answer
+
+    def check_finite(self, step: int, sample_ids: torch.Tensor) -> None:
         """Raise :class:`NonFiniteInfluenceError` naming the step and the first bad samples."""
         for block, state in self.states.items():
             if torch.isfinite(state.sum()):  # one reduction, no [k, p] mask, in the common case
@@ -187,27 +171,65 @@ class InfluenceEngine:
             if bad.any():
                 ids = sample_ids[bad.nonzero().flatten().cpu()].tolist()
                 raise NonFiniteInfluenceError(
-                    f"NaN/inf appeared in the influence state {block!r} at optimizer step {step_index} for sample ids"
+                    f"NaN/inf appeared in the influence state {block!r} at optimizer step {step} for sample ids"
                     f" {ids[:10]}. Training itself is likely diverging (check the loss), or the learning rate is too"
                     " large for the linearisation; lower it or track in float64 (precision='64-true')."
                 )
 
-    def project(self, query_grad: torch.Tensor) -> torch.Tensor:
-        """Scores ``⟨∇q, δθ_j⟩`` for every tracked sample: ``Tensor[k]`` (or ``Tensor[k, n]`` for
-        query gradients ``Tensor[n, p]``); the sign of SPEC §2 (negative = harmful)."""
-        q = query_grad.to(self.theta.dtype)
-        return self.theta @ q if q.dim() == 1 else self.theta @ q.T
-
     def state_dict(self) -> dict[str, Any]:
-        return {"states": dict(self.states), "tracin_scores": dict(self.tracin_scores)}
+        return {"states": {b: s.detach().cpu().clone() for b, s in self.states.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for b, s in state["states"].items():
+        saved = state["states"]
+        if {b: tuple(t.shape) for b, t in saved.items()} != {b: tuple(t.shape) for b, t in self.states.items()}:
+            raise ValueError("The saved influence states have other blocks or shapes than this engine's.")
+        for b, s in saved.items():
             self.states[b].copy_(s)
-        self.tracin_scores = {k: v.to(self._device) for k, v in state["tracin_scores"].items()}
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Memory and work of the forward states: ``k × p × blocks`` numbers plus the HVP workspace."""
+
+    num_tracked: int
+    num_params: int
+    blocks: tuple[str, ...]
+    itemsize: int
+    chunk_rows: int
+
+    @property
+    def state_bytes(self) -> int:
+        return self.num_tracked * self.num_params * len(self.blocks) * self.itemsize
+
+    @property
+    def work_bytes(self) -> int:
+        return 0 if not self.blocks else min(self.num_tracked, self.chunk_rows) * self.num_params * self.itemsize * 6
+
+    @property
+    def total_bytes(self) -> int:
+        return self.state_bytes + self.work_bytes
+
+    @property
+    def hvp_calls(self) -> int:
+        return math.ceil(self.num_tracked / self.chunk_rows) if self.blocks else 0
+
 
 def chunk_rows_for_budget(num_params: int, itemsize: int, budget_bytes: int, k: int) -> int:
     """Rows per HVP chunk so that the chunk's vectors and their intermediates (≈ 6 × p per row)
     fit in ``budget_bytes``."""
-    per_row = max(1, 6 * num_params * itemsize)
-    return max(1, min(k, budget_bytes // per_row))
+    return max(1, min(k, budget_bytes // max(1, 6 * num_params * itemsize)))
+
+
+def plan_memory(
+    num_tracked: int,
+    num_params: int,
+    blocks: Sequence[str],
+    dtype: torch.dtype,
+    budget_bytes: int,
+    chunk_rows: int | None,
+) -> MemoryPlan:
+    """The states' and the HVP workspace's size (``blocks=()`` for an estimator without states)."""
+    itemsize = torch.finfo(dtype).bits // 8
+    if chunk_rows is None:
+        chunk_rows = chunk_rows_for_budget(num_params, itemsize, budget_bytes, num_tracked)
+    return MemoryPlan(num_tracked, num_params, tuple(blocks), itemsize, max(1, int(chunk_rows)))

@@ -110,8 +110,6 @@ class FunctionalLoss:
         self.loss_fn = loss_fn
         self.regularizer = regularizer
         self._call = _ModuleCall(module)
-        self.last_batch_size: int | None = None
-        self.last_batch_sizes: list[int] = []
 
     def _params(self, theta: torch.Tensor, frozen: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
         params = {f"module.{k}": v for k, v in self.layout.unflatten(theta).items()}
@@ -119,10 +117,9 @@ class FunctionalLoss:
             params.update({f"module.{k}": v for k, v in frozen.items()})
         return params
 
-    def check_batch_size(self, num_ids: int, num_losses: int | None = None) -> None:
-        """Raise :class:`SampleIdError` unless the last batch loss (or ``num_losses``) had one per-sample
-        loss per sample id."""
-        num_losses = self.last_batch_size if num_losses is None else num_losses
+    @staticmethod
+    def check_batch_size(num_ids: int, num_losses: int) -> None:
+        """Raise :class:`SampleIdError` unless a batch's loss had one per-sample loss per sample id."""
         if num_losses != num_ids:
             raise SampleIdError(
                 f"loss_fn returned {num_losses} per-sample losses for a batch with {num_ids} sample ids:"
@@ -139,12 +136,16 @@ class FunctionalLoss:
 
     def batch_loss(self, theta: torch.Tensor, batch: Any, frozen: dict | None = None) -> torch.Tensor:
         """Scalar ``mean_i ℓ_i(θ) + R(θ)``: the real training loss (all weights 1)."""
+        return self._batch_loss_and_losses(theta, batch, frozen)[0]
+
+    def _batch_loss_and_losses(
+        self, theta: torch.Tensor, batch: Any, frozen: dict | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         losses = self.per_sample_losses(theta, batch, frozen)
-        self.last_batch_size = losses.shape[0]  # see check_batch_size
         loss = losses.mean()
         if self.regularizer is not None:
             loss = loss + self.call(theta, self.regularizer, frozen=frozen)
-        return loss
+        return loss, losses
 
     def sample_loss(self, theta: torch.Tensor, sample: Any, in_dims: Any, frozen: dict | None = None) -> torch.Tensor:
         """Scalar loss of one sample whose batched tensors come *without* their batch dimension (under
@@ -156,14 +157,42 @@ class FunctionalLoss:
         self, theta: torch.Tensor, batches: Sequence[Any], weights: Sequence[float], frozen: dict | None = None
     ) -> torch.Tensor:
         """Scalar ``Σ_m w_m L_m(θ)``: the loss of one optimizer step over its micro-batches (w_m = 1/N
-        under gradient accumulation of N micro-batches). Records ``last_batch_sizes``."""
-        total, sizes = None, []
+        under gradient accumulation of N micro-batches)."""
+        return self.step_loss_and_losses(theta, batches, weights, frozen)[0]
+
+    def step_loss_and_losses(
+        self, theta: torch.Tensor, batches: Sequence[Any], weights: Sequence[float], frozen: dict | None = None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """``(Σ_m w_m L_m(θ), (per-sample losses Tensor[B_m] of each micro-batch, ...))``: the losses come
+        back as data (``has_aux``) so that callers can check one loss per sample id."""
+        total, per_batch = None, []
         for batch, weight in zip(batches, weights):
-            loss = self.batch_loss(theta, batch, frozen) * weight
-            sizes.append(self.last_batch_size)
-            total = loss if total is None else total + loss
-        self.last_batch_sizes = sizes
-        return total
+            loss, losses = self._batch_loss_and_losses(theta, batch, frozen)
+            per_batch.append(losses)
+            total = loss * weight if total is None else total + loss * weight
+        return total, tuple(per_batch)
+
+    def linearize(
+        self,
+        theta: torch.Tensor,
+        batches: Sequence[Any],
+        frozen: dict | None = None,
+        weights: Sequence[float] | None = None,
+    ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor], tuple[torch.Tensor, ...]]:
+        """Return ``(∇L(θ), hvp, losses)`` for the step loss ``L = Σ_m w_m L_m`` over ``batches`` (weights
+        default to 1): ``hvp(V: Tensor[c, p]) -> Tensor[c, p]`` is ``V ∇²L(θ)``, and ``losses`` the
+        detached per-sample losses of each micro-batch.
+
+        The gradient's graph is built once; each ``hvp`` call is one vectorised double-backward
+        over the ``c`` rows (reverse-over-reverse; ∇²L is symmetric, so the VJP is the HVP).
+        """
+        weights = [1.0] * len(batches) if weights is None else list(weights)
+
+        def gradient(t: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+            return grad(self.step_loss_and_losses, has_aux=True)(t, batches, weights, frozen)
+
+        g, vjp_fn, losses = vjp(gradient, theta, has_aux=True)
+        return g.detach(), lambda V: vmap(vjp_fn)(V)[0], tuple(x.detach() for x in losses)
 
     def gradient_and_hvp(
         self,
@@ -171,16 +200,9 @@ class FunctionalLoss:
         batches: Sequence[Any],
         frozen: dict | None = None,
         weights: Sequence[float] | None = None,
-    ):
-        """Return ``(∇L(θ), hvp)`` for the step loss ``L = Σ_m w_m L_m`` over ``batches`` (weights
-        default to 1), where ``hvp(V: Tensor[c, p]) -> Tensor[c, p]`` is ``V ∇²L(θ)``.
-
-        The gradient's graph is built once; each ``hvp`` call is one vectorised double-backward
-        over the ``c`` rows (reverse-over-reverse; ∇²L is symmetric, so the VJP is the HVP).
-        """
-        weights = [1.0] * len(batches) if weights is None else list(weights)
-        g, vjp_fn = vjp(lambda t: grad(self.step_loss)(t, batches, weights, frozen), theta)
-        return g.detach(), lambda V: vmap(vjp_fn)(V)[0]
+    ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        """``(∇L(θ), hvp)`` of :meth:`linearize`, without the losses."""
+        return self.linearize(theta, batches, frozen, weights)[:2]
 
     def sample_gradients(
         self,

@@ -14,7 +14,8 @@ The rule, applied to every sample at once (vectorised over ``k``):
    computed per window, scaling a window by a positive constant or shifting it by a constant changes
    nothing.
 2. **Sign flips.** The sign of ``z[t, j]`` is +1, −1, or 0 when ``|z[t, j]| ≤ sign_tolerance``
-   (default 0.5: a sample within half a standard deviation of the window's mean has no side). A zero neither flips nor breaks a run: a flip is
+   (default 0.5: a sample within half a standard deviation of the window's mean has no side). A zero
+   neither flips nor breaks a run: a flip is
    counted at window ``t`` when ``z[t, j]`` has a sign and it is opposite to the last sign the
    sample had before ``t`` (so ``+, 0, −`` is one flip). ``flip_rate = flips / (W − 1)``, the
    fraction of the ``W − 1`` transitions that flip (0 when ``W = 1``). The sample is

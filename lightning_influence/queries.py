@@ -86,3 +86,40 @@ def _callable_gradient(loss: FunctionalLoss, theta: torch.Tensor, fn: Callable, 
         return out.reshape(())
 
     return grad(value)(theta)
+
+
+class QueryEvaluator:
+    """Query gradients for one fit: the registered queries by name, and any other query.
+
+    Args:
+        loss: the functional loss of the tracked parameters.
+        registered: ``{name: batch or DataLoader or callable}``.
+        move: puts a query batch where the module computes (its precision and device, read at call time).
+    """
+
+    def __init__(self, loss: FunctionalLoss, registered: Mapping[str, Query], move: MoveFn) -> None:
+        self.loss = loss
+        self.registered = dict(registered)
+        self.move = move
+
+    def resolve(self, query: Query) -> Query:
+        """A registered name becomes its query; anything else is returned as it is."""
+        if isinstance(query, str):
+            if query not in self.registered:
+                raise KeyError(f"No registered query named {query!r}; registered: {sorted(self.registered)}.")
+            return self.registered[query]
+        return query
+
+    def gradient(self, query: Query, theta: torch.Tensor, frozen: dict | None = None) -> torch.Tensor:
+        """``∇f(θ)``: ``Tensor[p]``."""
+        with torch.enable_grad():
+            return query_gradient(self.loss, theta, self.resolve(query), self.move, frozen)
+
+    def example_gradients(self, query: Query, theta: torch.Tensor, frozen: dict | None = None) -> torch.Tensor:
+        """Per-example gradients ``Tensor[n, p]``."""
+        with torch.enable_grad():
+            return query_example_gradients(self.loss, theta, self.resolve(query), self.move, frozen)
+
+    def registered_gradients(self, theta: torch.Tensor, frozen: dict | None = None) -> dict[str, torch.Tensor]:
+        """``{name: ∇q(θ)}`` for every registered query."""
+        return {name: self.gradient(name, theta, frozen) for name in self.registered}

@@ -151,8 +151,9 @@ def strongest_over_windows_figure(
     ):
         for rank, j in enumerate(chosen):
             y = [0.0] + cumulative[:, j].tolist()
-            ax.plot(x, y, style, marker="o", markersize=3, color=colors[rank % len(colors)],
-                    label=f"id {ids[j]} ({kind})")
+            ax.plot(
+                x, y, style, marker="o", markersize=3, color=colors[rank % len(colors)], label=f"id {ids[j]} ({kind})"
+            )
     ax.set_xlabel(xlabel)
     ax.set_ylabel("cumulative influence (− harmful, + helpful)")
     if title:
@@ -180,7 +181,9 @@ def _figure_image(
     fig = None
     try:
         fig = strongest_over_windows_figure(
-            history, snapshot.sample_ids, end_steps,
+            history,
+            snapshot.sample_ids,
+            end_steps,
             title=f"{snapshot.query}: strongest cumulative influence after window {snapshot.index}",
         )
         return _render(fig)
@@ -259,4 +262,35 @@ def log_window(
             writer.add_histogram(metric_key(query, "window_scores", namespace), finite, global_step=step)
         writer.add_text(metric_key(query, "top_samples", namespace), table, global_step=step)
         if image is not None:
-            writer.add_image(metric_key(query, "strongest_over_windows", namespace), image, global_step=step, dataformats="CHW")
+            writer.add_image(
+                metric_key(query, "strongest_over_windows", namespace), image, global_step=step, dataformats="CHW"
+            )
+
+
+class LoggerSink:
+    """:class:`~lightning_influence.windows.WindowSink` that reports every closed window to the Trainer's loggers.
+
+    Args:
+        loggers: ``trainer.loggers``.
+        top_k: rows of each table in the ``top_samples`` text.
+        namespace: the first part of every tag.
+    """
+
+    def __init__(self, loggers: Union[Logger, Iterable[Logger], None], top_k: int, namespace: str) -> None:
+        self.loggers = _as_loggers(loggers)
+        self.top_k = top_k
+        self.namespace = namespace
+
+    def window(self, snapshot: WindowSnapshot, recorder: Any) -> None:
+        history = recorder.windows(snapshot.query)
+        log_window(
+            self.loggers,
+            snapshot,
+            recorder.window_matrix(snapshot.query),
+            self.top_k,
+            end_steps=[s.end_step for s in history],
+            namespace=self.namespace,
+        )
+
+    def final(self, results: Any, metadata: Any) -> None:
+        """Nothing more to log at the end: the last window was reported when it closed."""

@@ -13,7 +13,7 @@ Nothing here knows Lightning.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping, Protocol
 
 import torch
 
@@ -70,22 +70,23 @@ class WindowRecorder:
     Keeps, per query, the totals ``Tensor[k]`` of its last boundary and the snapshots so far.
     """
 
-    def __init__(self, sample_ids: torch.Tensor) -> None:
+    def __init__(self, sample_ids: torch.Tensor, start_step: int = 0) -> None:
         self.sample_ids = sample_ids.detach().cpu().clone()
+        self.start_step = start_step  # where the first window starts
         self._last: dict[str, tuple[int, torch.Tensor]] = {}  # query -> (boundary step, totals)
         self._snapshots: dict[str, list[WindowSnapshot]] = {}
 
     @property
     def last_boundary(self) -> int:
-        """The step of the most recent boundary (0 before the first window closes)."""
-        return max((step for step, _ in self._last.values()), default=0)
+        """The step of the most recent boundary (``start_step`` before the first window closes)."""
+        return max((step for step, _ in self._last.values()), default=self.start_step)
 
     def close(self, query: str, end_step: int, epoch: int, totals: torch.Tensor) -> WindowSnapshot:
         """Close ``query``'s current window at ``end_step`` given the totals I(end_step): ``Tensor[k]``."""
         totals = totals.detach().cpu().clone()
         if totals.shape != self.sample_ids.shape:
             raise ValueError(f"totals must be Tensor[{self.sample_ids.numel()}], got {tuple(totals.shape)}.")
-        start_step, previous = self._last.get(query, (0, torch.zeros_like(totals)))
+        start_step, previous = self._last.get(query, (self.start_step, torch.zeros_like(totals)))
         if end_step <= start_step and query in self._last:
             raise ValueError(f"Window of {query!r} would close at step {end_step}, not after its start {start_step}.")
         history = self._snapshots.setdefault(query, [])
@@ -108,6 +109,7 @@ class WindowRecorder:
     def state_dict(self) -> dict[str, Any]:
         return {
             "sample_ids": self.sample_ids,
+            "start_step": self.start_step,
             "last": {q: (step, t) for q, (step, t) in self._last.items()},
             "snapshots": {
                 q: [(s.index, s.start_step, s.end_step, s.epoch, s.scores) for s in history]
@@ -118,8 +120,19 @@ class WindowRecorder:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not torch.equal(state["sample_ids"], self.sample_ids):
             raise ValueError("The saved windows track different sample ids than this tracker.")
+        self.start_step = int(state.get("start_step", 0))
         self._last = {q: (int(step), t.clone()) for q, (step, t) in state["last"].items()}
         self._snapshots = {
             q: [WindowSnapshot(q, i, a, b, e, self.sample_ids, s.clone()) for i, a, b, e, s in history]
             for q, history in state["snapshots"].items()
         }
+
+
+class WindowSink(Protocol):
+    """Where closed windows and a fit's final scores go (the loggers, the artifact files)."""
+
+    def window(self, snapshot: WindowSnapshot, recorder: WindowRecorder) -> None:
+        """``snapshot`` just closed; ``recorder`` holds every window so far."""
+
+    def final(self, results: Mapping[str, Any], metadata: Mapping[str, Any]) -> None:
+        """The end of fit: ``{query name: InfluenceResult}``."""

@@ -40,7 +40,6 @@ from datetime import timedelta
 import torch
 from torch import nn
 
-
 # ---------------------------------------------------------------------------- problem definitions
 # Imported by tests/test_ddp.py to build the single-process references: keep them pure functions.
 NUM_FEATURES, NUM_CLASSES, HIDDEN = 4, 3, 5

@@ -40,8 +40,19 @@ WORKER_TIMEOUT_S = 300  # a healthy run takes ~20 s on 2 CPU cores
 # Launcher / cluster detection variables of an enclosing job (torchrun, SLURM, LSF, an outer
 # Lightning DDP run) would make Lightning join that job instead of launching its own 2 processes.
 _CLUSTER_ENV_PREFIXES = ("SLURM_", "TORCHELASTIC_", "LSB_", "JSM_", "PMI_", "OMPI_")
-_CLUSTER_ENV = ("LOCAL_RANK", "RANK", "GROUP_RANK", "NODE_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
-                "MASTER_ADDR", "MASTER_PORT", "PL_GLOBAL_SEED", "PL_TRAINER_GPUS", "KUBERNETES_PORT")
+_CLUSTER_ENV = (
+    "LOCAL_RANK",
+    "RANK",
+    "GROUP_RANK",
+    "NODE_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "PL_GLOBAL_SEED",
+    "PL_TRAINER_GPUS",
+    "KUBERNETES_PORT",
+)
 
 
 def _load_worker():
@@ -64,11 +75,7 @@ def _one_thread():
 
 
 def _worker_env() -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in _CLUSTER_ENV and not k.startswith(_CLUSTER_ENV_PREFIXES)
-    }
+    env = {k: v for k, v in os.environ.items() if k not in _CLUSTER_ENV and not k.startswith(_CLUSTER_ENV_PREFIXES)}
     root = str(WORKER.parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     env.setdefault("OMP_NUM_THREADS", "1")
@@ -179,9 +186,11 @@ def test_ddp_equals_single_process_over_union_batches(ddp_run):
         worst[block] = float((r0["states"][block] - ref).abs().max() / ref.abs().max())
     _assert_close(r0["scores"], tracker.influence("val").scores, 1e-9, "DDP vs single-process influence('val')")
     ref_windows = tracker.windows("val")
-    assert [(a, b) for a, b, _ in r0["windows"]] == [(w.start_step, w.end_step) for w in ref_windows] == [
-        (0, 3), (3, 6), (6, 8)
-    ]
+    assert (
+        [(a, b) for a, b, _ in r0["windows"]]
+        == [(w.start_step, w.end_step) for w in ref_windows]
+        == [(0, 3), (3, 6), (6, 8)]
+    )
     for (_, _, s), w in zip(r0["windows"], ref_windows):
         _assert_close(s, w.scores, 1e-9, f"DDP vs single-process window ending at {w.end_step}")
     _assert_close(r0["tracin_scores"], tracin.influence("val_tracin").scores, 1e-9, "DDP vs single-process TracIn")
@@ -199,7 +208,9 @@ def test_ddp_artifacts_and_logs_written_once_by_rank_zero(ddp_run):
     lines = (art / "windows.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]
     assert [(r["query"], r["index"], r["start_step"], r["end_step"]) for r in records] == [
-        ("val", 0, 0, 3), ("val", 1, 3, 6), ("val", 2, 6, 8)
+        ("val", 0, 0, 3),
+        ("val", 1, 3, 6),
+        ("val", 2, 6, 8),
     ], "one record per window, written by rank zero only"
     for record, (_, _, scores) in zip(records, r0["windows"]):
         assert record["sample_ids"] == r0["tracked_ids"].tolist()
@@ -267,7 +278,9 @@ def test_ddp_gradient_accumulation_and_clipping_equal_single_process(ddp_run):
     assert sum(n > cfg["clip"] for n in norms.norms) >= 2, norms.norms  # the clipping really acted
     for block, ref in tracker.engine.states.items():
         _assert_close(r0["states"][block], ref, 1e-9, f"DDP vs single-process state {block!r} (accumulate + clip)")
-    _assert_close(r0["scores"], tracker.influence("val").scores, 1e-9, "DDP vs single-process scores (accumulate + clip)")
+    _assert_close(
+        r0["scores"], tracker.influence("val").scores, 1e-9, "DDP vs single-process scores (accumulate + clip)"
+    )
 
 
 # ---------------------------------------------------------------------------- padded DistributedSampler mode
@@ -314,7 +327,9 @@ def test_padded_sampler_counts_the_duplicate_twice(ddp_run):
     union = [[a + c] for a, c in zip(r0["ids"], r1["ids"])]
     single = InfluenceTracker(estimator="first-order", write_artifacts=False)
     with pytest.raises(SampleIdError, match="more than once in one batch"):
-        lightning_trainer(1, callbacks=[single]).fit(TinyClassifier(W.make_net(), W.sgd_momentum), fixed_loader(x, y, union))
+        lightning_trainer(1, callbacks=[single]).fit(
+            TinyClassifier(W.make_net(), W.sgd_momentum), fixed_loader(x, y, union)
+        )
 
 
 def test_padded_sampler_scores_match_weight_derivative(ddp_run):

@@ -91,12 +91,16 @@ def test_tensor_batch_has_no_ids(make_trainer, make_model, data):
     [
         pytest.param(lambda b: b[-1] + 100, r"Sample ids \[100, .*outside \[0, 24\)", id="too-large"),
         pytest.param(lambda b: b[-1] - 3, r"Sample ids \[-3, -2, -1\] are outside \[0, 24\)", id="negative"),
-        pytest.param(lambda b: torch.zeros_like(b[-1]), r"Sample ids \[0\] appear more than once in one batch", id="repeated"),
+        pytest.param(
+            lambda b: torch.zeros_like(b[-1]), r"Sample ids \[0\] appear more than once in one batch", id="repeated"
+        ),
         pytest.param(lambda b: b[-1].double(), r"1-D integer tensor .*dtype=torch.float64", id="float"),
         pytest.param(lambda b: b[-1][:, None], r"1-D integer tensor .*shape=\(8, 1\)", id="2-D"),
         pytest.param(lambda b: b[-1] > 3, r"1-D integer tensor .*dtype=torch.bool", id="bool"),
         pytest.param(lambda b: "ids", r"must be a LongTensor\[B\], got str", id="not-a-tensor"),
-        pytest.param(lambda b: b[-1][:4], r"loss_fn returned 8 per-sample losses for a batch with 4 sample ids", id="too-few"),
+        pytest.param(
+            lambda b: b[-1][:4], r"loss_fn returned 8 per-sample losses for a batch with 4 sample ids", id="too-few"
+        ),
     ],
 )
 def test_bad_sample_ids(make_trainer, make_model, train_loader, sample_ids, match):
@@ -176,7 +180,10 @@ class L2Penalty(TinyClassifier):
 
 
 def test_loss_fn_misses_a_regulariser(make_trainer, make_model, train_loader):
-    with pytest.raises(SelfCheckError, match=r"step 0, the mean of loss_fn's per-sample losses does not reproduce the gradient.*regularizer="):
+    with pytest.raises(
+        SelfCheckError,
+        match=r"step 0, the mean of loss_fn's per-sample losses does not reproduce the gradient.*regularizer=",
+    ):
         fit(make_trainer, make_model(cls=L2Penalty), train_loader, InfluenceTracker())
 
 
@@ -205,14 +212,42 @@ class MySGD(torch.optim.SGD):
 @pytest.mark.parametrize(
     ("make_optimizer", "match"),
     [
-        pytest.param(lambda n: torch.optim.RMSprop(n.parameters(), lr=0.01), r"torch\.optim\.rmsprop\.RMSprop cannot be modelled exactly", id="rmsprop"),
-        pytest.param(lambda n: torch.optim.NAdam(n.parameters(), lr=0.01), r"NAdam cannot be modelled exactly", id="nadam"),
-        pytest.param(lambda n: torch.optim.Adam(n.parameters(), lr=0.01, amsgrad=True), r"Adam\(amsgrad=True\) is not supported", id="amsgrad"),
-        pytest.param(lambda n: torch.optim.AdamW(n.parameters(), lr=0.01, amsgrad=True), r"AdamW\(amsgrad=True\) is not supported", id="adamw-amsgrad"),
-        pytest.param(lambda n: torch.optim.SGD(n.parameters(), lr=0.1, maximize=True), r"SGD\(maximize=True\) is not supported", id="sgd-maximize"),
-        pytest.param(lambda n: torch.optim.Adam(n.parameters(), lr=0.01, maximize=True), r"Adam\(maximize=True\) is not supported", id="adam-maximize"),
-        pytest.param(lambda n: MySGD(n.parameters(), lr=0.1), r"MySGD cannot be modelled exactly.*not subclasses", id="sgd-subclass"),
-        pytest.param(lambda n: torch.optim.LBFGS(n.parameters(), lr=0.1), r"LBFGS cannot be modelled exactly", id="lbfgs"),
+        pytest.param(
+            lambda n: torch.optim.RMSprop(n.parameters(), lr=0.01),
+            r"torch\.optim\.rmsprop\.RMSprop cannot be modelled exactly",
+            id="rmsprop",
+        ),
+        pytest.param(
+            lambda n: torch.optim.NAdam(n.parameters(), lr=0.01), r"NAdam cannot be modelled exactly", id="nadam"
+        ),
+        pytest.param(
+            lambda n: torch.optim.Adam(n.parameters(), lr=0.01, amsgrad=True),
+            r"Adam\(amsgrad=True\) is not supported",
+            id="amsgrad",
+        ),
+        pytest.param(
+            lambda n: torch.optim.AdamW(n.parameters(), lr=0.01, amsgrad=True),
+            r"AdamW\(amsgrad=True\) is not supported",
+            id="adamw-amsgrad",
+        ),
+        pytest.param(
+            lambda n: torch.optim.SGD(n.parameters(), lr=0.1, maximize=True),
+            r"SGD\(maximize=True\) is not supported",
+            id="sgd-maximize",
+        ),
+        pytest.param(
+            lambda n: torch.optim.Adam(n.parameters(), lr=0.01, maximize=True),
+            r"Adam\(maximize=True\) is not supported",
+            id="adam-maximize",
+        ),
+        pytest.param(
+            lambda n: MySGD(n.parameters(), lr=0.1),
+            r"MySGD cannot be modelled exactly.*not subclasses",
+            id="sgd-subclass",
+        ),
+        pytest.param(
+            lambda n: torch.optim.LBFGS(n.parameters(), lr=0.1), r"LBFGS cannot be modelled exactly", id="lbfgs"
+        ),
     ],
 )
 def test_unsupported_optimizer(make_trainer, make_model, train_loader, make_optimizer, match):
@@ -283,9 +318,18 @@ class TwoOptimizersManual(ManualOptimization):
 @pytest.mark.parametrize(
     ("trainer_kwargs", "cls", "match"),
     [
-        pytest.param({"gradient_clip_val": 1.0}, CustomClipping, r"CustomClipping.configure_gradient_clipping", id="custom-clip"),
-        pytest.param({"precision": "bf16-true"}, TinyClassifier, r"precision='bf16-true'.*'bf16-mixed'", id="bf16-true"),
-        pytest.param({"strategy": CustomStrategy("cpu")}, TinyClassifier, r"the CustomStrategy strategy.*strategy='ddp'", id="other-strategy"),
+        pytest.param(
+            {"gradient_clip_val": 1.0}, CustomClipping, r"CustomClipping.configure_gradient_clipping", id="custom-clip"
+        ),
+        pytest.param(
+            {"precision": "bf16-true"}, TinyClassifier, r"precision='bf16-true'.*'bf16-mixed'", id="bf16-true"
+        ),
+        pytest.param(
+            {"strategy": CustomStrategy("cpu")},
+            TinyClassifier,
+            r"the CustomStrategy strategy.*strategy='ddp'",
+            id="other-strategy",
+        ),
         pytest.param({}, ManualOptimization, r"manual optimization.*automatic optimization", id="manual"),
         # Lightning itself refuses several optimizers under automatic optimization, so the tracker only
         # ever sees them with manual optimization, which it refuses first.
@@ -357,7 +401,9 @@ def _adamw(net):
     ],
 )
 def test_gradient_changed_after_recording(make_trainer, make_model, train_loader, cls, make_optimizer, kind):
-    match = rf"step [01], the tracker's model of {kind} does not reproduce the observed parameter update.*gradient clipping"
+    match = (
+        rf"step [01], the tracker's model of {kind} does not reproduce the observed parameter update.*gradient clipping"
+    )
     with pytest.raises(SelfCheckError, match=match):
         fit(make_trainer, make_model(make_optimizer, cls=cls), train_loader, InfluenceTracker())
 
@@ -389,7 +435,10 @@ def test_parameters_changed_between_steps(make_trainer, make_model, train_loader
 
 
 def test_memory_budget(make_trainer, make_model, train_loader):
-    with pytest.raises(InfluenceConfigurationError, match=r"over max_memory_bytes=.*Track fewer samples.*fewer parameters.*hvp_memory_bytes"):
+    with pytest.raises(
+        InfluenceConfigurationError,
+        match=r"over max_memory_bytes=.*Track fewer samples.*fewer parameters.*hvp_memory_bytes",
+    ):
         fit(make_trainer, make_model(), train_loader, InfluenceTracker(max_memory_bytes=1))
 
 
@@ -399,18 +448,40 @@ def test_memory_budget(make_trainer, make_model, train_loader):
 @pytest.mark.parametrize(
     ("kwargs", "err", "match"),
     [
-        pytest.param({"estimator": "influence-functions"}, ValueError, r"estimator must be one of .*'acc'", id="estimator"),
-        pytest.param({"optimizer_model": "adam"}, ValueError, r"optimizer_model must be 'auto' or 'sgd'", id="optimizer-model"),
-        pytest.param({"estimator": "tracin"}, ValueError, r"estimator='tracin' needs registered queries", id="tracin-no-queries"),
-        pytest.param({"track": [1, 2, 1]}, ValueError, r"track must be a non-empty sequence of distinct", id="track-duplicates"),
+        pytest.param(
+            {"estimator": "influence-functions"}, ValueError, r"estimator must be one of .*'acc'", id="estimator"
+        ),
+        pytest.param(
+            {"optimizer_model": "adam"}, ValueError, r"optimizer_model must be 'auto' or 'sgd'", id="optimizer-model"
+        ),
+        pytest.param(
+            {"estimator": "tracin"}, ValueError, r"estimator='tracin' needs registered queries", id="tracin-no-queries"
+        ),
+        pytest.param(
+            {"track": [1, 2, 1]}, ValueError, r"track must be a non-empty sequence of distinct", id="track-duplicates"
+        ),
         pytest.param({"track": [0, -1]}, ValueError, r"non-negative training-set ids", id="track-negative"),
         pytest.param({"track": []}, ValueError, r"track must be a non-empty", id="track-empty"),
-        pytest.param({"window_every_n_steps": 2}, ValueError, r"Time windows score the registered queries", id="window-no-query"),
-        pytest.param({"window_every_n_epochs": 0, "queries": {"v": torch.zeros(1)}}, ValueError, r"window_every_n_epochs must be a positive integer", id="window-zero"),
-        pytest.param({"window_every_n_steps": 2, "window_every_n_epochs": 1, "queries": {"v": torch.zeros(1)}}, ValueError, r"not both", id="window-both"),
+        pytest.param(
+            {"window_every_n_steps": 2}, ValueError, r"Time windows score the registered queries", id="window-no-query"
+        ),
+        pytest.param(
+            {"window_every_n_epochs": 0, "queries": {"v": torch.zeros(1)}},
+            ValueError,
+            r"window_every_n_epochs must be a positive integer",
+            id="window-zero",
+        ),
+        pytest.param(
+            {"window_every_n_steps": 2, "window_every_n_epochs": 1, "queries": {"v": torch.zeros(1)}},
+            ValueError,
+            r"not both",
+            id="window-both",
+        ),
         pytest.param({"log_top_k": 0}, ValueError, r"log_top_k must be a positive integer", id="log-top-k"),
         pytest.param({"hvp_chunk_size": 0}, ValueError, r"hvp_chunk_size must be a positive integer", id="chunk"),
-        pytest.param({"curvature": "gauss-newton"}, ValueError, r"curvature='gauss-newton' is not available", id="curvature"),
+        pytest.param(
+            {"curvature": "gauss-newton"}, ValueError, r"curvature='gauss-newton' is not available", id="curvature"
+        ),
         pytest.param({"queries": {0: None}}, TypeError, r"queries must map string names", id="query-name"),
     ],
 )
@@ -433,8 +504,15 @@ class WithUnusedParameter(TinyClassifier):
 @pytest.mark.parametrize(
     ("params", "err", "match"),
     [
-        pytest.param(["decoder"], InfluenceConfigurationError, r"selector 'decoder' matches no parameter", id="no-match"),
-        pytest.param(["net.weig"], InfluenceConfigurationError, r"selector 'net.weig' matches no parameter", id="prefix-is-not-substring"),
+        pytest.param(
+            ["decoder"], InfluenceConfigurationError, r"selector 'decoder' matches no parameter", id="no-match"
+        ),
+        pytest.param(
+            ["net.weig"],
+            InfluenceConfigurationError,
+            r"selector 'net.weig' matches no parameter",
+            id="prefix-is-not-substring",
+        ),
         pytest.param(
             [nn.Linear(2, 2)],
             InfluenceConfigurationError,
@@ -453,13 +531,19 @@ def test_params_selector_matches_nothing(make_trainer, make_model, train_loader,
 def test_params_selects_a_frozen_parameter(make_trainer, make_model, train_loader):
     model = make_model()
     model.net.bias.requires_grad_(False)
-    with pytest.raises(InfluenceConfigurationError, match=r"\['net.bias'\] are selected for tracking but the optimizer does not train them"):
+    with pytest.raises(
+        InfluenceConfigurationError,
+        match=r"\['net.bias'\] are selected for tracking but the optimizer does not train them",
+    ):
         fit(make_trainer, model, train_loader, InfluenceTracker(params=["net"]))
 
 
 def test_params_selects_a_parameter_the_optimizer_lacks(make_trainer, make_model, train_loader):
     model = make_model(lambda n: torch.optim.SGD([n.weight], lr=0.1))
-    with pytest.raises(InfluenceConfigurationError, match=r"\['net.bias'\] are selected for tracking but the optimizer does not train them"):
+    with pytest.raises(
+        InfluenceConfigurationError,
+        match=r"\['net.bias'\] are selected for tracking but the optimizer does not train them",
+    ):
         fit(make_trainer, model, train_loader, InfluenceTracker(params=["net.bias"]))
 
 
@@ -499,7 +583,12 @@ def test_influence_unknown_query_name(fitted):
     ("query", "err", "match"),
     [
         pytest.param(42, TypeError, r"A query must be a batch, a DataLoader .* got int", id="int"),
-        pytest.param(lambda module: module.net.weight, ValueError, r"callable query must return a scalar", id="non-scalar-callable"),
+        pytest.param(
+            lambda module: module.net.weight,
+            ValueError,
+            r"callable query must return a scalar",
+            id="non-scalar-callable",
+        ),
         pytest.param([], ValueError, r"The query holds no samples", id="empty-list"),
     ],
 )
@@ -539,7 +628,10 @@ def test_tracin_per_example(fitted_tracin):
 def test_divergence_reaches_the_states(make_trainer, make_model, train_loader):
     model = make_model(lambda n: torch.optim.SGD(n.parameters(), lr=1e200), hidden=5)
     tracker = InfluenceTracker(self_check_steps=0)
-    with pytest.raises(NonFiniteInfluenceError, match=r"NaN/inf appeared in the influence state 'theta' at optimizer step \d+ for sample ids \[.*lower it"):
+    with pytest.raises(
+        NonFiniteInfluenceError,
+        match=r"NaN/inf appeared in the influence state 'theta' at optimizer step \d+ for sample ids \[.*lower it",
+    ):
         fit(make_trainer, model, train_loader, tracker, max_epochs=3)
 
 
@@ -571,7 +663,11 @@ def _adam_two_groups(net):
     [
         pytest.param(_adam_frozen_first, None, id="frozen-first-parameter"),
         pytest.param(_adam_two_groups, ["net.bias"], id="untracked-group"),
-        pytest.param(lambda n: torch.optim.AdamW(n.parameters(), lr=0.01, weight_decay=0.1), ["net.bias"], id="untracked-first-parameter"),
+        pytest.param(
+            lambda n: torch.optim.AdamW(n.parameters(), lr=0.01, weight_decay=0.1),
+            ["net.bias"],
+            id="untracked-first-parameter",
+        ),
     ],
 )
 def test_partially_tracked_or_frozen_groups(make_trainer, make_model, train_loader, make_optimizer, params):
@@ -597,7 +693,7 @@ def test_accumulation_with_a_skipped_micro_batch(make_trainer, make_model, train
     gradient self-check on every step passes, and its samples were never consumed."""
     tracker = InfluenceTracker(self_check_steps=100)
     fit(make_trainer, make_model(cls=SkipsABatch), train_loader, tracker, accumulate_grad_batches=2)
-    assert tracker._steps_done == 2  # 3 batches -> steps over {0, skipped 1} and {2}
+    assert tracker.steps_booked == 2  # 3 batches -> steps over {0, skipped 1} and {2}
     first_batch = next(iter(train_loader))[-1]
     assert set(tracker.unseen_ids.tolist()).isdisjoint(first_batch.tolist())
     assert len(tracker.unseen_ids) == len(first_batch)  # batch 1's samples
@@ -609,7 +705,7 @@ def test_ddp_with_worker_processes_is_refused(make_model, start_method):
 
     trainer = pl.Trainer(strategy=DDPStrategy(start_method=start_method), accelerator="cpu", devices=2, logger=False)
     with pytest.raises(InfluenceConfigurationError, match=rf"strategy='ddp_{start_method}'.*Use strategy='ddp'"):
-        InfluenceTracker()._check_trainer(trainer, make_model())
+        InfluenceTracker().on_fit_start(trainer, make_model())
 
 
 def test_fused_optimizer_under_a_grad_scaler_is_refused(make_trainer, make_model, train_loader):
@@ -639,5 +735,7 @@ def test_resume_from_a_checkpoint_without_tracker_state_is_refused(make_trainer,
     trainer.fit(model, train_dataloaders=train_loader)
     ckpt = tmp_path / "last.ckpt"
     trainer.save_checkpoint(ckpt)
-    with pytest.raises(InfluenceConfigurationError, match=r"a checkpoint without this tracker's state.*train from the start"):
+    with pytest.raises(
+        InfluenceConfigurationError, match=r"a checkpoint without this tracker's state.*train from the start"
+    ):
         make_trainer(InfluenceTracker(), epochs=2).fit(make_model(), train_dataloaders=train_loader, ckpt_path=ckpt)

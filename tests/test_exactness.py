@@ -66,7 +66,10 @@ OPTIMIZERS = {
         lambda m: torch.optim.SGD(m.parameters(), lr=0.3, momentum=0.9),
         lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=3, gamma=0.7),
     ),
-    "sgd-two-groups": (_two_groups(torch.optim.SGD, {"lr": 0.1, "momentum": 0.5}, {"lr": 0.4, "weight_decay": 0.02}), None),
+    "sgd-two-groups": (
+        _two_groups(torch.optim.SGD, {"lr": 0.1, "momentum": 0.5}, {"lr": 0.4, "weight_decay": 0.02}),
+        None,
+    ),
     "adamw-two-groups": (_two_groups(torch.optim.AdamW, {"lr": 0.01, "weight_decay": 0.0}, {"lr": 0.04}), None),
 }
 

@@ -396,7 +396,14 @@ def test_result_accessors():
     assert list(p.counts()) == list(PATTERNS)
     assert sum(p.counts().values()) == 8
     assert p.as_dict() == {
-        7: "early", 3: "early", 9: "late", 1: "late", 4: "fluctuating", 8: "fluctuating", 2: "stable", 6: "stable"
+        7: "early",
+        3: "early",
+        9: "late",
+        1: "late",
+        4: "fluctuating",
+        8: "fluctuating",
+        2: "stable",
+        6: "stable",
     }
     with pytest.raises(ValueError, match="Unknown pattern"):
         p.ids("Early")

@@ -83,7 +83,9 @@ def test_window_summary_matches_hand_computed_values():
     # The strongest score keeps its sign; float32 input is summed in float64.
     summary = window_summary(torch.tensor([0.5, -3.0, 2.0], dtype=torch.float32))
     assert summary == {"helpful_mass": 2.5, "harmful_mass": -3.0, "num_harmful": 1.0, "strongest": -3.0}
-    assert window_summary(torch.zeros(0)) == dict.fromkeys(("helpful_mass", "harmful_mass", "num_harmful", "strongest"), 0.0)
+    assert window_summary(torch.zeros(0)) == dict.fromkeys(
+        ("helpful_mass", "harmful_mass", "num_harmful", "strongest"), 0.0
+    )
 
 
 def test_top_samples_table_ranks_harmful_and_helpful_by_window_score():
@@ -229,7 +231,11 @@ def assert_same_snapshots(loaded: list[WindowSnapshot], written: list[WindowSnap
     assert len(loaded) == len(written)
     for got, want in zip(loaded, written):
         assert (got.query, got.index, got.start_step, got.end_step, got.epoch) == (
-            want.query, want.index, want.start_step, want.end_step, want.epoch,
+            want.query,
+            want.index,
+            want.start_step,
+            want.end_step,
+            want.epoch,
         )
         assert got.sample_ids.dtype == torch.long and torch.equal(got.sample_ids, want.sample_ids)
         assert got.scores.dtype == torch.float64
@@ -259,7 +265,17 @@ def test_snapshots_round_trip_exactly(tmp_path):
     assert len(lines) == len(written)
     record = json.loads(lines[0])
     assert record["format"] == "lightning-influence/windows" and record["version"] == 1
-    assert set(record) == {"format", "version", "query", "index", "start_step", "end_step", "epoch", "sample_ids", "scores"}
+    assert set(record) == {
+        "format",
+        "version",
+        "query",
+        "index",
+        "start_step",
+        "end_step",
+        "epoch",
+        "sample_ids",
+        "scores",
+    }
 
     grouped = snapshots_by_query(load_snapshots(writer.dirpath))
     assert list(grouped) == ["a", "b"]
@@ -344,7 +360,12 @@ def test_truncate_keeps_the_first_windows_of_each_query(tmp_path):
         warnings.simplefilter("error")
         loaded = load_snapshots(tmp_path)
     assert [(s.query, s.index) for s in loaded] == [
-        ("test", 0), ("val", 0), ("test", 1), ("val", 1), ("test", 2), ("val", 2),
+        ("test", 0),
+        ("val", 0),
+        ("test", 1),
+        ("val", 1),
+        ("test", 2),
+        ("val", 2),
     ]
     writer.truncate({})
     assert load_snapshots(tmp_path) == []

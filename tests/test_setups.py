@@ -78,7 +78,9 @@ def _step_lr(o: torch.optim.Optimizer):
 OPTIMIZERS = {"momentum": (_momentum, None), "adamw-step-lr": (_adamw, _step_lr)}
 
 
-def _fit(net, make_opt, make_sched, x, y, schedule, trackers, module_cls=TinyClassifier, ckpt_path=None, **trainer_kwargs):
+def _fit(
+    net, make_opt, make_sched, x, y, schedule, trackers, module_cls=TinyClassifier, ckpt_path=None, **trainer_kwargs
+):
     module = module_cls(copy.deepcopy(net), make_opt, make_sched)
     trainer = lightning_trainer(len(schedule), callbacks=list(trackers), **trainer_kwargs)
     trainer.fit(module, fixed_loader(x, y, schedule), ckpt_path=ckpt_path)
@@ -113,7 +115,7 @@ def test_gradient_accumulation_matches_finite_differences(accumulate, optimizer)
     make_opt, make_sched = OPTIMIZERS[optimizer]
     tracker = InfluenceTracker(estimator="first-order", self_check_steps=100)
     trainer, module = _fit(net, make_opt, make_sched, x, y, schedule, [tracker], accumulate_grad_batches=accumulate)
-    assert trainer.global_step == 2 * math.ceil(5 / accumulate) == tracker._steps_done
+    assert trainer.global_step == 2 * math.ceil(5 / accumulate) == tracker.steps_booked
     # the reference run is the Lightning run, then the estimate is its derivative
     _assert_same_parameters(module, retrain(net, make_opt, x, y, schedule, None, make_sched, accumulate=accumulate))
     _assert_matches_finite_differences(tracker, net, make_opt, make_sched, x, y, schedule, query, accumulate=accumulate)
@@ -141,7 +143,15 @@ def test_gradient_clipping_matches_finite_differences(algorithm, optimizer):
         assert frac >= 0.2, frac  # a good share of the entries is clamped, not just one
     tracker = InfluenceTracker(estimator="first-order", self_check_steps=100)
     _, module = _fit(
-        net, make_opt, make_sched, x, y, schedule, [tracker], gradient_clip_val=threshold, gradient_clip_algorithm=algorithm
+        net,
+        make_opt,
+        make_sched,
+        x,
+        y,
+        schedule,
+        [tracker],
+        gradient_clip_val=threshold,
+        gradient_clip_algorithm=algorithm,
     )
     _assert_same_parameters(module, reference)
     _assert_matches_finite_differences(tracker, net, make_opt, make_sched, x, y, schedule, query, **{key: threshold})
@@ -156,7 +166,7 @@ def test_norm_clipping_with_untracked_trainable_parameters(estimator):
     schedule = random_schedule(N, 6, 2, seed=8)
     tracker = InfluenceTracker(estimator=estimator, params=["net.2"], self_check_steps=100)
     _fit(_mlp(), _adamw, None, x, y, schedule, [tracker], gradient_clip_val=0.15, gradient_clip_algorithm="norm")
-    assert tracker._steps_done == 8
+    assert tracker.steps_booked == 8
     scores = tracker.influence(query).scores
     assert torch.isfinite(scores).all() and scores.abs().sum() > 0
 
@@ -172,8 +182,18 @@ def test_norm_clipping_counts_only_the_optimizers_parameters():
     x, y, query = _data()
     schedule = random_schedule(N, 6, 2, seed=8)
     tracker = InfluenceTracker(estimator="acc", self_check_steps=100)
-    _fit(_mlp(), _adamw_head_only, None, x, y, schedule, [tracker], gradient_clip_val=0.05, gradient_clip_algorithm="norm")
-    assert tracker._steps_done == 8
+    _fit(
+        _mlp(),
+        _adamw_head_only,
+        None,
+        x,
+        y,
+        schedule,
+        [tracker],
+        gradient_clip_val=0.05,
+        gradient_clip_algorithm="norm",
+    )
+    assert tracker.steps_booked == 8
     assert torch.isfinite(tracker.influence(query).scores).all()
 
 
@@ -222,11 +242,11 @@ def test_grad_scaler_skipped_step_is_not_booked():
         return tracker, trainer, module
 
     skipped, trainer, module = run(schedule, _InfGradientAt(2))
-    assert trainer.global_step == 6 and skipped._steps_done == 5  # Lightning counts the skipped step, the tracker not
+    assert trainer.global_step == 6 and skipped.steps_booked == 5  # Lightning counts the skipped step, the tracker not
     without = [list(schedule[0])]
     dropped = without[0].pop(2)
     reference, _, ref_module = run(without)
-    assert reference._steps_done == 5
+    assert reference.steps_booked == 5
     # the skip left the model where the shorter schedule leads (the scaler's scale differs by a power of 2)
     for a, b in zip(module.parameters(), ref_module.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
@@ -257,7 +277,16 @@ def _crash(at: tuple[int, int]) -> type[TinyClassifier]:
 def _fit_ckpt(net, make_opt, make_sched, x, y, schedule, trackers, ckpt_dir, module_cls=TinyClassifier, ckpt_path=None):
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_epochs=1)
     return _fit(
-        net, make_opt, make_sched, x, y, schedule, [*trackers, checkpoint], module_cls, ckpt_path, enable_checkpointing=True
+        net,
+        make_opt,
+        make_sched,
+        x,
+        y,
+        schedule,
+        [*trackers, checkpoint],
+        module_cls,
+        ckpt_path,
+        enable_checkpointing=True,
     )
 
 
@@ -269,8 +298,8 @@ def _records(dirpath) -> list[dict]:
 def _assert_same_tracker(resumed: InfluenceTracker, reference: InfluenceTracker, query, tol: float = 1e-10) -> None:
     """Same scores, same windows (count, boundaries, scores), same artifact files, same step count."""
     close = dict(rtol=tol, atol=tol * 1e-3)
-    assert resumed._steps_done == reference._steps_done
-    assert torch.equal(resumed._seen, reference._seen)
+    assert resumed.steps_booked == reference.steps_booked
+    assert torch.equal(resumed.samples_seen, reference.samples_seen)
     for block, state in reference.engine.states.items():
         torch.testing.assert_close(resumed.engine.states[block], state, **close)
     torch.testing.assert_close(resumed.influence(query).scores, reference.influence(query).scores, **close)
@@ -292,7 +321,9 @@ def _assert_same_tracker(resumed: InfluenceTracker, reference: InfluenceTracker,
     with open(resumed.dirpath / "final_scores.json") as f, open(reference.dirpath / "final_scores.json") as g:
         final, final_ref = json.load(f)["queries"], json.load(g)["queries"]
     for name in reference.queries:
-        torch.testing.assert_close(torch.tensor(final[name]["scores"]), torch.tensor(final_ref[name]["scores"]), **close)
+        torch.testing.assert_close(
+            torch.tensor(final[name]["scores"]), torch.tensor(final_ref[name]["scores"]), **close
+        )
 
 
 RESUME_CONFIGS = {
@@ -326,7 +357,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(config, tmp_path):
     crashed = trackers("resumed")
     with pytest.raises(RuntimeError, match="simulated crash"):
         _fit_ckpt(net, _adamw, _step_lr, x, y, schedule, crashed, tmp_path / "ckpt", _crash((2, 2)))
-    assert crashed[0]._steps_done == 10  # steps 8 and 9 of epoch 2 were booked after the checkpoint
+    assert crashed[0].steps_booked == 10  # steps 8 and 9 of epoch 2 were booked after the checkpoint
     if config == "windows-every-3-steps":
         assert [r["end_step"] for r in _records(crashed[0].dirpath)] == [3, 6, 9]
 
@@ -348,7 +379,9 @@ def test_resume_with_a_different_track_is_refused(tmp_path):
     ckpt = tmp_path / "ckpt"
     _fit_ckpt(net, _momentum, None, x, y, schedule[:1], [InfluenceTracker(track=[0, 1, 2])], ckpt)
     with pytest.raises(InfluenceConfigurationError, match="checkpoint"):
-        _fit_ckpt(net, _momentum, None, x, y, schedule, [InfluenceTracker(track=[0, 1])], ckpt, ckpt_path=ckpt / "last.ckpt")
+        _fit_ckpt(
+            net, _momentum, None, x, y, schedule, [InfluenceTracker(track=[0, 1])], ckpt, ckpt_path=ckpt / "last.ckpt"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- unseen ids

@@ -12,7 +12,13 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 from torch.utils.data.dataloader import default_collate
 
-from lightning_influence import IndexedDataset, InfluenceResult, NonFiniteInfluenceError, SampleIdError, default_sample_ids
+from lightning_influence import (
+    IndexedDataset,
+    InfluenceResult,
+    NonFiniteInfluenceError,
+    SampleIdError,
+    default_sample_ids,
+)
 from lightning_influence.data import validate_sample_ids
 from lightning_influence.engine import InfluenceEngine, MicroBatch, chunk_rows_for_budget
 from lightning_influence.functional import FlatParameters, FunctionalLoss, check_per_sample_losses
@@ -74,7 +80,9 @@ def test_default_sample_ids_after_collate(items):
 
 def test_indexed_dataset_with_a_dataloader():
     x, y = torch.randn(10, 3), torch.arange(10)
-    loader = DataLoader(IndexedDataset(TensorDataset(x, y)), batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(
+        IndexedDataset(TensorDataset(x, y)), batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0)
+    )
     for bx, by, ids in loader:
         assert torch.equal(bx, x[ids]) and torch.equal(by, y[ids])
 
@@ -185,13 +193,31 @@ OPTIMIZERS = {
     "sgd": (torch.optim.SGD, [dict(lr=0.1), dict(lr=0.05)]),
     "sgd-wd": (torch.optim.SGD, [dict(lr=0.1, weight_decay=0.1), dict(lr=0.05, weight_decay=0.3)]),
     "momentum": (torch.optim.SGD, [dict(lr=0.1, momentum=0.9), dict(lr=0.05, momentum=0.5, weight_decay=0.1)]),
-    "dampening": (torch.optim.SGD, [dict(lr=0.1, momentum=0.9, dampening=0.3), dict(lr=0.05, momentum=0.5, dampening=0.9)]),
-    "nesterov": (torch.optim.SGD, [dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01), dict(lr=0.05, momentum=0.5, nesterov=True)]),
+    "dampening": (
+        torch.optim.SGD,
+        [dict(lr=0.1, momentum=0.9, dampening=0.3), dict(lr=0.05, momentum=0.5, dampening=0.9)],
+    ),
+    "nesterov": (
+        torch.optim.SGD,
+        [dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01), dict(lr=0.05, momentum=0.5, nesterov=True)],
+    ),
     "momentum-one-group": (torch.optim.SGD, [dict(lr=0.1, momentum=0.9), dict(lr=0.05)]),
     "adam": (torch.optim.Adam, [dict(lr=0.01), dict(lr=0.02, betas=(0.8, 0.99), eps=1e-6)]),
-    "adam-l2": (torch.optim.Adam, [dict(lr=0.01, weight_decay=0.1), dict(lr=0.02, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.5)]),
-    "adamw": (torch.optim.AdamW, [dict(lr=0.01, weight_decay=0.1), dict(lr=0.02, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.5)]),
-    "adam-decoupled": (torch.optim.Adam, [dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True), dict(lr=0.02, weight_decay=0.2, decoupled_weight_decay=True)]),
+    "adam-l2": (
+        torch.optim.Adam,
+        [dict(lr=0.01, weight_decay=0.1), dict(lr=0.02, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.5)],
+    ),
+    "adamw": (
+        torch.optim.AdamW,
+        [dict(lr=0.01, weight_decay=0.1), dict(lr=0.02, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.5)],
+    ),
+    "adam-decoupled": (
+        torch.optim.Adam,
+        [
+            dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True),
+            dict(lr=0.02, weight_decay=0.2, decoupled_weight_decay=True),
+        ],
+    ),
 }
 ADAMS = [k for k, (cls, _) in OPTIMIZERS.items() if cls is not torch.optim.SGD]
 
@@ -240,14 +266,17 @@ class TorchStep:
             if any(key in self.opt.state[q] for q in self.params):
                 # a flat Tensor[p]; zeros in the regions of groups that keep no such state (no momentum)
                 new[key] = torch.cat(
-                    [self.opt.state[q][key].detach().clone() if key in self.opt.state[q] else torch.zeros_like(q) for q in self.params]
+                    [
+                        self.opt.state[q][key].detach().clone() if key in self.opt.state[q] else torch.zeros_like(q)
+                        for q in self.params
+                    ]
                 )
         return theta_new, new
 
     def groups(self, state):
         """``GroupStep``s as the tracker reads them before this step (step count after the update)."""
         out = []
-        for group, q, r in zip(self.opt.param_groups, self.params, _regions()):
+        for group, _, r in zip(self.opt.param_groups, self.params, _regions()):
             first_momentum = "momentum_buffer" not in state or not group.get("momentum")
             out.append(read_group_step(group, r, int(state.get("step", 0)) + 1, first_momentum))
         return out
@@ -342,7 +371,9 @@ _BLOCK_OF = {"theta": "theta", "exp_avg": "m", "exp_avg_sq": "v", "momentum_buff
 def _advance(jacobian, step, theta, grad, state, d, exact):
     """Run ``advance`` on the perturbation ``d`` (one row) and return the advanced blocks."""
     _, post = step(theta, grad, state)
-    opt_step = OptimizerStep(step.groups(state), theta.clone(), grad.clone(), post.get("exp_avg"), post.get("exp_avg_sq"))
+    opt_step = OptimizerStep(
+        step.groups(state), theta.clone(), grad.clone(), post.get("exp_avg"), post.get("exp_avg_sq")
+    )
     states = {b: torch.zeros(1, step.p, dtype=DTYPE) for b in jacobian.blocks}
     states["theta"][0] = d["theta"]
     for key in ("exp_avg", "exp_avg_sq", "momentum_buffer"):
@@ -426,7 +457,9 @@ def test_sgd_approximation_ignores_momentum():
     d = _directions(step, theta, grad, state, gen)
     got, _ = _advance(jacobian, step, theta, grad, state, d, exact=False)
     lr = OptimizerStep(step.groups(state), theta, grad).lr_vector()
-    wd = torch.cat([torch.full((n,), g.get("weight_decay", 0.0), dtype=DTYPE) for n, g in zip(SIZES, step.group_kwargs)])
+    wd = torch.cat(
+        [torch.full((n,), g.get("weight_decay", 0.0), dtype=DTYPE) for n, g in zip(SIZES, step.group_kwargs)]
+    )
     torch.testing.assert_close(got["theta"], d["theta"] - lr * (d["grad"] + wd * d["theta"]), rtol=0, atol=1e-15)
 
 
@@ -490,7 +523,10 @@ def _reference_losses(net, layout, theta, x, y):
 
 def _reference_batch_loss(net, layout, batch):
     def f(theta):
-        return _reference_losses(net, layout, theta, batch[0], batch[1]).mean() + 0.05 * layout.unflatten(theta)["0.weight"].pow(2).sum()
+        return (
+            _reference_losses(net, layout, theta, batch[0], batch[1]).mean()
+            + 0.05 * layout.unflatten(theta)["0.weight"].pow(2).sum()
+        )
 
     return f
 
@@ -499,7 +535,9 @@ def test_per_sample_and_batch_loss(problem):
     net, layout, loss, batch, theta = problem
     expected = cross_entropy_losses(net, batch[0], batch[1])
     torch.testing.assert_close(loss.per_sample_losses(theta, batch), expected.detach(), rtol=1e-14, atol=0)
-    torch.testing.assert_close(loss.batch_loss(theta, batch), (expected.mean() + _regularizer(net)).detach(), rtol=1e-14, atol=0)
+    torch.testing.assert_close(
+        loss.batch_loss(theta, batch), (expected.mean() + _regularizer(net)).detach(), rtol=1e-14, atol=0
+    )
 
 
 def test_gradient_and_hvp_match_autograd(problem):
@@ -526,7 +564,9 @@ def test_sample_gradients_match_per_sample_autograd(problem):
     got = loss.sample_gradients(theta, batch, rows, 8)
     assert got.shape == (3, theta.numel())
     for i, r in enumerate(rows.tolist()):
-        expected = torch.func.grad(lambda t: _reference_losses(net, layout, t, batch[0][r : r + 1], batch[1][r : r + 1])[0])(theta)
+        expected = torch.func.grad(
+            lambda t, r=r: _reference_losses(net, layout, t, batch[0][r : r + 1], batch[1][r : r + 1])[0]
+        )(theta)
         torch.testing.assert_close(got[i], expected, rtol=1e-12, atol=1e-14)
 
 
@@ -555,7 +595,9 @@ def test_frozen_parameters_are_read_from_the_dict(problem):
     with torch.no_grad():
         shifted[0].weight.mul_(2)
         shifted[0].bias.sub_(1)
-    torch.testing.assert_close(loss.per_sample_losses(theta, batch, frozen), _losses(shifted, batch).detach(), rtol=1e-14, atol=0)
+    torch.testing.assert_close(
+        loss.per_sample_losses(theta, batch, frozen), _losses(shifted, batch).detach(), rtol=1e-14, atol=0
+    )
     # the gradient is taken only with respect to the tracked (last-layer) parameters
     g, _ = loss.gradient_and_hvp(theta, [batch], frozen)
     assert g.shape == (18,)
@@ -591,7 +633,9 @@ def test_engine_result_does_not_depend_on_the_chunk_size(problem, estimator):
         engine = InfluenceEngine(loss, jac, k, estimator, chunk, DTYPE, torch.device("cpu"))
         engine.load_state_dict({"states": init, "tracin_scores": {}})
         # tracked samples 1, 4, 5 sit at batch rows 6, 0, 3
-        engine.step([MicroBatch(batch, 8, torch.tensor([1, 4, 5]), torch.tensor([6, 0, 3]))], OptimizerStep(groups, theta, grad))
+        engine.step(
+            [MicroBatch(batch, 8, torch.tensor([1, 4, 5]), torch.tensor([6, 0, 3]))], OptimizerStep(groups, theta, grad)
+        )
         out.append(engine.theta.clone())
     torch.testing.assert_close(out[0], out[1], rtol=1e-13, atol=1e-16)
     torch.testing.assert_close(out[0], out[2], rtol=1e-13, atol=1e-16)

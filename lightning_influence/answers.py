@@ -1,0 +1,110 @@
+"""The tracker's answers after (or during) a fit: influence on any query, windows, patterns, bookkeeping.
+
+:class:`TrackerAnswers` reads one :class:`~lightning_influence.fit.TrackedFit` (the current or last fit)
+and the configuration; the Lightning callback inherits it. Sign of every score: f(θ_-j) − f(θ),
+negative = harmful. Nothing here knows Lightning.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lightning_influence.config import TrackerConfig
+from lightning_influence.estimators import Estimator
+from lightning_influence.fit import TrackedFit
+from lightning_influence.patterns import InfluencePatterns, classify_patterns
+from lightning_influence.result import InfluenceResult
+from lightning_influence.windows import WindowSnapshot
+
+
+class TrackerAnswers:
+    """Query methods over ``self._fit`` (a :class:`TrackedFit` or None) and ``self.config``."""
+
+    config: TrackerConfig
+    _fit: TrackedFit | None
+
+    def _finished(self) -> TrackedFit:
+        fit = self._fit
+        if fit is None or fit.final is None:
+            why = "" if fit is None or fit.state.broken is None else f" (the last fit failed: {fit.state.broken})"
+            raise RuntimeError(f"influence() is available after trainer.fit(...) has run with this tracker{why}.")
+        return fit
+
+    def _check_registered(self, query: str) -> None:
+        if query not in self.config.queries:
+            raise KeyError(f"No registered query named {query!r}; registered: {sorted(self.config.queries)}.")
+
+    def influence(self, query: Any, per_example: bool = False) -> InfluenceResult:
+        """Influence of every tracked training sample on ``query``.
+
+        Args:
+            query: a batch or a DataLoader (f = mean per-sample loss over it), a callable
+                ``f(pl_module) -> scalar``, or the name of a registered query.
+            per_example: also return ``per_example: Tensor[k, n]``, the scores on each query example.
+
+        Returns:
+            :class:`InfluenceResult` with ``scores[j]`` ≈ f(θ_-j(T)) − f(θ(T)): negative = harmful.
+            "Harmful" reads f as a loss (lower is better): for a callable such as a logit or an
+            accuracy proxy, where higher is better, negate it (``lambda m: -m(x)[0, c]``).
+        """
+        if isinstance(query, str):
+            self._check_registered(query)
+        return self._finished().influence(query, per_example)
+
+    def windows(self, query: str) -> list[WindowSnapshot]:
+        """The DIT window snapshots of registered query ``query``, in time order.
+
+        Each :class:`WindowSnapshot` carries ``start_step``, ``end_step``, ``sample_ids: LongTensor[k]``
+        and ``scores: Tensor[k]`` = I(end) − I(start) (negative = harmful over that window). The
+        windows telescope: their scores sum to ``influence(query).scores``.
+        Available during training (windows closed so far) and after fit.
+        """
+        self._check_registered(query)
+        return [] if self._fit is None else self._fit.windows(query)
+
+    def patterns(self, query: str, **thresholds: float) -> InfluencePatterns:
+        """Classify tracked samples as stable / early / late / fluctuating from their window scores
+        on ``query`` (SPEC §4); ``thresholds`` go to :func:`~lightning_influence.patterns.classify_patterns`."""
+        self._check_registered(query)
+        if self._fit is None or not self._fit.windows(query):
+            raise RuntimeError(
+                f"No window of {query!r} has closed yet: patterns() needs the window snapshots of a fit."
+            )
+        return classify_patterns(self._fit.recorder.window_matrix(query), self._fit.tracked_ids, **thresholds)
+
+    def _current(self, what: str) -> TrackedFit:
+        if self._fit is None:
+            raise RuntimeError(f"{what} is available once trainer.fit(...) has started with this tracker.")
+        return self._fit
+
+    @property
+    def engine(self) -> Estimator:
+        """The estimator of the current (or last) fit: its states (``engine.states``) or running scores."""
+        return self._current("engine").estimator
+
+    @property
+    def tracked_ids(self) -> torch.Tensor:
+        """``LongTensor[k]``: the tracked training-set ids, in state-row order."""
+        return self._current("tracked_ids").tracked_ids
+
+    @property
+    def unseen_ids(self) -> torch.Tensor:
+        """``LongTensor``: tracked ids that no optimizer step of the fit consumed (influence 0)."""
+        return self._current("unseen_ids").unseen_ids
+
+    @property
+    def samples_seen(self) -> torch.Tensor:
+        """``BoolTensor[k]``: which tracked samples a booked optimizer step consumed."""
+        return self._current("samples_seen").state.seen.clone()
+
+    @property
+    def steps_booked(self) -> int:
+        """Optimizer steps booked into the states (GradScaler-skipped steps are not booked)."""
+        return self._current("steps_booked").state.steps_booked
+
+    @property
+    def global_step(self) -> int:
+        """The Trainer's step count after the last optimizer step the tracker handled."""
+        return self._current("global_step").state.global_step

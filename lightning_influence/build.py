@@ -1,0 +1,118 @@
+"""Assemble one :class:`~lightning_influence.fit.TrackedFit` from a module, its optimizer and the configuration.
+
+Here the tracked parameters are chosen, the per-sample loss resolved, the optimizer modelled, the
+memory planned (and refused when over budget) and the estimator created. Nothing here knows Lightning.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_influence.config import GIB, TrackerConfig
+from lightning_influence.engine import InfluenceEngine, MemoryPlan, plan_memory
+from lightning_influence.errors import InfluenceConfigurationError
+from lightning_influence.estimators import Estimator
+from lightning_influence.fit import FitContext, FitParts, TrackedFit, check_tracked_ids
+from lightning_influence.functional import FunctionalLoss, PerSampleLossFn
+from lightning_influence.optimizers import OptimizerSpec, model_optimizer
+from lightning_influence.parameters import select_parameters
+from lightning_influence.queries import MoveFn, QueryEvaluator
+from lightning_influence.records import StepRecord
+from lightning_influence.selfcheck import StepSelfCheck
+from lightning_influence.tracin import TracInAccumulator
+
+
+def resolve_loss_fn(config: TrackerConfig, module: nn.Module) -> PerSampleLossFn:
+    """``config.loss_fn``, or the module's ``per_sample_loss`` method."""
+    if config.loss_fn is not None:
+        return config.loss_fn
+    if not callable(getattr(module, "per_sample_loss", None)):
+        raise InfluenceConfigurationError(
+            f"{type(module).__name__} has no `per_sample_loss(batch)` method. Either add one returning"
+            " Tensor[B] of per-sample losses whose mean is the training loss, or pass"
+            " `loss_fn=lambda module, batch: ...` to InfluenceTracker."
+        )
+    return type(module).per_sample_loss
+
+
+def describe_plan(config: TrackerConfig, spec: OptimizerSpec, plan: MemoryPlan) -> str:
+    """The one-line cost estimate printed at fit start."""
+    k, chunk = plan.num_tracked, min(plan.num_tracked, plan.chunk_rows)
+    return (
+        f"InfluenceTracker: estimator={config.estimator!r}, optimizer model={spec.kind}, k={k} tracked samples,"
+        f" p={plan.num_params} tracked parameters, state blocks={plan.blocks}; memory ≈"
+        f" {plan.state_bytes / GIB:.3f} GiB of states + {plan.work_bytes / GIB:.3f} GiB HVP workspace; per step:"
+        f" {plan.hvp_calls} vectorised HVP call(s) of ≤{chunk} rows (≈ {k if plan.blocks else 0} HVPs) plus"
+        " per-sample gradients of the tracked samples in the batch."
+    )
+
+
+def check_plan(config: TrackerConfig, plan: MemoryPlan) -> None:
+    """Refuse a configuration over ``max_memory_bytes``, saying what to reduce."""
+    if plan.total_bytes > config.max_memory_bytes:
+        raise InfluenceConfigurationError(
+            f"InfluenceTracker needs ≈ {plan.total_bytes / GIB:.2f} GiB (k={plan.num_tracked} samples ×"
+            f" p={plan.num_params} parameters × {len(plan.blocks)} state block(s) × {plan.itemsize} bytes, plus the"
+            f" HVP workspace), over max_memory_bytes={config.max_memory_bytes / GIB:.2f} GiB. Track fewer samples"
+            " (track=[...]), fewer parameters (params=['head']), lower hvp_memory_bytes, or raise max_memory_bytes."
+        )
+
+
+def _step_gradient(loss: FunctionalLoss, context: FitContext):
+    """The step gradient as the tracker differentiates it (for estimators that do not compute it themselves)."""
+
+    def recompute(record: StepRecord) -> torch.Tensor:
+        batches = [m.batch for m in record.micro_batches]
+        weights = [m.weight for m in record.micro_batches]
+        with torch.enable_grad():
+            grad, losses = torch.func.grad(loss.step_loss_and_losses, has_aux=True)(
+                record.theta, batches, weights, record.frozen
+            )
+        for micro, part_losses in zip(record.micro_batches, losses):
+            loss.check_batch_size(micro.batch_size, part_losses.shape[0])
+        return grad if context.reduce is None else context.reduce(grad)
+
+    return recompute
+
+
+def build_fit(
+    config: TrackerConfig,
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    num_samples: int,
+    start_step: int,
+    context: FitContext,
+    move: MoveFn,
+    announce: Any = print,
+) -> TrackedFit:
+    """A ready :class:`TrackedFit` whose first step is ``start_step``; ``announce(text)`` receives the cost estimate."""
+    params = select_parameters(module, optimizer, config.params)
+    loss = FunctionalLoss(module, resolve_loss_fn(config, module), params.layout, config.regularizer)
+    # TracIn needs only the learning rates, so any descending optimizer will do
+    spec = model_optimizer(optimizer, "sgd" if not config.keeps_states else config.optimizer_model)
+    tracked_ids = check_tracked_ids(config.track, num_samples)
+    k, p, dtype = tracked_ids.numel(), params.layout.numel, params.dtype
+    blocks = spec.jacobian.blocks if config.keeps_states else ()
+    plan = plan_memory(k, p, blocks, dtype, config.hvp_memory_bytes, config.hvp_chunk_size)
+    announce(describe_plan(config, spec, plan))
+    check_plan(config, plan)
+    queries = QueryEvaluator(loss, config.queries, move)
+    estimator: Estimator
+    if config.keeps_states:
+        estimator = InfluenceEngine(loss, spec.jacobian, k, config.estimator, plan.chunk_rows, dtype, params.device)
+    else:
+        estimator = TracInAccumulator(loss, k, queries.registered_gradients, dtype, params.device)
+    parts = FitParts(
+        params=params,
+        estimator=estimator,
+        queries=queries,
+        self_check=StepSelfCheck(config.self_check_steps, spec, context.mixed_precision),
+        optimizer_kind=spec.kind,
+        recompute_gradient=_step_gradient(loss, context),
+    )
+    context.metadata.setdefault("estimator", config.estimator)
+    context.metadata.setdefault("optimizer_model", spec.kind)
+    return TrackedFit(config, parts, tracked_ids, num_samples, start_step, context)

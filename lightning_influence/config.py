@@ -1,0 +1,149 @@
+"""The tracker's configuration: one frozen, validated record built once at construction.
+
+Every argument of :class:`~lightning_influence.InfluenceTracker` is checked here, once, and is never
+changed afterwards (a value a fit derives, such as the training set's size, lives with that fit).
+The estimator and optimizer-model names are defined here. Nothing here knows Lightning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_influence.data import SampleIdsFn, default_sample_ids
+from lightning_influence.functional import PerSampleLossFn, RegularizerFn
+from lightning_influence.windows import WindowSchedule
+
+ESTIMATORS = ("acc", "first-order", "tracin")
+"""``"acc"``: leave-k-out transition and the optimizer's exact map; ``"first-order"``: the fully linear
+SGD-influence / AdamW-influence recursion; ``"tracin"``: no propagation (registered queries only)."""
+
+OPTIMIZER_MODELS = ("auto", "sgd")
+"""``"auto"``: the real optimizer's Jacobian; ``"sgd"``: any optimizer modelled as plain SGD (the mismatch baseline)."""
+
+GIB = 2**30
+
+
+def _check_track(track: Sequence[int] | torch.Tensor | None) -> torch.Tensor | None:
+    if track is None:
+        return None
+    track = torch.as_tensor(track)
+    if track.numel() and (track.dtype.is_floating_point or track.dtype.is_complex or track.dtype == torch.bool):
+        raise ValueError(f"track must hold integer training-set ids, got dtype {track.dtype}.")
+    track = track.to(torch.long).flatten()
+    if track.numel() == 0 or torch.unique(track).numel() != track.numel() or int(track.min()) < 0:
+        raise ValueError("track must be a non-empty sequence of distinct, non-negative training-set ids.")
+    return track
+
+
+def _check_positive(name: str, value: int | None, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+@dataclass(frozen=True)
+class TrackerConfig:
+    """What the user asked for; see :class:`~lightning_influence.InfluenceTracker` for each field.
+
+    ``track`` is ``None`` (every sample) or a ``LongTensor[k]`` of distinct ids; ``queries`` maps names
+    to batches / DataLoaders. Construction validates every field and raises ``ValueError`` /
+    ``TypeError`` naming the argument and the fix.
+    """
+
+    track: torch.Tensor | None = None
+    loss_fn: PerSampleLossFn | None = None
+    sample_ids: SampleIdsFn = default_sample_ids
+    estimator: str = "acc"
+    optimizer_model: str = "auto"
+    queries: Mapping[str, Any] = field(default_factory=dict)
+    window_every_n_steps: int | None = None
+    window_every_n_epochs: int | None = None
+    dirpath: str | os.PathLike | None = None
+    write_artifacts: bool = True
+    log_top_k: int = 10
+    curvature: str = "exact"
+    params: Sequence[str | nn.Module] | str | nn.Module | None = None
+    regularizer: RegularizerFn | None = None
+    num_samples: int | None = None
+    max_memory_bytes: int = 4 * GIB
+    hvp_chunk_size: int | None = None
+    hvp_memory_bytes: int = GIB // 4
+    self_check_steps: int = 2
+
+    def __post_init__(self) -> None:
+        fix = object.__setattr__  # a frozen dataclass normalises its own fields here only
+        fix(self, "track", _check_track(self.track))
+        fix(self, "queries", dict(self.queries or {}))
+        fix(self, "sample_ids", self.sample_ids or default_sample_ids)
+        self._check_names()
+        self._check_queries()
+        _check_positive("log_top_k", self.log_top_k)
+        _check_positive("hvp_chunk_size", self.hvp_chunk_size, allow_none=True)
+        _check_positive("num_samples", self.num_samples, allow_none=True)
+        _check_positive("max_memory_bytes", self.max_memory_bytes)
+        _check_positive("hvp_memory_bytes", self.hvp_memory_bytes)
+        if (
+            isinstance(self.self_check_steps, bool)
+            or not isinstance(self.self_check_steps, int)
+            or self.self_check_steps < 0
+        ):
+            raise ValueError(f"self_check_steps must be a non-negative integer, got {self.self_check_steps!r}.")
+        for name in ("loss_fn", "regularizer", "sample_ids"):
+            if getattr(self, name) is not None and not callable(getattr(self, name)):
+                raise TypeError(f"{name} must be callable, got {type(getattr(self, name)).__name__}.")
+
+    def _check_names(self) -> None:
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}.")
+        if self.optimizer_model not in OPTIMIZER_MODELS:
+            raise ValueError(f"optimizer_model must be 'auto' or 'sgd', got {self.optimizer_model!r}.")
+        if self.curvature != "exact":
+            raise ValueError(
+                f"curvature={self.curvature!r} is not available: only 'exact' Hessian-vector products of the batch loss"
+                " are implemented (an approximation is never substituted silently)."
+            )
+
+    def _check_queries(self) -> None:
+        if any(not isinstance(name, str) for name in self.queries):
+            raise TypeError("queries must map string names to a batch or a DataLoader.")
+        if self.estimator == "tracin" and not self.queries:
+            raise ValueError(
+                "estimator='tracin' needs registered queries (queries={'val': val_batch_or_loader}): TracIn"
+                " accumulates query-gradient dot products during training and cannot answer new queries later."
+            )
+        self.window_schedule  # noqa: B018 - validates the two settings
+        if (self.window_every_n_steps or self.window_every_n_epochs) and not self.queries:
+            raise ValueError(
+                "Time windows score the registered queries: pass queries={'val': val_batch_or_loader} with"
+                " window_every_n_steps / window_every_n_epochs."
+            )
+
+    @property
+    def window_schedule(self) -> WindowSchedule:
+        """When windows close."""
+        return WindowSchedule(self.window_every_n_steps, self.window_every_n_epochs)
+
+    @property
+    def keeps_states(self) -> bool:
+        """Whether the estimator propagates per-sample states (every estimator but ``"tracin"``)."""
+        return self.estimator != "tracin"
+
+    def state_key_fields(self) -> dict[str, Any]:
+        """What distinguishes two trackers on one Trainer (Lightning's ``state_key``)."""
+        track = "all" if self.track is None else hashlib.sha1(self.track.numpy().tobytes()).hexdigest()[:12]
+        return {
+            "estimator": self.estimator,
+            "optimizer_model": self.optimizer_model,
+            "track": track,
+            "params": repr(self.params),
+            "queries": sorted(self.queries),
+            "windows": (self.window_every_n_steps, self.window_every_n_epochs),
+        }

@@ -1,0 +1,318 @@
+"""``TrackedFit``: everything one ``fit`` tracks, behind a small API that never sees the Trainer.
+
+The callback creates one ``TrackedFit`` when training starts and translates Lightning's hooks into:
+
+- :meth:`TrackedFit.add_micro_batch` / :meth:`~TrackedFit.drop_micro_batch` for every training batch;
+- :meth:`TrackedFit.read_step` just before the optimizer steps (θ_t, the gradient, hyper-parameters);
+- :meth:`TrackedFit.complete_step` once it has stepped: the :class:`~lightning_influence.records.StepRecord`
+  goes to the estimator, booked atomically (completely or not at all, whatever interrupts it);
+- :meth:`TrackedFit.close_windows` at window boundaries and :meth:`TrackedFit.finish` at the end.
+
+Its ``state_dict`` is what a checkpoint carries; the results (``influence``, ``windows``) are read from
+it after fit. Nothing here knows Lightning.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+
+from lightning_influence.clipping import GradientClip, NormClip, ValueClip
+from lightning_influence.config import TrackerConfig
+from lightning_influence.data import SampleIdError, validate_sample_ids
+from lightning_influence.errors import InfluenceConfigurationError
+from lightning_influence.estimators import Estimator, Reduce
+from lightning_influence.fit_state import FitCheckpoint, deferred_interrupts
+from lightning_influence.optimizers import OptimizerStep, flat_optimizer_state, read_step_groups
+from lightning_influence.parameters import TrackedParameters
+from lightning_influence.queries import QueryEvaluator
+from lightning_influence.records import MicroBatch, MicroBatchRecord, StepRecord
+from lightning_influence.result import InfluenceResult
+from lightning_influence.selfcheck import StepSelfCheck
+from lightning_influence.windows import WindowRecorder, WindowSink, WindowSnapshot
+
+ADAM_POST_STATE = ("exp_avg", "exp_avg_sq")
+
+
+@dataclass
+class FitContext:
+    """What a fit needs from its surroundings, as plain values and callables (built by the callback)."""
+
+    micro_batch_weight: float = 1.0  # w_m: 1 / (accumulate_grad_batches × world size)
+    reduce: Reduce | None = None  # sums a tensor over data-parallel processes (None: one process)
+    mixed_precision: bool = False
+    expect_indexed: bool = False  # default id reader, but the dataset is not an IndexedDataset
+    sinks: list[WindowSink] = field(default_factory=list)  # where closed windows and final scores go
+    metadata: dict[str, Any] = field(default_factory=dict)  # written with the final scores
+
+
+@dataclass
+class FitParts:
+    """The pieces a fit computes with: tracked parameters, the estimator, query gradients, the self-check."""
+
+    params: TrackedParameters
+    estimator: Estimator
+    queries: QueryEvaluator
+    self_check: StepSelfCheck
+    optimizer_kind: str
+    recompute_gradient: Callable[[StepRecord], torch.Tensor]  # for estimators that do not return it
+
+
+class TrackedFit:
+    """One fit's tracking state.
+
+    Args:
+        config: the tracker's configuration.
+        parts: the pieces it computes with (see :func:`~lightning_influence.build.build_fit`).
+        tracked_ids: ``LongTensor[k]`` of tracked training-set ids (row r of every state is sample ``tracked_ids[r]``).
+        num_samples: the training set's size.
+        start_step: the Trainer's step count when the fit starts (its first window starts there).
+        context: what it needs from the Trainer.
+    """
+
+    def __init__(
+        self,
+        config: TrackerConfig,
+        parts: FitParts,
+        tracked_ids: torch.Tensor,
+        num_samples: int,
+        start_step: int,
+        context: FitContext,
+    ) -> None:
+        self.config, self.parts, self.context = config, parts, context
+        self.num_samples = num_samples
+        self.tracked_ids = tracked_ids
+        self._row_of = torch.full((num_samples,), -1, dtype=torch.long)
+        self._row_of[tracked_ids] = torch.arange(tracked_ids.numel())
+        self.schedule = config.window_schedule
+        self.recorder = WindowRecorder(tracked_ids, start_step)
+        self.state = FitCheckpoint(tracked_ids.numel(), start_step)
+        self.last_booking_seconds: float | None = None
+        self._micro: list[MicroBatchRecord] = []
+        self._pending: StepRecord | None = None
+        self.final: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None  # θ_T and the untracked values
+
+    @property
+    def estimator(self) -> Estimator:
+        return self.parts.estimator
+
+    # ------------------------------------------------------------------ every step
+    def add_micro_batch(self, batch: Any) -> None:
+        """Queue one training batch (rows identified by ``config.sample_ids``) for the next optimizer step."""
+        if self.context.expect_indexed and not (isinstance(batch, dict) and "sample_id" in batch):
+            raise SampleIdError(
+                "The training set is not an IndexedDataset, so its batches carry no sample ids (the default reader"
+                " would take the last element, e.g. the labels, as ids). Wrap it: DataLoader(IndexedDataset(dataset),"
+                " ...), or pass sample_ids=lambda batch: ... returning LongTensor[B] of training-set indices."
+            )
+        ids = validate_sample_ids(self.config.sample_ids(batch), None, self.num_samples)
+        self._micro.append(MicroBatchRecord(batch, ids, self.context.micro_batch_weight))
+
+    def drop_micro_batch(self) -> None:
+        """The last queued batch contributed no gradient (``training_step`` returned None)."""
+        if self._micro:
+            self._micro.pop()
+
+    def read_step(
+        self,
+        optimizer: torch.optim.Optimizer,
+        step: int,
+        epoch: int,
+        clip: tuple[str, float] | None,
+        loss_scale: float | None,
+    ) -> None:
+        """Record θ_t, the gradient the optimizer is about to consume and its hyper-parameters at step ``step``.
+
+        ``clip``: the Trainer's ``(algorithm, value)`` gradient clipping, or None.
+        """
+        params = self.parts.params
+        raw_grad = params.grad(step)
+        if raw_grad is None:
+            return  # training_step returned None: the optimizer skips this step, and so does every counterfactual
+        theta = params.theta()
+        self.parts.self_check.check_unmoved(step, theta)
+        groups = read_step_groups(optimizer, [list(g) for g in params.groups], params.layout.group_slices)
+        checked = self.parts.self_check.wants(self.state.steps_booked)
+        bound = (
+            None
+            if loss_scale is not None and not bool(torch.isfinite(raw_grad).all())
+            else self._clip(clip, raw_grad, optimizer)
+        )
+        self._pending = StepRecord(
+            step=step,
+            epoch=epoch,
+            optimizer=OptimizerStep(groups, theta, raw_grad if bound is None else bound.clipped),
+            raw_grad=raw_grad,
+            clip=bound,
+            frozen=params.frozen(),
+            loss_scale=loss_scale,
+            pre_state=flat_optimizer_state(optimizer, params.flat) if checked else None,
+        )
+
+    def _clip(
+        self, clip: tuple[str, float] | None, raw_grad: torch.Tensor, optimizer: torch.optim.Optimizer
+    ) -> GradientClip | None:
+        if clip is None:
+            return None
+        algorithm, value = clip
+        if algorithm == "value":
+            return ValueClip(raw_grad, value)
+        # the global norm runs over all the optimizer's parameters, tracked or not
+        return NormClip(raw_grad, value, self.parts.params.other_grad_sq_norm(optimizer))
+
+    def complete_step(self, optimizer: torch.optim.Optimizer, steps_after: int, scale_after: float | None) -> None:
+        """The optimizer has stepped (Lightning's step count is now ``steps_after``): book the step atomically."""
+        record, self._pending = self._pending, None
+        micro, self._micro = self._micro, []
+        with self._atomic(steps_after):
+            if record is not None and not record.skipped_by_scaler(scale_after):
+                record.micro_batches = micro
+                self._book(record, optimizer)
+            self.state.handled(steps_after, None if record is None else record.epoch)
+
+    def complete_interrupted_step(self, optimizer: torch.optim.Optimizer, steps_now: int, scale: float | None) -> None:
+        """An exception interrupted Lightning between the optimizer step and the batch-end hook: book that step,
+        so that a checkpoint saved now holds the tracker at the model's step."""
+        if self._pending is not None and steps_now == self._pending.step + 1 and self.state.broken is None:
+            self.complete_step(optimizer, steps_now, scale)
+
+    @contextmanager
+    def _atomic(self, steps_after: int) -> Iterator[None]:
+        # Ctrl+C waits for the end of the booking; any other failure marks the fit broken, so that no
+        # checkpoint can carry half-advanced states into a resumed run.
+        with deferred_interrupts():
+            try:
+                yield
+            except BaseException as err:
+                self.state.broken = f"booking optimizer step {steps_after - 1} failed ({type(err).__name__}: {err})"
+                raise
+
+    def _book(self, record: StepRecord, optimizer: torch.optim.Optimizer) -> None:
+        if self.parts.optimizer_kind in ("adam", "adamw"):
+            post = flat_optimizer_state(optimizer, self.parts.params.flat, ADAM_POST_STATE)
+            record.optimizer.exp_avg, record.optimizer.exp_avg_sq = post["exp_avg"], post["exp_avg_sq"]
+        parts = [self._tracked_rows(m) for m in record.micro_batches]
+        started = time.perf_counter()
+        try:
+            with torch.enable_grad():
+                recomputed = self.estimator.book(record, parts, self.context.reduce)
+        except RuntimeError as err:
+            if "random" not in str(err):
+                raise
+            raise InfluenceConfigurationError(
+                "loss_fn calls a random operation (e.g. F.dropout, torch.rand): the tracker cannot replay the draws the"
+                " training step used, so its gradients and Hessians would differ. Make loss_fn deterministic."
+            ) from err
+        self.last_booking_seconds = time.perf_counter() - started
+        if record.pre_state is not None:
+            if recomputed is None:
+                recomputed = self.parts.recompute_gradient(record)
+            self.parts.self_check.check_gradient(record, recomputed)
+            self.parts.self_check.check_update(record, self.parts.params.theta())
+        self.estimator.check_finite(record.step, self.tracked_ids)
+        self.state.steps_booked += 1
+
+    def _tracked_rows(self, micro: MicroBatchRecord) -> MicroBatch:
+        rows = self._row_of[micro.sample_ids]
+        present = rows >= 0
+        self.state.seen[rows[present]] = True
+        return MicroBatch(micro.batch, micro.batch_size, rows[present], present.nonzero().flatten(), micro.weight)
+
+    # ------------------------------------------------------------------ windows
+    def close_windows(self, end_step: int, epoch: int) -> None:
+        """Close every registered query's current window at the current parameters θ(end_step)."""
+        if not self.config.queries or end_step <= self.recorder.last_boundary:
+            return  # no optimizer step since the last boundary (e.g. an epoch and a step window coincide)
+        theta, frozen = self.parts.params.theta(), self.parts.params.frozen()
+        for name in self.config.queries:
+            totals = self.estimator.totals(name, lambda name=name: self.parts.queries.gradient(name, theta, frozen))
+            snapshot = self.recorder.close(name, end_step, epoch, totals)
+            for sink in self.context.sinks:
+                sink.window(snapshot, self.recorder)
+
+    def close_missed_windows(self, current_epoch: int) -> None:
+        """Close a window whose boundary passed without its hook running: the step-window close of a step booked
+        just before an interruption, or the end of an epoch whose last batch was checkpointed before the epoch-end
+        hook (a resumed run). The parameters have not moved since that boundary."""
+        step, last_epoch = self.state.global_step, self.state.last_epoch
+        due_step = self.schedule.closes_after_step(step) and self.state.steps_booked > 0
+        due_epoch = (
+            last_epoch is not None and current_epoch > last_epoch and self.schedule.closes_after_epoch(last_epoch)
+        )
+        if due_step or due_epoch:
+            self.close_windows(step, last_epoch or 0)
+
+    def finish(self, reduce_seen: Reduce | None = None) -> None:
+        """The end of fit: keep θ_T, close the last window, publish the final scores."""
+        self.final = (self.parts.params.theta(), self.parts.params.frozen())
+        self.close_windows(self.state.global_step, self.state.last_epoch or 0)
+        if reduce_seen is not None:  # each process saw its own shard
+            self.state.seen = reduce_seen(self.state.seen.to(torch.float32)).cpu() > 0
+        results = {name: self.influence(name) for name in self.config.queries}
+        metadata = {**self.context.metadata, "steps": self.state.global_step, "steps_booked": self.state.steps_booked}
+        for sink in self.context.sinks:
+            sink.final(results, metadata)
+
+    # ------------------------------------------------------------------ results
+    @property
+    def unseen_ids(self) -> torch.Tensor:
+        """``LongTensor``: tracked ids that no booked step consumed (influence exactly 0)."""
+        return self.tracked_ids[~self.state.seen]
+
+    def influence(self, query: Any, per_example: bool = False) -> InfluenceResult:
+        """Scores of every tracked sample on ``query`` at θ_T (see ``InfluenceTracker.influence``)."""
+        if self.final is None:
+            raise RuntimeError("influence() is available once the fit has finished training.")
+        theta, frozen = self.final
+        device = self.parts.params.device
+        theta, frozen = theta.to(device), {n: t.to(device) for n, t in frozen.items()}
+        queries, name = self.parts.queries, self.config.estimator
+        if per_example:
+            if name == "tracin":
+                raise ValueError("per_example=True is not available with estimator='tracin'.")
+            per = self.estimator.answer(queries.example_gradients(query, theta, frozen)).cpu()
+            return InfluenceResult(self.tracked_ids.clone(), per.mean(dim=1), per, name)
+        if isinstance(query, str):
+            queries.resolve(query)  # a KeyError names the registered queries
+            scores = self.estimator.totals(query, lambda: queries.gradient(query, theta, frozen))
+        else:
+            scores = self.estimator.answer(queries.gradient(query, theta, frozen))
+        return InfluenceResult(self.tracked_ids.clone(), scores.detach().cpu().clone(), None, name)
+
+    def windows(self, query: str) -> list[WindowSnapshot]:
+        return self.recorder.windows(query)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return self.state.to_dict(self.tracked_ids, self.estimator, self.recorder)
+
+    def load_state_dict(self, state: dict[str, Any], global_step: int | None) -> None:
+        """Apply a checkpoint's (or a finished fit's) state; ``global_step`` is the model's step count."""
+        self.state = FitCheckpoint.restore(state, self.tracked_ids, self.estimator, self.recorder, global_step)
+
+    def continues(self, previous: TrackedFit | None, global_step: int) -> bool:
+        """Whether this fit continues ``previous`` (same model, same trainer step, parameters untouched since)."""
+        if previous is None or previous.final is None or previous.state.global_step != global_step or global_step == 0:
+            return False
+        same_layout = previous.parts.params.layout == self.parts.params.layout
+        if not same_layout or not torch.equal(previous.tracked_ids, self.tracked_ids):
+            return False
+        return previous.config.state_key_fields() == self.config.state_key_fields() and torch.equal(
+            previous.final[0], self.parts.params.theta()
+        )
+
+
+def check_tracked_ids(track: torch.Tensor | None, num_samples: int) -> torch.Tensor:
+    """The tracked ids (``None``: every sample), checked against the training set's size."""
+    ids = torch.arange(num_samples) if track is None else track
+    if int(ids.max()) >= num_samples:
+        raise ValueError(f"track holds ids >= {num_samples}, the training set's size.")
+    return ids
+
+
+__all__: Sequence[str] = ["FitContext", "FitParts", "TrackedFit", "check_tracked_ids"]

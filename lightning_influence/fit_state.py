@@ -1,0 +1,148 @@
+"""A fit's bookkeeping and its checkpoint format; booking that Ctrl+C cannot cut in half.
+
+The checkpoint state (``InfluenceTracker.state_dict()``), version 2::
+
+    {"version": 2, "tracked_ids": LongTensor[k], "steps_booked": int, "global_step": int,
+     "last_epoch": int | None, "seen": BoolTensor[k], "broken": str | None,
+     "estimator": {...the estimator's state...}, "windows": {...WindowRecorder.state_dict()...}}
+
+``global_step`` is the Trainer's step count after the last step the fit handled (booked, or skipped
+by a GradScaler); on restore it must equal the checkpoint's own ``global_step``. Version 1 (0.1.0)
+checkpoints are still read: ``{"version": 1, "tracked_ids", "steps_done", "seen",
+"engine": {"states", "tracin_scores"}, "windows"}``. Nothing here knows Lightning.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from lightning_influence.errors import InfluenceConfigurationError
+from lightning_influence.estimators import Estimator
+from lightning_influence.windows import WindowRecorder
+
+STATE_VERSION = 2
+
+
+class FitCheckpoint:
+    """The counters a fit keeps next to its estimator and windows.
+
+    ``seen: BoolTensor[k]`` marks tracked samples that a booked step consumed; ``global_step`` is
+    the step count after the last handled step; ``last_epoch`` its epoch; ``broken`` says why the
+    states can no longer be trusted (a booking that failed half-way), or None.
+    """
+
+    def __init__(self, num_tracked: int, global_step: int = 0) -> None:
+        self.seen = torch.zeros(num_tracked, dtype=torch.bool)
+        self.steps_booked = 0
+        self.global_step = global_step
+        self.last_epoch: int | None = None
+        self.broken: str | None = None
+
+    def handled(self, global_step: int, epoch: int | None) -> None:
+        """A step ran (booked or skipped): the fit is now at ``global_step``."""
+        self.global_step = global_step
+        if epoch is not None:
+            self.last_epoch = epoch
+
+    def to_dict(self, tracked_ids: torch.Tensor, estimator: Estimator, recorder: WindowRecorder) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "tracked_ids": tracked_ids.clone(),
+            "steps_booked": self.steps_booked,
+            "global_step": self.global_step,
+            "last_epoch": self.last_epoch,
+            "seen": self.seen.clone(),
+            "broken": self.broken,
+            "estimator": estimator.state_dict(),
+            "windows": recorder.state_dict(),
+        }
+
+    @classmethod
+    def restore(
+        cls,
+        state: dict[str, Any],
+        tracked_ids: torch.Tensor,
+        estimator: Estimator,
+        recorder: WindowRecorder,
+        global_step: int | None,
+    ) -> FitCheckpoint:
+        """Check ``state`` against this fit and the model's ``global_step``, apply it to ``estimator`` and
+        ``recorder``, and return the counters. Raises :class:`InfluenceConfigurationError` with the fix."""
+        state = upgrade(state)
+        if state["broken"]:
+            raise InfluenceConfigurationError(
+                f"The checkpoint's influence state cannot be trusted: {state['broken']}. Resume from an earlier"
+                " checkpoint (saved before that step), or train from the start."
+            )
+        if not torch.equal(state["tracked_ids"], tracked_ids):
+            raise InfluenceConfigurationError(
+                "The checkpoint's influence state tracks different sample ids than this tracker. Resume with the"
+                " same track= and training set."
+            )
+        saved = state["global_step"]
+        if saved is not None and global_step is not None and saved != global_step:
+            raise InfluenceConfigurationError(
+                f"The checkpoint's influence state has booked the optimizer steps up to {saved}, but the model is at"
+                f" step {global_step}: it was saved while a step was being taken. Resume from another checkpoint."
+            )
+        try:
+            estimator.load_state_dict(state["estimator"])
+        except (KeyError, ValueError) as err:
+            raise InfluenceConfigurationError(
+                "The checkpoint's influence states do not fit this tracker (different parameters, estimator or"
+                " optimizer). Resume with the same model, params= and optimizer."
+            ) from err
+        recorder.load_state_dict(state["windows"])
+        out = cls(tracked_ids.numel())
+        out.seen = state["seen"].clone()
+        out.steps_booked = int(state["steps_booked"])
+        out.global_step = int(saved if saved is not None else global_step or 0)
+        out.last_epoch = state["last_epoch"]
+        return out
+
+
+def upgrade(state: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint state in the current version's layout (version 1 is converted)."""
+    version = state.get("version")
+    if version == STATE_VERSION:
+        return state
+    if version == 1:
+        return {
+            "version": STATE_VERSION,
+            "tracked_ids": state["tracked_ids"],
+            "steps_booked": state["steps_done"],
+            "global_step": None,  # unknown: version 1 did not store it
+            "last_epoch": None,
+            "seen": state["seen"],
+            "broken": None,
+            "estimator": state["engine"],
+            "windows": state["windows"],
+        }
+    raise ValueError(f"Unknown InfluenceTracker checkpoint state version {version!r}.")
+
+
+@contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Hold back SIGINT (Ctrl+C) until the block ends, then deliver it: a step is booked completely or not at all.
+
+    Only the main thread can own signal handlers; elsewhere the block runs unprotected.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[tuple[int, Any]] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append((signum, frame)))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received and callable(previous):
+            previous(*received[0])
+        elif received and previous == signal.SIG_DFL:
+            raise KeyboardInterrupt

@@ -1,0 +1,43 @@
+"""Optimizer models: how one step of SGD / Adam / AdamW moves a perturbation of its state.
+
+Each model advances stacked per-sample perturbations of the optimizer state (``δθ``, ``δbuf``,
+``δm``, ``δv``; each ``Tensor[c, p]``, one row per tracked sample) given the perturbation of the
+gradient the optimizer received ``δg: Tensor[c, p]``, written exactly as PyTorch implements the step
+(SPEC §3); transposes the linear part of that map for the adjoint sweep (SPEC §7); and replays the
+factual step (``apply``).
+
+``exact=False`` is the fully linear recursion (SGD-influence / AdamW-influence, estimator
+``"first-order"``); ``exact=True`` applies the optimizer's own elementwise map to the
+counterfactual moments (estimator ``"acc"``). For SGD and momentum the map is linear, so both agree.
+
+Nothing here knows Lightning: a step is described by plain :class:`GroupStep` records, and a live
+optimizer is read by :func:`read_step_groups` and :func:`flat_optimizer_state`.
+"""
+
+from lightning_influence.optimizers.adam import AdamJacobian, AdamWJacobian
+from lightning_influence.optimizers.base import GroupStep, OptimizerJacobian, OptimizerStep, UnsupportedOptimizerError
+from lightning_influence.optimizers.sgd import SGDJacobian
+from lightning_influence.optimizers.state import (
+    STATE_KEYS,
+    OptimizerSpec,
+    flat_optimizer_state,
+    model_optimizer,
+    read_group_step,
+    read_step_groups,
+)
+
+__all__ = [
+    "STATE_KEYS",
+    "AdamJacobian",
+    "AdamWJacobian",
+    "GroupStep",
+    "OptimizerJacobian",
+    "OptimizerSpec",
+    "OptimizerStep",
+    "SGDJacobian",
+    "UnsupportedOptimizerError",
+    "flat_optimizer_state",
+    "model_optimizer",
+    "read_group_step",
+    "read_step_groups",
+]

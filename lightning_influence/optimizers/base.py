@@ -1,0 +1,122 @@
+"""Plain records of one optimizer step, and the interface every optimizer model implements.
+
+A model knows three maps of one real step of its optimizer (SPEC §3):
+
+- ``apply``: the factual step, θ_t and the pre-step optimizer state → θ_{t+1} and the post-step state,
+  computed as PyTorch computes it (replay, self-check);
+- ``advance``: the forward map of stacked per-sample perturbations of the state
+  (``exact=False``: its Jacobian, estimator ``"first-order"``);
+- ``transpose``: the transpose of the linear forward map, for the adjoint sweep (SPEC §7).
+
+Nothing here knows Lightning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+class UnsupportedOptimizerError(ValueError):
+    """The optimizer, or one of its options, cannot be modelled exactly."""
+
+
+@dataclass
+class GroupStep:
+    """Hyper-parameters of one param group at one optimizer step, read as the optimizer used them.
+
+    ``region`` is the group's slice of the flat tracked-parameter vector (empty when the group has no
+    tracked parameter). For Adam(W), ``step`` is the step count *after* the update (c₀ in SPEC §3;
+    1 means the optimizer state was just created). For SGD with momentum, ``first_momentum_step``
+    says that the momentum buffer did not exist before this step.
+    """
+
+    region: slice
+    lr: float
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+    dampening: float = 0.0
+    nesterov: bool = False
+    first_momentum_step: bool = False
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    step: int = 1
+
+
+@dataclass
+class OptimizerStep:
+    """One real optimizer step: per-group hyper-parameters and the factual flat tensors (``Tensor[p]``).
+
+    ``theta`` are the pre-step parameters, ``grad`` the gradient the optimizer received (after any
+    clipping), ``exp_avg`` / ``exp_avg_sq`` Adam's moments *after* the step (None for SGD).
+    """
+
+    groups: list[GroupStep]
+    theta: torch.Tensor
+    grad: torch.Tensor
+    exp_avg: torch.Tensor | None = None
+    exp_avg_sq: torch.Tensor | None = None
+
+    def lr_vector(self) -> torch.Tensor:
+        """``Tensor[p]``: the learning rate that applies to each coordinate."""
+        lr = torch.empty_like(self.theta)
+        for g in self.groups:
+            lr[g.region] = g.lr
+        return lr
+
+
+FlatState = dict[str, "torch.Tensor | None"]  # {"momentum_buffer" | "exp_avg" | "exp_avg_sq": Tensor[p] or None}
+
+
+class OptimizerJacobian:
+    """Base class: ``blocks`` names the per-sample state blocks; ``apply`` / ``advance`` / ``transpose``
+    are the factual step, the perturbation's forward map and the transpose of its linear part."""
+
+    blocks: tuple[str, ...] = ("theta",)
+
+    def advance(self, states: dict[str, torch.Tensor], delta_g: torch.Tensor, step: OptimizerStep, exact: bool) -> None:
+        """Advance every block of ``states`` (each ``Tensor[c, p]``, modified in place) by one step.
+
+        ``delta_g`` (``Tensor[c, p]``, may be overwritten) is the perturbation of the gradient the
+        optimizer received, at the pre-step parameters; ``states["theta"]`` holds δθ at the pre-step
+        parameters on entry. ``exact=False`` is the linear map O(s, δg) that ``transpose`` transposes.
+        """
+        raise NotImplementedError
+
+    def transpose(self, adjoint: dict[str, torch.Tensor], step: OptimizerStep) -> torch.Tensor:
+        """Transpose of the linear ``advance`` (``exact=False``) of this step.
+
+        ``adjoint`` holds λ_{t+1}, one ``Tensor[c, p]`` per name of ``blocks`` (the adjoint of the
+        post-step perturbation). On return its blocks are overwritten in place with the adjoint of the
+        pre-step blocks through the optimizer alone (δθ→δθ', δm→δm', δv→δv', δbuf→δbuf' and the weight
+        decay paths; *not* the H·u path through the gradient, which the caller adds). Returns
+        u (``Tensor[c, p]``), the adjoint of δg, such that for every s and δg
+
+            ⟨λ', O(s, δg)⟩ = ⟨transposed blocks, s⟩ + ⟨u, δg⟩.
+        """
+        raise NotImplementedError
+
+    def apply(self, step: OptimizerStep, pre_state: FlatState) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The factual step as PyTorch computes it.
+
+        Args:
+            step: pre-step parameters ``theta``, the received gradient ``grad`` (``Tensor[p]``) and
+                the groups' hyper-parameters (its ``exp_avg`` / ``exp_avg_sq`` are not read).
+            pre_state: the flat pre-step optimizer state; a missing key or None means "no state yet".
+
+        Returns:
+            ``(θ_{t+1}: Tensor[p], post-step flat state)``: ``{"momentum_buffer"}`` for SGD with
+            momentum, ``{"exp_avg", "exp_avg_sq"}`` for Adam(W), ``{}`` when the model keeps no state.
+        """
+        raise NotImplementedError
+
+    def predict(self, step: OptimizerStep, pre_state: FlatState) -> torch.Tensor:
+        """The factual post-step parameters ``Tensor[p]`` (the θ part of :meth:`apply`)."""
+        return self.apply(step, pre_state)[0]
+
+
+def is_empty(region: slice) -> bool:
+    """True for the region of a group with nothing tracked."""
+    return region.start == region.stop

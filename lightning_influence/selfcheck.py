@@ -1,0 +1,93 @@
+"""The self-check of the first optimizer steps: does the tracker's model reproduce the real step?
+
+Two comparisons, on the first ``self_check_steps`` steps of a fit:
+
+- the gradient of the mean of ``loss_fn``'s per-sample losses (plus the regulariser), as the tracker
+  differentiates it, against the gradient the optimizer received;
+- the optimizer model's post-step parameters (from θ_t, the gradient and the pre-step optimizer
+  state) against the parameters the optimizer really produced; and, at the next step, that nothing
+  moved the parameters in between.
+
+Any mismatch raises :class:`~lightning_influence.errors.SelfCheckError` naming the step and the usual
+causes. Nothing here knows Lightning.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lightning_influence.errors import SelfCheckError
+from lightning_influence.optimizers import OptimizerSpec
+from lightning_influence.records import StepRecord
+
+# Relative gradient mismatch accepted under mixed precision: the step's gradient is computed in
+# bf16/fp16 while the tracker differentiates the loss in the parameters' float32.
+MIXED_GRAD_TOLERANCE = 5e-2
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    return 1e-6 if dtype == torch.float64 else 1e-3
+
+
+class StepSelfCheck:
+    """Checks the first ``steps`` booked steps of one fit (0 disables it).
+
+    Args:
+        steps: how many first steps to check.
+        spec: the optimizer model in use.
+        mixed_precision: the step's gradient was computed under autocast (looser gradient tolerance).
+    """
+
+    def __init__(self, steps: int, spec: OptimizerSpec, mixed_precision: bool) -> None:
+        self.steps = steps
+        self.spec = spec
+        self.mixed_precision = mixed_precision
+        self._expected_theta: torch.Tensor | None = None  # θ after the last checked step
+
+    def wants(self, steps_booked: int) -> bool:
+        """Whether the next step (after ``steps_booked`` booked ones) is checked."""
+        return steps_booked < self.steps
+
+    def check_unmoved(self, step: int, theta: torch.Tensor) -> None:
+        """θ_t must equal the parameters the last checked step produced."""
+        expected, self._expected_theta = self._expected_theta, None
+        if expected is None:
+            return
+        moved = float((theta - expected).abs().max())
+        if moved > 0:
+            raise SelfCheckError(
+                f"The tracked parameters changed outside the optimizer between optimizer steps {step - 1} and {step}"
+                f" (max abs change {moved:.2e}): e.g. a projection, weight clipping or an EMA swap in a hook. The"
+                " tracker models only the optimizer's update; remove that change."
+            )
+
+    def check_gradient(self, record: StepRecord, recomputed: torch.Tensor) -> None:
+        """The tracker's step gradient must reproduce the one the optimizer received."""
+        raw = record.raw_grad
+        tol = MIXED_GRAD_TOLERANCE if self.mixed_precision else _tolerance(record.theta.dtype)
+        err = float((recomputed - raw).norm() / raw.norm().clamp_min(torch.finfo(raw.dtype).tiny))
+        if err > tol:
+            raise SelfCheckError(
+                f"At optimizer step {record.step}, the mean of loss_fn's per-sample losses does not reproduce the"
+                f" gradient the optimizer received (relative difference {err:.2e} > {tol:g}). Usual causes: a"
+                " regulariser or auxiliary loss in training_step that loss_fn lacks (pass regularizer=), a loss"
+                " that is not the mean of per-sample losses (reduction='sum', extra scaling), or random layers."
+            )
+
+    def check_update(self, record: StepRecord, observed: torch.Tensor) -> None:
+        """The optimizer model's post-step θ must reproduce ``observed`` (``Tensor[p]``)."""
+        self._expected_theta = observed
+        if self.spec.kind == "sgd-approx" or record.pre_state is None:
+            return  # plain SGD stands in for the real optimizer by choice: the update is not expected to match
+        theta = record.theta
+        predicted = self.spec.jacobian.predict(record.optimizer, record.pre_state)
+        update = float((observed - theta).abs().max())
+        eps = torch.finfo(theta.dtype).eps
+        err = float((predicted - observed).abs().max())
+        if err > _tolerance(theta.dtype) * update + 16 * eps * float(theta.abs().max()):
+            raise SelfCheckError(
+                f"At optimizer step {record.step}, the tracker's model of {self.spec.kind} does not reproduce the"
+                f" observed parameter update (max abs difference {err:.2e}, update size {update:.2e}). Usual causes:"
+                " gradient clipping or gradient changes in a hook, an optimizer option the tracker does not model,"
+                " or parameters changed outside the optimizer."
+            )
