@@ -12,8 +12,10 @@ from lightning_influence.engine import InfluenceEngine
 from lightning_influence.errors import InfluenceConfigurationError, NonFiniteInfluenceError, SelfCheckError
 from lightning_influence.optimizers import AdamJacobian, AdamWJacobian, SGDJacobian, UnsupportedOptimizerError
 from lightning_influence.patterns import InfluencePatterns, classify_patterns
+from lightning_influence.replay import ReplayMismatchError, TrajectoryReplay
 from lightning_influence.result import InfluenceResult
 from lightning_influence.tracin import TracInAccumulator
+from lightning_influence.trajectory import Trajectory, load_trajectory
 from lightning_influence.windows import WindowSnapshot
 
 __version__ = "0.1.0"
@@ -30,7 +32,9 @@ __all__ = [
     "NonFiniteInfluenceError",
     "SGDJacobian",
     "SampleIdError",
+    "ReplayMismatchError",
     "SelfCheckError",
+    "TrajectoryReplay",
     "TracInAccumulator",
     "TrackerConfig",
     "UnsupportedOptimizerError",
@@ -39,4 +43,6 @@ __all__ = [
     "default_sample_ids",
     "load_final_scores",
     "load_snapshots",
+    "load_trajectory",
+    "Trajectory",
 ]

@@ -169,3 +169,35 @@ def artifact_dir(trainer: pl.Trainer, dirpath: str | os.PathLike | None, name: s
     if dirpath is not None:
         return os.fspath(dirpath)
     return os.path.join(trainer.log_dir or trainer.default_root_dir, name)
+
+
+def expected_steps(trainer: pl.Trainer) -> int | None:
+    """The fit's total number of optimizer steps, when Lightning can tell (for ≈ √T trajectory checkpoints)."""
+    try:
+        steps = trainer.estimated_stepping_batches
+    except Exception:  # noqa: BLE001 - an iterable without length: unknown
+        return None
+    return int(steps) if steps != float("inf") else None
+
+
+def id_gatherer(trainer: pl.Trainer):
+    """Collects every process's ids of one micro-batch, in rank order (None for one process)."""
+    if trainer.world_size <= 1:
+        return None
+    strategy = trainer.strategy
+
+    def gather(ids: torch.Tensor) -> list[torch.Tensor]:
+        device = strategy.root_device
+        sizes = strategy.all_gather(torch.tensor([ids.numel()], device=device)).flatten().tolist()
+        padded = torch.full((max(sizes),), -1, dtype=torch.long, device=device)
+        padded[: ids.numel()] = ids.to(device)
+        everyone = strategy.all_gather(padded).reshape(len(sizes), -1)
+        return [everyone[rank, :size].cpu() for rank, size in enumerate(sizes)]
+
+    return gather
+
+
+def training_data(trainer: pl.Trainer) -> tuple[Any, Any]:
+    """``(dataset, collate_fn)`` of the training DataLoader (for the all-sample replay)."""
+    loader = trainer.train_dataloader
+    return getattr(loader, "dataset", None), getattr(loader, "collate_fn", None)

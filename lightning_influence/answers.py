@@ -15,7 +15,9 @@ from lightning_influence.config import TrackerConfig
 from lightning_influence.estimators import Estimator
 from lightning_influence.fit import TrackedFit
 from lightning_influence.patterns import InfluencePatterns, classify_patterns
+from lightning_influence.replay import TrajectoryReplay
 from lightning_influence.result import InfluenceResult
+from lightning_influence.trajectory import load_trajectory
 from lightning_influence.windows import WindowSnapshot
 
 
@@ -36,13 +38,15 @@ class TrackerAnswers:
         if query not in self.config.queries:
             raise KeyError(f"No registered query named {query!r}; registered: {sorted(self.config.queries)}.")
 
-    def influence(self, query: Any, per_example: bool = False) -> InfluenceResult:
+    def influence(self, query: Any, per_example: bool = False, all_samples: bool = False) -> InfluenceResult:
         """Influence of every tracked training sample on ``query``.
 
         Args:
             query: a batch or a DataLoader (f = mean per-sample loss over it), a callable
                 ``f(pl_module) -> scalar``, or the name of a registered query.
             per_example: also return ``per_example: Tensor[k, n]``, the scores on each query example.
+            all_samples: score every training sample that took part in a booked step, by an adjoint replay
+                of the recorded trajectory (``record_trajectory=True``); always the ``"first-order"`` numbers.
 
         Returns:
             :class:`InfluenceResult` with ``scores[j]`` ≈ f(θ_-j(T)) − f(θ(T)): negative = harmful.
@@ -51,18 +55,52 @@ class TrackerAnswers:
         """
         if isinstance(query, str):
             self._check_registered(query)
-        return self._finished().influence(query, per_example)
+        fit = self._finished()
+        if all_samples:
+            return self.replay().influence(fit.parts.queries.resolve(query), per_example)
+        return fit.influence(query, per_example)
 
-    def windows(self, query: str) -> list[WindowSnapshot]:
+    def windows(self, query: str, all_samples: bool = False) -> list[WindowSnapshot]:
         """The DIT window snapshots of registered query ``query``, in time order.
 
         Each :class:`WindowSnapshot` carries ``start_step``, ``end_step``, ``sample_ids: LongTensor[k]``
         and ``scores: Tensor[k]`` = I(end) − I(start) (negative = harmful over that window). The
         windows telescope: their scores sum to ``influence(query).scores``.
-        Available during training (windows closed so far) and after fit.
+        Available during training (windows closed so far) and after fit. With ``all_samples=True`` (after
+        fit, ``record_trajectory=True``), the same windows over every training sample, by the adjoint replay.
         """
         self._check_registered(query)
-        return [] if self._fit is None else self._fit.windows(query)
+        if not all_samples:
+            return [] if self._fit is None else self._fit.windows(query)
+        fit = self._finished()
+        boundaries = [w.end_step for w in fit.windows(query)]
+        return self.replay().windows(query, fit.parts.queries.resolve(query), boundaries)
+
+    @property
+    def trajectory_path(self) -> str | None:
+        """The folder of the recorded trajectory (``record_trajectory=True``; None otherwise or before fit)."""
+        fit = self._fit
+        return None if fit is None or fit.parts.recorder is None else str(fit.parts.recorder.dirpath)
+
+    def replay(self, progress: bool = True) -> TrajectoryReplay:
+        """The adjoint replay over this fit's recorded trajectory (what ``all_samples=True`` uses)."""
+        fit = self._finished()
+        if fit.parts.recorder is None:
+            raise RuntimeError(
+                "all_samples=True replays the recorded trajectory: pass record_trajectory=True to InfluenceTracker"
+                " (track=() records without forward states)."
+            )
+        loss = fit.parts.queries.loss
+        return TrajectoryReplay(
+            load_trajectory(fit.parts.recorder.dirpath),
+            loss.module,
+            fit.context.train_dataset,
+            loss_fn=loss.loss_fn,
+            regularizer=loss.regularizer,
+            collate_fn=fit.context.collate_fn,
+            move=fit.parts.queries.move,
+            progress=progress,
+        )
 
     def patterns(self, query: str, **thresholds: float) -> InfluencePatterns:
         """Classify tracked samples as stable / early / late / fluctuating from their window scores

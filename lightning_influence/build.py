@@ -14,15 +14,17 @@ from torch import nn
 from lightning_influence.config import GIB, TrackerConfig
 from lightning_influence.engine import InfluenceEngine, MemoryPlan, plan_memory
 from lightning_influence.errors import InfluenceConfigurationError
-from lightning_influence.estimators import Estimator
+from lightning_influence.estimators import Estimator, NoStates
 from lightning_influence.fit import FitContext, FitParts, TrackedFit, check_tracked_ids
 from lightning_influence.functional import FunctionalLoss, PerSampleLossFn
 from lightning_influence.optimizers import OptimizerSpec, model_optimizer
-from lightning_influence.parameters import select_parameters
+from lightning_influence.parameters import TrackedParameters, select_parameters
 from lightning_influence.queries import MoveFn, QueryEvaluator
+from lightning_influence.recording import TrajectoryRecorder, trajectory_meta
 from lightning_influence.records import StepRecord
 from lightning_influence.selfcheck import StepSelfCheck
 from lightning_influence.tracin import TracInAccumulator
+from lightning_influence.trajectory import default_checkpoint_every
 
 
 def resolve_loss_fn(config: TrackerConfig, module: nn.Module) -> PerSampleLossFn:
@@ -78,6 +80,51 @@ def _step_gradient(loss: FunctionalLoss, context: FitContext):
     return recompute
 
 
+def make_recorder(
+    config: TrackerConfig,
+    params: TrackedParameters,
+    optimizer: torch.optim.Optimizer,
+    num_samples: int,
+    context: FitContext,
+) -> TrajectoryRecorder | None:
+    """The trajectory recorder of ``record_trajectory=True`` (None otherwise)."""
+    if not config.record_trajectory:
+        return None
+    if params.untracked:
+        raise InfluenceConfigurationError(
+            "record_trajectory=True replays every trainable parameter's update, but params= leaves"
+            f" {sorted(params.untracked)[:5]} untracked. Track all parameters (params=None) when recording."
+        )
+    if context.mixed_precision:
+        raise InfluenceConfigurationError(
+            "record_trajectory=True under bf16-mixed/16-mixed: the replay recomputes each step's gradient in the"
+            " parameters' precision and cannot reproduce autocast's, so its fingerprints would not match. Record"
+            " with precision='32-true' (or '64-true')."
+        )
+    if config.record_batches and context.world_size > 1:
+        raise InfluenceConfigurationError(
+            "record_batches=True stores rank zero's batches only; under DDP the replay reads the other ranks'"
+            " samples from the dataset. Drop record_batches, or record on a single device."
+        )
+    spec = model_optimizer(optimizer, "auto")  # the replay re-runs the real update, whatever the estimator models
+    every = config.checkpoint_every_n_steps or default_checkpoint_every(context.expected_steps)
+    meta = trajectory_meta(
+        params.layout,
+        spec.kind,
+        bool(getattr(spec.jacobian, "momentum", False)),
+        params.dtype,
+        num_samples,
+        checkpoint_every_n_steps=every,
+        world_size=context.world_size,
+        record_batches=config.record_batches,
+        windows={"every_n_steps": config.window_every_n_steps, "every_n_epochs": config.window_every_n_epochs},
+    )
+    assert context.trajectory_dir is not None
+    return TrajectoryRecorder(
+        context.trajectory_dir, meta, every, config.record_batches, context.gather_ids, context.writes_files
+    )
+
+
 def build_fit(
     config: TrackerConfig,
     module: nn.Module,
@@ -101,7 +148,9 @@ def build_fit(
     check_plan(config, plan)
     queries = QueryEvaluator(loss, config.queries, move)
     estimator: Estimator
-    if config.keeps_states:
+    if k == 0:
+        estimator = NoStates(dtype)
+    elif config.keeps_states:
         estimator = InfluenceEngine(loss, spec.jacobian, k, config.estimator, plan.chunk_rows, dtype, params.device)
     else:
         estimator = TracInAccumulator(loss, k, queries.registered_gradients, dtype, params.device)
@@ -112,6 +161,7 @@ def build_fit(
         self_check=StepSelfCheck(config.self_check_steps, spec, context.mixed_precision),
         optimizer_kind=spec.kind,
         recompute_gradient=_step_gradient(loss, context),
+        recorder=make_recorder(config, params, optimizer, num_samples, context),
     )
     context.metadata.setdefault("estimator", config.estimator)
     context.metadata.setdefault("optimizer_model", spec.kind)

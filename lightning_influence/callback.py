@@ -14,6 +14,7 @@ outside a fit this tracker started (e.g. inside a learning-rate finder) are igno
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -73,6 +74,11 @@ class InfluenceTracker(Callback, TrackerAnswers):
         self_check_steps: number of first optimizer steps on which the tracker checks that the
             per-sample losses reproduce the optimizer's gradient and that its optimizer model
             reproduces the observed update (0 disables; not recommended).
+        record_trajectory: record the run (sample ids, hyper-parameters, checkpoints) under
+            ``<artifact dir>/trajectory`` so that ``influence(..., all_samples=True)`` scores every training
+            sample by an adjoint replay after fit; ``track=()`` then records without forward states.
+        checkpoint_every_n_steps: store the parameters and optimizer state every n steps (default ≈ √T).
+        record_batches: also store each step's batches, for data that cannot be read again identically.
 
     Sign convention: every score is the predicted ``f(θ_-j) − f(θ)`` when sample j is removed;
     negative = harmful to the query, positive = helpful.
@@ -99,6 +105,9 @@ class InfluenceTracker(Callback, TrackerAnswers):
         hvp_chunk_size: int | None = None,
         hvp_memory_bytes: int = GIB // 4,
         self_check_steps: int = 2,
+        record_trajectory: bool = False,
+        checkpoint_every_n_steps: int | None = None,
+        record_batches: bool = False,
     ) -> None:
         arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         self.config = TrackerConfig(**arguments)
@@ -108,6 +117,7 @@ class InfluenceTracker(Callback, TrackerAnswers):
         self._fit_started = False  # on_fit_start ran for the fit in progress (its training hooks are ours)
         self._training = False  # on_train_start ran for the fit in progress
         self._namespace = "influence"
+        self._artifact_dir: str | None = None
         self._checkpoint_step: int | None = None
         self._restored: tuple[dict[str, Any], int | None] | None = None  # (state, the checkpoint's global_step)
 
@@ -153,11 +163,23 @@ class InfluenceTracker(Callback, TrackerAnswers):
         self._start_artifacts(trainer, fit, keep=resumed or continued)
 
     def _new_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> TrackedFit:
+        self._namespace = lit.namespace(trainer, self)
+        needs_dir = self.config.record_trajectory or (self.config.queries and self.config.write_artifacts)
+        # trainer.log_dir is a collective call under DDP: every rank asks
+        self._artifact_dir = lit.artifact_dir(trainer, self.config.dirpath, self._namespace) if needs_dir else None
+        dataset, collate_fn = lit.training_data(trainer)
         context = FitContext(
             micro_batch_weight=lit.micro_batch_weight(trainer),
             reduce=lit.reducer(trainer),
             mixed_precision=lit.is_mixed_precision(trainer),
             expect_indexed=lit.expects_indexed_batches(trainer, self.config.sample_ids),
+            trajectory_dir=None if self._artifact_dir is None else os.path.join(self._artifact_dir, "trajectory"),
+            expected_steps=lit.expected_steps(trainer),
+            gather_ids=lit.id_gatherer(trainer),
+            writes_files=trainer.is_global_zero,
+            world_size=trainer.world_size,
+            train_dataset=dataset,
+            collate_fn=collate_fn,
         )
         num_samples = lit.training_set_size(trainer, self.config.num_samples)
         first = next(p for p in pl_module.parameters())
@@ -168,14 +190,11 @@ class InfluenceTracker(Callback, TrackerAnswers):
         )
 
     def _start_artifacts(self, trainer: pl.Trainer, fit: TrackedFit, keep: bool) -> None:
-        self._namespace = lit.namespace(trainer, self)
-        if not self.config.queries:
+        if fit.parts.recorder is not None:
+            fit.parts.recorder.start(fit.state.global_step if keep else None)
+        if not self.config.queries or not trainer.is_global_zero:
             return
-        dirpath = (
-            lit.artifact_dir(trainer, self.config.dirpath, self._namespace) if self.config.write_artifacts else None
-        )
-        if not trainer.is_global_zero:
-            return
+        dirpath = self._artifact_dir if self.config.write_artifacts else None
         fit.context.sinks.append(LoggerSink(trainer.loggers, self.config.log_top_k, self._namespace))
         if dirpath is not None:
             writer = SnapshotWriter(dirpath)

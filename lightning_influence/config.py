@@ -30,15 +30,20 @@ OPTIMIZER_MODELS = ("auto", "sgd")
 GIB = 2**30
 
 
-def _check_track(track: Sequence[int] | torch.Tensor | None) -> torch.Tensor | None:
+def _check_track(track: Sequence[int] | torch.Tensor | None, allow_empty: bool) -> torch.Tensor | None:
     if track is None:
         return None
     track = torch.as_tensor(track)
     if track.numel() and (track.dtype.is_floating_point or track.dtype.is_complex or track.dtype == torch.bool):
         raise ValueError(f"track must hold integer training-set ids, got dtype {track.dtype}.")
     track = track.to(torch.long).flatten()
+    if track.numel() == 0 and allow_empty:
+        return track  # recording the trajectory alone: no forward states
     if track.numel() == 0 or torch.unique(track).numel() != track.numel() or int(track.min()) < 0:
-        raise ValueError("track must be a non-empty sequence of distinct, non-negative training-set ids.")
+        raise ValueError(
+            "track must be a non-empty sequence of distinct, non-negative training-set ids (track=() is allowed"
+            " with record_trajectory=True, to record without forward states)."
+        )
     return track
 
 
@@ -77,10 +82,13 @@ class TrackerConfig:
     hvp_chunk_size: int | None = None
     hvp_memory_bytes: int = GIB // 4
     self_check_steps: int = 2
+    record_trajectory: bool = False
+    checkpoint_every_n_steps: int | None = None
+    record_batches: bool = False
 
     def __post_init__(self) -> None:
         fix = object.__setattr__  # a frozen dataclass normalises its own fields here only
-        fix(self, "track", _check_track(self.track))
+        fix(self, "track", _check_track(self.track, allow_empty=bool(self.record_trajectory)))
         fix(self, "queries", dict(self.queries or {}))
         fix(self, "sample_ids", self.sample_ids or default_sample_ids)
         self._check_names()
@@ -96,6 +104,9 @@ class TrackerConfig:
             or self.self_check_steps < 0
         ):
             raise ValueError(f"self_check_steps must be a non-negative integer, got {self.self_check_steps!r}.")
+        _check_positive("checkpoint_every_n_steps", self.checkpoint_every_n_steps, allow_none=True)
+        if (self.record_batches or self.checkpoint_every_n_steps is not None) and not self.record_trajectory:
+            raise ValueError("record_batches and checkpoint_every_n_steps need record_trajectory=True.")
         for name in ("loss_fn", "regularizer", "sample_ids"):
             if getattr(self, name) is not None and not callable(getattr(self, name)):
                 raise TypeError(f"{name} must be callable, got {type(getattr(self, name)).__name__}.")
@@ -139,7 +150,9 @@ class TrackerConfig:
     def state_key_fields(self) -> dict[str, Any]:
         """What distinguishes two trackers on one Trainer (Lightning's ``state_key``)."""
         track = "all" if self.track is None else hashlib.sha1(self.track.numpy().tobytes()).hexdigest()[:12]
+        recording = {"trajectory": True} if self.record_trajectory else {}  # keeps earlier checkpoints' keys
         return {
+            **recording,
             "estimator": self.estimator,
             "optimizer_model": self.optimizer_model,
             "track": track,

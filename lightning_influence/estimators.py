@@ -55,3 +55,27 @@ class Estimator:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         raise NotImplementedError
+
+
+class NoStates(Estimator):
+    """No tracked sample (``track=()`` while recording the trajectory): nothing to propagate, empty scores."""
+
+    name = "none"
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self._dtype = dtype
+
+    def book(self, record: StepRecord, parts: Sequence[MicroBatch], reduce: Reduce | None = None) -> None:
+        return None
+
+    def totals(self, query: str, gradient: QueryGradient) -> torch.Tensor:
+        return torch.zeros(0, dtype=self._dtype)
+
+    def answer(self, gradient: torch.Tensor) -> torch.Tensor:
+        return torch.zeros((0,) if gradient.dim() == 1 else (0, gradient.shape[0]), dtype=self._dtype)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass

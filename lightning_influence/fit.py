@@ -31,6 +31,7 @@ from lightning_influence.fit_state import FitCheckpoint, deferred_interrupts
 from lightning_influence.optimizers import OptimizerStep, flat_optimizer_state, read_step_groups
 from lightning_influence.parameters import TrackedParameters
 from lightning_influence.queries import QueryEvaluator
+from lightning_influence.recording import TrajectoryRecorder
 from lightning_influence.records import MicroBatch, MicroBatchRecord, StepRecord
 from lightning_influence.result import InfluenceResult
 from lightning_influence.selfcheck import StepSelfCheck
@@ -49,6 +50,14 @@ class FitContext:
     expect_indexed: bool = False  # default id reader, but the dataset is not an IndexedDataset
     sinks: list[WindowSink] = field(default_factory=list)  # where closed windows and final scores go
     metadata: dict[str, Any] = field(default_factory=dict)  # written with the final scores
+    # recording the trajectory (record_trajectory=True)
+    trajectory_dir: str | None = None
+    expected_steps: int | None = None  # the fit's total optimizer steps, when known (for ≈ √T checkpoints)
+    gather_ids: Any = None  # every process's ids of a micro-batch (recording.GatherIds); None: one process
+    writes_files: bool = True  # rank zero
+    world_size: int = 1
+    train_dataset: Any = None  # for the all-sample replay
+    collate_fn: Any = None
 
 
 @dataclass
@@ -61,6 +70,7 @@ class FitParts:
     self_check: StepSelfCheck
     optimizer_kind: str
     recompute_gradient: Callable[[StepRecord], torch.Tensor]  # for estimators that do not return it
+    recorder: TrajectoryRecorder | None = None  # writes the trajectory for the all-sample replay
 
 
 class TrackedFit:
@@ -137,7 +147,10 @@ class TrackedFit:
         theta = params.theta()
         self.parts.self_check.check_unmoved(step, theta)
         groups = read_step_groups(optimizer, [list(g) for g in params.groups], params.layout.group_slices)
-        checked = self.parts.self_check.wants(self.state.steps_booked)
+        recorder = self.parts.recorder
+        wants_state = self.parts.self_check.wants(self.state.steps_booked) or (
+            recorder is not None and recorder.wants_checkpoint(step)
+        )
         bound = (
             None
             if loss_scale is not None and not bool(torch.isfinite(raw_grad).all())
@@ -151,7 +164,7 @@ class TrackedFit:
             clip=bound,
             frozen=params.frozen(),
             loss_scale=loss_scale,
-            pre_state=flat_optimizer_state(optimizer, params.flat) if checked else None,
+            pre_state=flat_optimizer_state(optimizer, params.flat) if wants_state else None,
         )
 
     def _clip(
@@ -209,12 +222,14 @@ class TrackedFit:
                 " training step used, so its gradients and Hessians would differ. Make loss_fn deterministic."
             ) from err
         self.last_booking_seconds = time.perf_counter() - started
-        if record.pre_state is not None:
+        if self.parts.self_check.wants(self.state.steps_booked):
             if recomputed is None:
                 recomputed = self.parts.recompute_gradient(record)
             self.parts.self_check.check_gradient(record, recomputed)
             self.parts.self_check.check_update(record, self.parts.params.theta())
         self.estimator.check_finite(record.step, self.tracked_ids)
+        if self.parts.recorder is not None:
+            self.parts.recorder.record(record, record.pre_state)
         self.state.steps_booked += 1
 
     def _tracked_rows(self, micro: MicroBatchRecord) -> MicroBatch:
@@ -253,6 +268,8 @@ class TrackedFit:
         self.close_windows(self.state.global_step, self.state.last_epoch or 0)
         if reduce_seen is not None:  # each process saw its own shard
             self.state.seen = reduce_seen(self.state.seen.to(torch.float32)).cpu() > 0
+        if self.parts.recorder is not None:
+            self.parts.recorder.finish(self.state.global_step, self.final[0])
         results = {name: self.influence(name) for name in self.config.queries}
         metadata = {**self.context.metadata, "steps": self.state.global_step, "steps_booked": self.state.steps_booked}
         for sink in self.context.sinks:
@@ -310,7 +327,7 @@ class TrackedFit:
 def check_tracked_ids(track: torch.Tensor | None, num_samples: int) -> torch.Tensor:
     """The tracked ids (``None``: every sample), checked against the training set's size."""
     ids = torch.arange(num_samples) if track is None else track
-    if int(ids.max()) >= num_samples:
+    if ids.numel() and int(ids.max()) >= num_samples:
         raise ValueError(f"track holds ids >= {num_samples}, the training set's size.")
     return ids
 

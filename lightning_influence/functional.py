@@ -111,6 +111,11 @@ class FunctionalLoss:
         self.regularizer = regularizer
         self._call = _ModuleCall(module)
 
+    @property
+    def module(self) -> nn.Module:
+        """The model whose loss this is."""
+        return self._call.module
+
     def _params(self, theta: torch.Tensor, frozen: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
         params = {f"module.{k}": v for k, v in self.layout.unflatten(theta).items()}
         if frozen:

@@ -67,7 +67,8 @@ class StepRecord:
         frozen: values at θ_t of the trainable parameters that are not tracked (constants of the
             counterfactual), ``{name: Tensor}``.
         loss_scale: the GradScaler's scale when the gradient was read (None without a scaler).
-        pre_state: flat copies of the optimizer state before the step, kept only on self-checked steps.
+        pre_state: flat copies of the optimizer state before the step, read only on self-checked steps and
+            at trajectory checkpoints.
     """
 
     step: int

@@ -77,7 +77,7 @@ class StepSelfCheck:
     def check_update(self, record: StepRecord, observed: torch.Tensor) -> None:
         """The optimizer model's post-step θ must reproduce ``observed`` (``Tensor[p]``)."""
         self._expected_theta = observed
-        if self.spec.kind == "sgd-approx" or record.pre_state is None:
+        if self.spec.kind == "sgd-approx" or record.pre_state is None:  # pre_state: read on checked steps
             return  # plain SGD stands in for the real optimizer by choice: the update is not expected to match
         theta = record.theta
         predicted = self.spec.jacobian.predict(record.optimizer, record.pre_state)

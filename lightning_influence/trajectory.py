@@ -188,6 +188,39 @@ class Trajectory:
                 out.append((start, [entry]))
         return out
 
+    def influence(self, module: Any, train_dataset: Any, query: Any, loss_fn: Any = None, **kwargs: Any) -> Any:
+        """Scores of every sample that took part in a step on ``query`` at the final step: an
+        :class:`~lightning_influence.result.InfluenceResult` (estimator ``"first-order"``; negative = harmful).
+
+        ``module``: the trained architecture (its parameter values are not used); ``train_dataset[i]``: sample i as in
+        training; ``loss_fn``: ``(module, batch) -> Tensor[B]`` (default ``module.per_sample_loss``). ``kwargs``:
+        ``per_example``, and :class:`~lightning_influence.replay.TrajectoryReplay`'s options (``regularizer``,
+        ``collate_fn``, ``move``, ``progress``, ``chunk_size``, ``tolerances``).
+        """
+        from lightning_influence.replay import TrajectoryReplay  # the replay imports this module
+
+        per_example = bool(kwargs.pop("per_example", False))
+        replay = TrajectoryReplay(self, module, train_dataset, loss_fn=loss_fn, **kwargs)
+        return replay.influence(query, per_example=per_example)
+
+    def windows(
+        self,
+        module: Any,
+        train_dataset: Any,
+        name: str,
+        query: Any,
+        boundaries: Any = None,
+        loss_fn: Any = None,
+        **kwargs: Any,
+    ) -> list:
+        """Window scores I(b) − I(a) of ``query`` (named ``name``) between consecutive boundaries (default: the recorded
+        window schedule and the final step): a list of :class:`~lightning_influence.windows.WindowSnapshot`.
+        Arguments as in :meth:`influence`."""
+        from lightning_influence.replay import TrajectoryReplay  # the replay imports this module
+
+        replay = TrajectoryReplay(self, module, train_dataset, loss_fn=loss_fn, **kwargs)
+        return replay.windows(name, query, boundaries)
+
     def check_contiguous(self, allow_gaps: bool = True) -> None:
         """``ValueError`` listing every problem: steps that do not strictly increase, a first step without a
         checkpoint at or before it, a final step not after the last step; with ``allow_gaps=False`` also any gap

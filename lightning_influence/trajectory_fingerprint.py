@@ -55,16 +55,45 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def _project_chunk(chunk: torch.Tensor, start: int, keys: list[int], size: int) -> torch.Tensor:
-    """``Tensor[size]`` float64: the projections of ``chunk`` (float64 ``Tensor[c]``, elements start..start+c-1)."""
-    index = torch.arange(start, start + chunk.numel(), dtype=torch.int64, device=chunk.device)
-    shifts = torch.arange(_BITS, dtype=torch.int64, device=chunk.device)
+def _signs_chunk(start: int, stop: int, keys: list[int], size: int, device: torch.device) -> torch.Tensor:
+    """``Tensor[size, stop − start]`` int8 of ±1: the signs of elements start..stop−1."""
+    index = torch.arange(start, stop, dtype=torch.int64, device=device)
+    shifts = torch.arange(_BITS, dtype=torch.int64, device=device)
     parts = []
     for g, key in enumerate(keys):
         rows = min(_BITS, size - _BITS * g)
         bits = (_mix32(index ^ key).unsqueeze(0) >> shifts[:rows, None]) & 1  # [rows, c]
-        parts.append((bits.to(torch.float64) * 2.0 - 1.0) @ chunk)
+        parts.append((bits * 2 - 1).to(torch.int8))
     return torch.cat(parts)
+
+
+# The signs of the last few (length, seed, size, device) combinations, as int8 (size × p bytes): a recording
+# fingerprints θ_t and the gradient of the same length at every step, so the hash runs once per run, not per step.
+_SIGN_CACHE: dict[tuple[int, int, int, str], torch.Tensor] = {}
+_SIGN_CACHE_BYTES = 1 << 28  # vectors whose signs would take more are hashed chunk by chunk at every call
+_SIGN_CACHE_ENTRIES = 4
+
+
+def _cached_signs(numel: int, seed: int, keys: list[int], size: int, device: torch.device) -> torch.Tensor | None:
+    if size * numel > _SIGN_CACHE_BYTES:
+        return None
+    key = (numel, int(seed), size, str(device))
+    signs = _SIGN_CACHE.get(key)
+    if signs is None:
+        signs = _signs_chunk(0, numel, keys, size, device)
+        while len(_SIGN_CACHE) >= _SIGN_CACHE_ENTRIES:
+            _SIGN_CACHE.pop(next(iter(_SIGN_CACHE)))
+        _SIGN_CACHE[key] = signs
+    return signs
+
+
+def _project_chunk(
+    chunk: torch.Tensor, start: int, keys: list[int], size: int, signs: torch.Tensor | None
+) -> torch.Tensor:
+    """``Tensor[size]`` float64: the projections of ``chunk`` (float64 ``Tensor[c]``, elements start..start+c-1)."""
+    stop = start + chunk.numel()
+    rows = _signs_chunk(start, stop, keys, size, chunk.device) if signs is None else signs[:, start:stop]
+    return rows.to(torch.float64) @ chunk
 
 
 def fingerprint(vector: torch.Tensor, seed: int, size: int = 4, chunk_size: int | None = None) -> list[float]:
@@ -80,7 +109,9 @@ def fingerprint(vector: torch.Tensor, seed: int, size: int = 4, chunk_size: int 
 
     Returns:
         ``size`` Python floats (float64). They do not depend on ``chunk_size`` or the device beyond float64
-        rounding. Cost: about 25 integer operations per element and row group of 32, like an optimizer step.
+        rounding. Cost: the signs (about 25 integer operations per element and row group of 32) are hashed once
+        per vector length, seed and device and cached as int8 while they take at most 256 MiB; each call is
+        then ``size`` float64 dot products.
     """
     if not 0 <= int(seed) <= _MASK32:
         raise ValueError(f"fingerprint seed must be in [0, 2**32), got {seed}.")
@@ -94,10 +125,11 @@ def fingerprint(vector: torch.Tensor, seed: int, size: int = 4, chunk_size: int 
     if flat.device.type == "mps":
         flat = flat.cpu()
     keys = [_mix32_int(int(seed) ^ _mix32_int(g)) for g in range(math.ceil(size / _BITS))]
+    signs = _cached_signs(flat.numel(), seed, keys, size, flat.device)
     total = torch.zeros(size, dtype=torch.float64, device=flat.device)
     for start in range(0, flat.numel(), chunk_size):
         chunk = flat[start : start + chunk_size].to(torch.float64)
-        total += _project_chunk(chunk, start, keys, size)
+        total += _project_chunk(chunk, start, keys, size, signs)
     return [float(x) for x in total.cpu().tolist()]
 
 

@@ -18,7 +18,9 @@ deterministic and lives under ``if __name__ == "__main__":``. When several modes
 ``accumulate``
     Like ``shards`` with ``accumulate_grad_batches=2`` (two micro-batches per rank per step, each
     weighted 1/(2·2)), SGD with momentum and ``gradient_clip_val`` (norm clipping of the all-reduced
-    gradient), estimator ``"acc"``, no windows. Writes ``OUTDIR/accumulate/rank{r}.pt``.
+    gradient), estimator ``"acc"``, no windows; a second tracker records the trajectory
+    (``record_trajectory=True, track=()``) to ``OUTDIR/accumulate/recorded/trajectory``. Writes
+    ``OUTDIR/accumulate/rank{r}.pt``.
 ``padded``
     Lightning's default ``DistributedSampler`` (``shuffle=True``) on an odd-sized training set with
     one batch per rank per epoch, so the sample the sampler repeats to equalise the ranks lands on
@@ -186,11 +188,19 @@ def run_accumulate(out: str, timeout_s: float) -> None:
     cfg = ACCUMULATE
     x, y = make_data(cfg["num_samples"])
     tracker = InfluenceTracker(queries={"val": make_query()}, write_artifacts=False)
+    # the trajectory for the all-sample replay: every rank's micro-batches, recorded by rank zero
+    trajectory = InfluenceTracker(
+        estimator="first-order",
+        track=(),
+        record_trajectory=True,
+        checkpoint_every_n_steps=3,
+        dirpath=os.path.join(out, "recorded"),
+    )
     recorder = _record_ids()
     trainer = _trainer(
         out,
         cfg["epochs"],
-        [tracker, recorder],
+        [tracker, trajectory, recorder],
         timeout_s,
         False,
         use_distributed_sampler=False,

@@ -283,6 +283,43 @@ def test_ddp_gradient_accumulation_and_clipping_equal_single_process(ddp_run):
     )
 
 
+def test_ddp_recorded_trajectory_replays_to_the_single_process_first_order(ddp_run):
+    """The trajectory rank zero recorded holds both ranks' micro-batches; replayed offline in this process it
+    gives every sample's first-order scores, equal to a single-process forward run over the union micro-batches."""
+    from torch.utils.data import TensorDataset
+
+    from lightning_influence import IndexedDataset, load_trajectory
+
+    out, _, _ = ddp_run
+    trajectory = load_trajectory(out / "accumulate" / "recorded")
+    cfg = W.ACCUMULATE
+    micro = [batch for epoch in W.global_schedule(cfg) for batch in epoch]
+    assert trajectory.meta["world_size"] == 2 and len(trajectory.steps) == len(micro) // 2
+    b = cfg["per_rank_batch"]
+    # per step: rank 0's two micro-batches, then rank 1's, each weighted 1/(2·2)
+    assert [ids for ids, _ in trajectory.steps[0].micro_batches] == [
+        micro[0][:b],
+        micro[1][:b],
+        micro[0][b:],
+        micro[1][b:],
+    ]
+    assert {w for s in trajectory.steps for _, w in s.micro_batches} == {0.25}
+
+    per_epoch = len(W.global_schedule(cfg)[0])
+    schedule = [micro[i : i + per_epoch] for i in range(0, len(micro), per_epoch)]
+    x, y = W.make_data(cfg["num_samples"])
+    reference = InfluenceTracker(estimator="first-order", write_artifacts=False)
+    trainer = lightning_trainer(
+        len(schedule), callbacks=[reference], accumulate_grad_batches=2, gradient_clip_val=cfg["clip"]
+    )
+    trainer.fit(TinyClassifier(W.make_net(), W.sgd_momentum_accumulate), fixed_loader(x, y, schedule))
+    replayed = trajectory.influence(
+        TinyClassifier(W.make_net(seed=5), None), IndexedDataset(TensorDataset(x, y)), W.make_query(), progress=False
+    )
+    assert torch.equal(replayed.sample_ids, torch.arange(cfg["num_samples"]))
+    _assert_close(replayed.scores, reference.influence(W.make_query()).scores, 1e-8, "DDP-recorded replay vs forward")
+
+
 # ---------------------------------------------------------------------------- padded DistributedSampler mode
 def _padded(ddp_run):
     r0, r1 = _load(ddp_run, "padded")

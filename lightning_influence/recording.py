@@ -1,0 +1,130 @@
+"""Recording the trajectory of a fit while it trains: one consumer of the step record (SPEC §7).
+
+Per booked optimizer step, :class:`TrajectoryRecorder` appends a
+:class:`~lightning_influence.trajectory.StepEntry` (the step's micro-batches as sample ids and
+weights, every process's; per-group hyper-parameters; the clip; fingerprints of θ_t and of the
+gradient), and every ``checkpoint_every`` steps it stores the pre-step parameters and optimizer
+state. The format is described in :mod:`lightning_influence.trajectory`; the replay that scores every
+sample from it is :mod:`lightning_influence.replay`. Nothing here knows Lightning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from lightning_influence.clipping import GradientClip, NormClip, ValueClip
+from lightning_influence.functional import FlatParameters
+from lightning_influence.records import StepRecord
+from lightning_influence.trajectory import StepEntry, TrajectoryWriter, fingerprint
+
+FINGERPRINT_SEED = 20250101
+FINGERPRINT_SIZE = 4
+
+GatherIds = Callable[[torch.Tensor], list[torch.Tensor]]
+"""Every process's copy of a 1-D id tensor, in rank order (a single process: ``[ids]``)."""
+
+
+def trajectory_meta(
+    layout: FlatParameters, optimizer_kind: str, momentum: bool, dtype: torch.dtype, num_samples: int, **more: Any
+) -> dict[str, Any]:
+    """The ``meta.json`` of a recorded run (see :mod:`lightning_influence.trajectory`)."""
+    return {
+        "layout": {
+            "names": list(layout.names),
+            "shapes": [list(s) for s in layout.shapes],
+            "group_slices": [[s.start, s.stop] for s in layout.group_slices],
+        },
+        "optimizer": {"kind": optimizer_kind, "momentum": bool(momentum)},
+        "dtype": str(dtype).replace("torch.", ""),
+        "num_samples": int(num_samples),
+        "fingerprint": {"seed": FINGERPRINT_SEED, "size": FINGERPRINT_SIZE},
+        **more,
+    }
+
+
+def clip_entry(clip: GradientClip | None) -> dict[str, Any] | None:
+    """The clip of a step as the trajectory stores it."""
+    if isinstance(clip, NormClip):
+        return {"kind": "norm", "max_norm": clip.max_norm, "other_sq_norm": clip.other_sq_norm}
+    if isinstance(clip, ValueClip):
+        return {"kind": "value", "clip_value": clip.clip_value}
+    return None
+
+
+class TrajectoryRecorder:
+    """Writes one fit's trajectory (rank zero writes; every process contributes its sample ids).
+
+    Args:
+        dirpath: the trajectory folder.
+        meta: from :func:`trajectory_meta`.
+        checkpoint_every: store the pre-step state every this many steps (and at the first step recorded).
+        record_batches: also store each step's collated batches (needed when the dataset cannot be re-read).
+        gather: collects the processes' ids of one micro-batch.
+        writes: this process writes the files (rank zero).
+        resume_from_step: the step a resumed fit starts at (the trajectory is cut back to it).
+    """
+
+    def __init__(
+        self,
+        dirpath: str | Path,
+        meta: dict[str, Any],
+        checkpoint_every: int,
+        record_batches: bool = False,
+        gather: GatherIds | None = None,
+        writes: bool = True,
+    ) -> None:
+        self.dirpath = Path(dirpath)
+        self.meta = meta
+        self.checkpoint_every = checkpoint_every
+        self.record_batches = record_batches
+        self.gather = gather or (lambda ids: [ids])
+        self.writes = writes
+        self._writer: TrajectoryWriter | None = None
+        self._checkpointed = False  # this session wrote a checkpoint (a resumed one must start with one)
+
+    def start(self, resume_from_step: int | None) -> None:
+        """Open the trajectory: fresh (``None``), or continuing a fit that resumes at ``resume_from_step``."""
+        if self.writes:
+            self._writer = TrajectoryWriter(self.dirpath, self.meta, resume_from_step=resume_from_step)
+
+    def wants_checkpoint(self, step: int) -> bool:
+        """Whether step ``step``'s pre-step state is stored (the caller reads the optimizer state for it)."""
+        return not self._checkpointed or step % self.checkpoint_every == 0
+
+    def record(self, record: StepRecord, pre_state: dict[str, torch.Tensor | None] | None) -> None:
+        """Append one booked step; ``pre_state`` is the optimizer state before it (when a checkpoint is due)."""
+        micro = []
+        for m in record.micro_batches:  # every process's micro-batches, rank-major (a collective call)
+            micro.append([(ids, m.weight) for ids in self.gather(m.sample_ids)])
+        due, self._checkpointed = self.wants_checkpoint(record.step), True
+        if not self.writes or self._writer is None:
+            return
+        if due:
+            state = {k: None if v is None else v.detach() for k, v in (pre_state or {}).items()}
+            self._writer.write_checkpoint(record.step, record.theta, state, {})
+        groups = [{k: v for k, v in dataclasses.asdict(g).items() if k != "region"} for g in record.optimizer.groups]
+        seed, size = FINGERPRINT_SEED, FINGERPRINT_SIZE
+        entry = StepEntry(
+            step=record.step,
+            epoch=record.epoch,
+            groups=groups,
+            micro_batches=[(ids.tolist(), float(w)) for rank_major in zip(*micro) for ids, w in rank_major],
+            clip=clip_entry(record.clip),
+            fingerprint={
+                "theta": fingerprint(record.theta, seed, size),
+                "grad": fingerprint(record.raw_grad, seed, size),
+            },
+        )
+        batches = [m.batch for m in record.micro_batches] if self.record_batches else None
+        self._writer.write_step(entry, batches)
+
+    def finish(self, step: int, theta: torch.Tensor) -> None:
+        """The end of fit: θ_T after ``step`` steps; the trajectory is complete."""
+        if self._writer is not None:
+            self._writer.write_final(step, theta, {})
+            self._writer.close()
+            self._writer = None
