@@ -9,12 +9,13 @@ vector q put at boundary s is Σ_{t<s} ⟨λ_{t+1}, b_t^{(j)}⟩ with λ_s = (q,
 Going backward over step t with λ_{t+1} (one row per query vector and boundary):
 
     u_t  = C_tᵀ Oᵀ_g λ_{t+1}                              (the optimizer's transpose, then the clip's)
-    λ_t  = Oᵀ_s λ_{t+1} + (H_t u_t in the θ block)          (one vectorised HVP over the rows)
+    λ_t  = Oᵀ_s λ_{t+1} + (H_t u_t in the θ block)
     score[i] += −(w_m/|B_m|) ⟨u_t, ∇ℓ_i(θ_t)⟩               for every sample i of every micro-batch m
 
-where the dot products of all a micro-batch's samples come from one forward-mode JVP of its
-per-sample losses in direction u_t, vectorised over the rows: per-sample gradients are never formed,
-and the memory is the adjoint (rows × p per block) plus the score table (rows × samples).
+H_t u_t and every ⟨u_t, ∇ℓ_i(θ_t)⟩ come from one forward-over-reverse pass (a JVP of the gradient, whose
+forward pass carries the per-sample losses along), vectorised over the rows
+(:meth:`FunctionalLoss.hvp_and_directional`): per-sample gradients are never formed, no gradient graph is
+kept, and the memory is the adjoint (rows × p per block) plus the score table (rows × samples).
 
 :class:`AdjointSweep` is incremental, for a replay that rebuilds the steps segment by segment in
 reverse order: ``seed`` rows at the current boundary, ``step_back`` over each step. Rows seeded at
@@ -28,7 +29,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.func import jvp, vmap
 
 from lightning_influence.clipping import GradientClip
 from lightning_influence.functional import FunctionalLoss
@@ -99,46 +99,32 @@ class AdjointSweep:
         active = self._active.nonzero().flatten()
         if not active.numel():
             return
-        opt_step = step.opt_step
-        batches = [batch for batch, _, _ in step.micro_batches]
-        weights = [float(w) for _, _, w in step.micro_batches]
-        _, hvp = self.loss.gradient_and_hvp(opt_step.theta, batches, step.frozen, weights)
         size = self.chunk_size or active.numel()
         for start in range(0, active.numel(), size):
             rows = active[start : start + size]
             blocks = {b: a.index_select(0, rows) for b, a in self.adjoint.items()}
-            u = self._back(blocks, step, hvp)
+            self._back(rows, blocks, step)
             for b, a in self.adjoint.items():
                 a.index_copy_(0, rows, blocks[b])
-            for batch, ids, weight in step.micro_batches:
-                self._collect(rows, batch, ids, weight, u, step.frozen, opt_step.theta)
 
-    def _back(self, blocks: dict[str, torch.Tensor], step: AdjointStep, hvp) -> torch.Tensor:
-        """λ_{t+1} → λ_t in place on ``blocks`` (each ``Tensor[c, p]``); returns u_t in θ's dtype."""
+    def _back(self, rows: torch.Tensor, blocks: dict[str, torch.Tensor], step: AdjointStep) -> None:
+        """λ_{t+1} → λ_t in place on ``blocks`` (each ``Tensor[c, p]``), and the step's score terms of ``rows``."""
+        theta = step.opt_step.theta
         u = self.jacobian.transpose(blocks, step.opt_step)
         if step.clip is not None:
             u = step.clip.transpose(u)
-        u = u.to(step.opt_step.theta.dtype)
-        blocks["theta"] += hvp(u).to(blocks["theta"].dtype)  # H is symmetric: Hᵀu = Hu
-        return u
+        u = u.to(theta.dtype)
+        batches = [batch for batch, _, _ in step.micro_batches]
+        weights = [float(w) for _, _, w in step.micro_batches]
+        # one forward-over-reverse pass per row gives H u (H symmetric: Hᵀu = Hu) and every ⟨u, ∇ℓ_i⟩
+        hu, dots = self.loss.hvp_and_directional(theta, batches, u, step.frozen, weights)
+        blocks["theta"] += hu.to(blocks["theta"].dtype)
+        for (_, ids, weight), batch_dots in zip(step.micro_batches, dots):
+            self._collect(rows, ids, weight, batch_dots)
 
-    def _collect(self, rows, batch, ids: torch.Tensor, weight: float, u, frozen, theta) -> None:
-        """scores[rows, ids] += −(w/|B|) ⟨u_r, ∇ℓ_i(θ)⟩ for every row r and batch sample i."""
-        dots = sample_directional_derivatives(self.loss, theta, batch, u, frozen)  # [c, B]
+    def _collect(self, rows: torch.Tensor, ids: torch.Tensor, weight: float, dots: torch.Tensor) -> None:
+        """scores[rows, ids] += −(w/|B|) ⟨u_r, ∇ℓ_i(θ)⟩ for every row r and batch sample i (``dots: Tensor[c, B]``)."""
         self.loss.check_batch_size(ids.numel(), dots.shape[1])
         dots = dots.to(self.scores.dtype) * (-float(weight) / ids.numel())
         ids = ids.to(self.scores.device)
         self.scores.index_put_((rows[:, None], ids[None, :]), dots, accumulate=True)
-
-
-def sample_directional_derivatives(
-    loss: FunctionalLoss, theta: torch.Tensor, batch: Any, directions: torch.Tensor, frozen: dict | None = None
-) -> torch.Tensor:
-    """``Tensor[c, B]``: ⟨directions[r], ∇ℓ_i(θ)⟩ for every direction r (``directions: Tensor[c, p]``) and
-    every sample i of ``batch``, from one forward-mode JVP of the per-sample losses vectorised over the
-    c directions (cost ≈ c forward passes; no per-sample gradient is formed)."""
-
-    def losses(t: torch.Tensor) -> torch.Tensor:
-        return loss.per_sample_losses(t, batch, frozen)
-
-    return vmap(lambda v: jvp(losses, (theta,), (v,))[1])(directions)

@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, jacrev, vjp, vmap
+from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 from torch.utils._pytree import tree_map
 
 from lightning_influence.data import SampleIdError
@@ -198,6 +198,28 @@ class FunctionalLoss:
 
         g, vjp_fn, losses = vjp(gradient, theta, has_aux=True)
         return g.detach(), lambda V: vmap(vjp_fn)(V)[0], tuple(x.detach() for x in losses)
+
+    def hvp_and_directional(
+        self,
+        theta: torch.Tensor,
+        batches: Sequence[Any],
+        directions: torch.Tensor,
+        frozen: dict | None = None,
+        weights: Sequence[float] | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """For the step loss ``L = Σ_m w_m L_m`` and ``directions: Tensor[c, p]``, return ``(H U: Tensor[c, p],
+        (⟨u_r, ∇ℓ_i(θ)⟩: Tensor[c, B_m] per micro-batch, ...))`` from one forward-over-reverse pass per direction,
+        vectorised: the per-sample losses ride along the gradient's forward pass, so their directional
+        derivatives cost nothing extra and no gradient graph is kept."""
+        weights = [1.0] * len(batches) if weights is None else list(weights)
+
+        def gradient_and_losses(t: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+            return grad(self.step_loss_and_losses, has_aux=True)(t, batches, weights, frozen)
+
+        def one(v: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+            return jvp(gradient_and_losses, (theta,), (v,))[1]
+
+        return vmap(one)(directions)
 
     def gradient_and_hvp(
         self,

@@ -11,6 +11,7 @@ sample from it is :mod:`lightning_influence.replay`. Nothing here knows Lightnin
 from __future__ import annotations
 
 import dataclasses
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -85,11 +86,24 @@ class TrajectoryRecorder:
         self.writes = writes
         self._writer: TrajectoryWriter | None = None
         self._checkpointed = False  # this session wrote a checkpoint (a resumed one must start with one)
+        # files are written by one background thread, in submission order, so that checkpoint writes (a
+        # torch.save and an fsync) do not stall training; a failure surfaces at the next call
+        self._io: ThreadPoolExecutor | None = None
+        self._pending: list[Future] = []
 
     def start(self, resume_from_step: int | None) -> None:
         """Open the trajectory: fresh (``None``), or continuing a fit that resumes at ``resume_from_step``."""
         if self.writes:
             self._writer = TrajectoryWriter(self.dirpath, self.meta, resume_from_step=resume_from_step)
+            self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightning-influence-trajectory")
+
+    def _submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        done = [f for f in self._pending if f.done()]
+        self._pending = [f for f in self._pending if not f.done()]
+        for future in done:
+            future.result()  # re-raises a failed write here, in the training thread
+        assert self._io is not None
+        self._pending.append(self._io.submit(fn, *args))
 
     def wants_checkpoint(self, step: int) -> bool:
         """Whether step ``step``'s pre-step state is stored (the caller reads the optimizer state for it)."""
@@ -103,9 +117,9 @@ class TrajectoryRecorder:
         due, self._checkpointed = self.wants_checkpoint(record.step), True
         if not self.writes or self._writer is None:
             return
-        if due:
+        if due:  # θ_t and the flat optimizer state are fresh copies: the writing thread owns them
             state = {k: None if v is None else v.detach() for k, v in (pre_state or {}).items()}
-            self._writer.write_checkpoint(record.step, record.theta, state, {})
+            self._submit(self._writer.write_checkpoint, record.step, record.theta, state, {})
         groups = [{k: v for k, v in dataclasses.asdict(g).items() if k != "region"} for g in record.optimizer.groups]
         seed, size = FINGERPRINT_SEED, FINGERPRINT_SIZE
         entry = StepEntry(
@@ -120,11 +134,21 @@ class TrajectoryRecorder:
             },
         )
         batches = [m.batch for m in record.micro_batches] if self.record_batches else None
-        self._writer.write_step(entry, batches)
+        self._submit(self._writer.write_step, entry, batches)
 
     def finish(self, step: int, theta: torch.Tensor) -> None:
-        """The end of fit: θ_T after ``step`` steps; the trajectory is complete."""
+        """The end of fit: θ_T after ``step`` steps; waits until every file is written; the trajectory is complete."""
         if self._writer is not None:
-            self._writer.write_final(step, theta, {})
-            self._writer.close()
+            self._submit(self._writer.write_final, step, theta, {})
+            self._submit(self._writer.close)
             self._writer = None
+            self.flush()
+
+    def flush(self) -> None:
+        """Wait for the files submitted so far (re-raising a failed write)."""
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
+        if self._writer is None and self._io is not None:
+            self._io.shutdown(wait=True)
+            self._io = None

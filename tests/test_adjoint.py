@@ -226,22 +226,16 @@ class _SpyLoss:
             raise AssertionError(f"the sweep must not call {name}")
         return getattr(self.inner, name)
 
-    def gradient_and_hvp(self, *args, **kwargs):
+    def hvp_and_directional(self, theta, batches, directions, *args, **kwargs):
         self.linearizations += 1
-        grad, hvp = self.inner.gradient_and_hvp(*args, **kwargs)
-
-        def counted(v):
-            self.hvp_rows.append(v.shape[0])
-            return hvp(v)
-
-        return grad, counted
-
-    def per_sample_losses(self, *args, **kwargs):
-        self.per_sample_calls += 1  # once per vmapped JVP: vmap traces the function once
-        return self.inner.per_sample_losses(*args, **kwargs)
+        self.hvp_rows.append(directions.shape[0])
+        self.per_sample_calls += len(batches)
+        return self.inner.hvp_and_directional(theta, batches, directions, *args, **kwargs)
 
 
-def test_each_step_is_one_vectorised_hvp_and_one_vectorised_jvp_per_micro_batch():
+def test_each_step_is_one_vectorised_forward_over_reverse_pass():
+    """Per step, one pass vectorised over the active rows gives H u and the in-batch ⟨u, ∇ℓ_i⟩ of every
+    micro-batch; no per-sample gradient is formed."""
     sim = simulate(RUNS["accumulation"])
     spy = _SpyLoss(sim.loss)
     adjoint_scores(sim, _vectors(sim), loss=spy)
