@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from lightning_influence.audit import AuditReport
 from lightning_influence.config import TrackerConfig
 from lightning_influence.estimators import Estimator
 from lightning_influence.fit import TrackedFit
@@ -75,6 +76,20 @@ class TrackerAnswers:
         fit = self._finished()
         boundaries = [w.end_step for w in fit.windows(query)]
         return self.replay().windows(query, fit.parts.queries.resolve(query), boundaries)
+
+    def audit(self, query: Any) -> AuditReport:
+        """The faithfulness audit (``audit=N``) of the whole run on ``query`` (a registered name, a batch, a
+        DataLoader or a callable): the main estimator's scores of the audited samples against their exact
+        counterfactual scores f(θ_T + δθ_j) − f(θ_T). Per-window reports: :meth:`audit_windows`."""
+        if isinstance(query, str):
+            self._check_registered(query)
+        return self._finished().audit(query)
+
+    def audit_windows(self, query: str) -> list[AuditReport]:
+        """The audit's report of every window of registered query ``query`` so far, in time order."""
+        self._check_registered(query)
+        audit = None if self._fit is None else self._fit.parts.audit
+        return [] if audit is None else list(audit.reports.get(query, []))
 
     @property
     def trajectory_path(self) -> str | None:

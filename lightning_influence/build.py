@@ -15,7 +15,9 @@ from lightning_influence.config import GIB, TrackerConfig
 from lightning_influence.engine import InfluenceEngine, MemoryPlan, plan_memory
 from lightning_influence.errors import InfluenceConfigurationError
 from lightning_influence.estimators import Estimator, NoStates
+from lightning_influence.exact import ExactEngine
 from lightning_influence.fit import FitContext, FitParts, TrackedFit, check_tracked_ids
+from lightning_influence.fit_audit import FitAudit, choose_audit_ids
 from lightning_influence.functional import FunctionalLoss, PerSampleLossFn
 from lightning_influence.optimizers import OptimizerSpec, model_optimizer
 from lightning_influence.parameters import TrackedParameters, select_parameters
@@ -125,6 +127,27 @@ def make_recorder(
     )
 
 
+def make_audit(
+    config: TrackerConfig,
+    loss: FunctionalLoss,
+    params: TrackedParameters,
+    optimizer: torch.optim.Optimizer,
+    tracked_ids: torch.Tensor,
+    num_samples: int,
+    start_step: int,
+) -> FitAudit | None:
+    """The faithfulness audit of ``audit=N`` / ``audit_ids=`` (None otherwise): exact states for a few tracked ids."""
+    if not config.audits:
+        return None
+    ids = choose_audit_ids(tracked_ids, config.audit, config.audit_seed, config.audit_ids)
+    spec = model_optimizer(optimizer, "auto")  # the exact run follows the real optimizer, whatever the main one models
+    plan = plan_memory(
+        ids.numel(), loss.layout.numel, spec.jacobian.blocks, params.dtype, config.hvp_memory_bytes, None
+    )
+    engine = ExactEngine(loss, spec.jacobian, ids.numel(), plan.chunk_rows, params.dtype, params.device)
+    return FitAudit(engine, ids, tracked_ids, num_samples, start_step, config.estimator)
+
+
 def build_fit(
     config: TrackerConfig,
     module: nn.Module,
@@ -150,6 +173,8 @@ def build_fit(
     estimator: Estimator
     if k == 0:
         estimator = NoStates(dtype)
+    elif config.estimator == "exact":
+        estimator = ExactEngine(loss, spec.jacobian, k, plan.chunk_rows, dtype, params.device)
     elif config.keeps_states:
         estimator = InfluenceEngine(loss, spec.jacobian, k, config.estimator, plan.chunk_rows, dtype, params.device)
     else:
@@ -162,6 +187,7 @@ def build_fit(
         optimizer_kind=spec.kind,
         recompute_gradient=_step_gradient(loss, context),
         recorder=make_recorder(config, params, optimizer, num_samples, context),
+        audit=make_audit(config, loss, params, optimizer, tracked_ids, num_samples, start_step),
     )
     context.metadata.setdefault("estimator", config.estimator)
     context.metadata.setdefault("optimizer_model", spec.kind)

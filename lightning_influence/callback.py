@@ -27,11 +27,13 @@ from torch import nn
 from lightning_influence import _lightning as lit
 from lightning_influence.answers import TrackerAnswers
 from lightning_influence.artifacts import SnapshotWriter
+from lightning_influence.audit import AuditWriter, log_audit, poor_agreement_message
 from lightning_influence.build import build_fit
 from lightning_influence.config import GIB, TrackerConfig
 from lightning_influence.data import SampleIdsFn
 from lightning_influence.errors import InfluenceConfigurationError, SelfCheckError
 from lightning_influence.fit import FitContext, TrackedFit
+from lightning_influence.fit_audit import FitAudit
 from lightning_influence.functional import PerSampleLossFn, RegularizerFn
 from lightning_influence.reporting import LoggerSink
 
@@ -47,7 +49,8 @@ class InfluenceTracker(Callback, TrackerAnswers):
             ``regularizer``) is the training loss; default ``pl_module.per_sample_loss(batch)``.
         sample_ids: ``(batch) -> LongTensor[B]``; default: the :class:`IndexedDataset` convention.
         estimator: ``"acc"`` (leave-k-out transition, exact optimizer map; default),
-            ``"first-order"`` (fully linear SGD-influence / AdamW-influence) or ``"tracin"``
+            ``"first-order"`` (fully linear SGD-influence / AdamW-influence), ``"exact"`` (the counterfactual
+            run itself: true gradient differences, queries evaluated at θ + δθ_j) or ``"tracin"``
             (no propagation; registered ``queries`` only).
         optimizer_model: ``"auto"`` (the real optimizer's Jacobian) or ``"sgd"`` (model any
             optimizer as plain SGD: the classic optimizer-mismatch approximation).
@@ -79,6 +82,9 @@ class InfluenceTracker(Callback, TrackerAnswers):
             sample by an adjoint replay after fit; ``track=()`` then records without forward states.
         checkpoint_every_n_steps: store the parameters and optimizer state every n steps (default ≈ √T).
         record_batches: also store each step's batches, for data that cannot be read again identically.
+        audit, audit_seed, audit_ids: track ``audit`` tracked samples drawn with ``audit_seed`` (or ``audit_ids``)
+            with ``estimator="exact"`` next to the main estimator, and compare the two at every window and
+            for any query (``tracker.audit(query)``): a measurement of faithfulness on this very run.
 
     Sign convention: every score is the predicted ``f(θ_-j) − f(θ)`` when sample j is removed;
     negative = harmful to the query, positive = helpful.
@@ -108,6 +114,9 @@ class InfluenceTracker(Callback, TrackerAnswers):
         record_trajectory: bool = False,
         checkpoint_every_n_steps: int | None = None,
         record_batches: bool = False,
+        audit: int = 0,
+        audit_seed: int = 0,
+        audit_ids: Sequence[int] | None = None,
     ) -> None:
         arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         self.config = TrackerConfig(**arguments)
@@ -195,11 +204,21 @@ class InfluenceTracker(Callback, TrackerAnswers):
         if not self.config.queries or not trainer.is_global_zero:
             return
         dirpath = self._artifact_dir if self.config.write_artifacts else None
+        if fit.parts.audit is not None:
+            self._start_audit_sinks(trainer, fit.parts.audit, dirpath, keep)
         fit.context.sinks.append(LoggerSink(trainer.loggers, self.config.log_top_k, self._namespace))
         if dirpath is not None:
             writer = SnapshotWriter(dirpath)
             writer.start({q: len(fit.windows(q)) for q in self.config.queries} if keep else None)
             fit.context.sinks.append(writer)
+
+    def _start_audit_sinks(self, trainer: pl.Trainer, audit: FitAudit, dirpath: str | None, keep: bool) -> None:
+        namespace = self._namespace
+        audit.sinks.append(lambda report: log_audit(trainer.loggers, report, namespace))
+        if dirpath is not None:
+            writer = AuditWriter(dirpath)
+            writer.start(audit.num_windows if keep else None)
+            audit.sinks.append(writer.write)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
@@ -254,6 +273,11 @@ class InfluenceTracker(Callback, TrackerAnswers):
         if (fit := self._active()) is None:
             return
         fit.finish(lit.reducer(trainer))
+        if fit.parts.audit is not None:  # the whole run, per registered query: warn when agreement is poor
+            for name in self.config.queries:
+                report = fit.audit(name)
+                if report.is_poor():
+                    rank_zero_warn(poor_agreement_message(report))
         unseen = fit.unseen_ids
         if unseen.numel():
             rank_zero_warn(

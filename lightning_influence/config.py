@@ -20,9 +20,11 @@ from lightning_influence.data import SampleIdsFn, default_sample_ids
 from lightning_influence.functional import PerSampleLossFn, RegularizerFn
 from lightning_influence.windows import WindowSchedule
 
-ESTIMATORS = ("acc", "first-order", "tracin")
+ESTIMATORS = ("acc", "first-order", "exact", "tracin")
 """``"acc"``: leave-k-out transition and the optimizer's exact map; ``"first-order"``: the fully linear
-SGD-influence / AdamW-influence recursion; ``"tracin"``: no propagation (registered queries only)."""
+SGD-influence / AdamW-influence recursion; ``"exact"``: the counterfactual run itself (true gradient
+differences, queries evaluated at the counterfactual parameters); ``"tracin"``: no propagation
+(registered queries only)."""
 
 OPTIMIZER_MODELS = ("auto", "sgd")
 """``"auto"``: the real optimizer's Jacobian; ``"sgd"``: any optimizer modelled as plain SGD (the mismatch baseline)."""
@@ -85,6 +87,9 @@ class TrackerConfig:
     record_trajectory: bool = False
     checkpoint_every_n_steps: int | None = None
     record_batches: bool = False
+    audit: int = 0
+    audit_seed: int = 0
+    audit_ids: Sequence[int] | torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         fix = object.__setattr__  # a frozen dataclass normalises its own fields here only
@@ -107,9 +112,29 @@ class TrackerConfig:
         _check_positive("checkpoint_every_n_steps", self.checkpoint_every_n_steps, allow_none=True)
         if (self.record_batches or self.checkpoint_every_n_steps is not None) and not self.record_trajectory:
             raise ValueError("record_batches and checkpoint_every_n_steps need record_trajectory=True.")
+        self._check_audit()
         for name in ("loss_fn", "regularizer", "sample_ids"):
             if getattr(self, name) is not None and not callable(getattr(self, name)):
                 raise TypeError(f"{name} must be callable, got {type(getattr(self, name)).__name__}.")
+
+    def _check_audit(self) -> None:
+        fix = object.__setattr__
+        if isinstance(self.audit, bool) or not isinstance(self.audit, int) or self.audit < 0:
+            raise ValueError(f"audit must be a non-negative number of samples, got {self.audit!r}.")
+        if self.audit_ids is not None:
+            if self.audit:
+                raise ValueError("Pass audit=N (N sampled ids) or audit_ids=[...], not both.")
+            fix(self, "audit_ids", _check_track(self.audit_ids, allow_empty=False))
+        if self.audits and self.estimator == "exact":
+            raise ValueError(
+                "The audit compares the main estimator with estimator='exact': with estimator='exact' every tracked"
+                " sample is already exact. Drop audit=, or audit another estimator ('acc', 'first-order', 'tracin')."
+            )
+
+    @property
+    def audits(self) -> bool:
+        """Whether a faithfulness audit runs next to the main estimator."""
+        return bool(self.audit) or self.audit_ids is not None
 
     def _check_names(self) -> None:
         if self.estimator not in ESTIMATORS:
@@ -150,9 +175,13 @@ class TrackerConfig:
     def state_key_fields(self) -> dict[str, Any]:
         """What distinguishes two trackers on one Trainer (Lightning's ``state_key``)."""
         track = "all" if self.track is None else hashlib.sha1(self.track.numpy().tobytes()).hexdigest()[:12]
-        recording = {"trajectory": True} if self.record_trajectory else {}  # keeps earlier checkpoints' keys
+        # only set options enter the key, so that trackers without them keep the keys of earlier checkpoints
+        extra: dict[str, Any] = {"trajectory": True} if self.record_trajectory else {}
+        if self.audits:
+            ids = None if self.audit_ids is None else hashlib.sha1(self.audit_ids.numpy().tobytes()).hexdigest()[:12]
+            extra["audit"] = (self.audit, self.audit_seed, ids)
         return {
-            **recording,
+            **extra,
             "estimator": self.estimator,
             "optimizer_model": self.optimizer_model,
             "track": track,

@@ -25,7 +25,7 @@ import torch
 
 from lightning_influence.clipping import GradientClip
 from lightning_influence.errors import NonFiniteInfluenceError
-from lightning_influence.estimators import Estimator, QueryGradient, Reduce
+from lightning_influence.estimators import Estimator, QueryProbe, Reduce
 from lightning_influence.functional import FunctionalLoss
 from lightning_influence.optimizers import OptimizerJacobian, OptimizerStep
 from lightning_influence.records import MicroBatch, StepRecord
@@ -151,16 +151,15 @@ class InfluenceEngine(Estimator):
             return torch.zeros(0, dtype=torch.long), None
         return torch.cat(rows), torch.cat(sources)
 
-    def totals(self, query: str, gradient: QueryGradient) -> torch.Tensor:
-        return self.answer(gradient())
+    def answer(self, probe: QueryProbe, per_example: bool = False) -> torch.Tensor:
+        """⟨∇q, δθ_j⟩ for every tracked sample (``Tensor[k]``, or ``Tensor[k, n]`` per query example)."""
+        return self.project(probe.example_gradients() if per_example else probe.gradient())
 
-    def answer(self, gradient: torch.Tensor) -> torch.Tensor:
+    def project(self, gradient: torch.Tensor) -> torch.Tensor:
         """Scores ``⟨∇q, δθ_j⟩`` for every tracked sample: ``Tensor[k]`` (or ``Tensor[k, n]`` for
         query gradients ``Tensor[n, p]``); the sign of SPEC §2 (negative = harmful)."""
         q = gradient.to(self.theta.device, self.theta.dtype)
         return self.theta @ q if q.dim() == 1 else self.theta @ q.T
-
-    project = answer
 
     def check_finite(self, step: int, sample_ids: torch.Tensor) -> None:
         """Raise :class:`NonFiniteInfluenceError` naming the step and the first bad samples."""

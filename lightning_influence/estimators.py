@@ -20,8 +20,10 @@ import torch
 from lightning_influence.records import MicroBatch, StepRecord
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
-QueryGradient = Callable[[], torch.Tensor]
-"""Computes ∇q(θ) at the parameters of the moment it is called for: ``Tensor[p]`` (or ``Tensor[n, p]``)."""
+QueryProbe = Any
+"""A :class:`~lightning_influence.queries.QueryProbe`: one query at the parameters of the moment, which gives
+its gradient (``probe.gradient()``, ``probe.example_gradients()``) or counterfactual differences
+(``probe.differences(deltas, per_example)``) on demand."""
 
 
 class Estimator:
@@ -37,12 +39,13 @@ class Estimator:
         Returns the step gradient as the estimator recomputed it (``Tensor[p]``, for the self-check), or None."""
         raise NotImplementedError
 
-    def totals(self, query: str, gradient: QueryGradient) -> torch.Tensor:
-        """I(s) = the accumulated scores ``Tensor[k]`` of registered query ``query`` at the current boundary."""
-        raise NotImplementedError
+    def totals(self, query: str, probe: QueryProbe) -> torch.Tensor:
+        """I(s) = the accumulated scores ``Tensor[k]`` of registered query ``query`` at the current boundary
+        (``probe``: that query at the current parameters)."""
+        return self.answer(probe)
 
-    def answer(self, gradient: torch.Tensor) -> torch.Tensor:
-        """Scores ``Tensor[k]`` (``Tensor[k, n]`` for ``Tensor[n, p]``) of an arbitrary query's gradient at θ_T."""
+    def answer(self, probe: QueryProbe, per_example: bool = False) -> torch.Tensor:
+        """Scores ``Tensor[k]`` (``Tensor[k, n]`` per query example) of any query at the current parameters."""
         raise ValueError(
             f"estimator={self.name!r} only answers registered queries: pass the name given in queries={{...}}."
         )
@@ -68,11 +71,8 @@ class NoStates(Estimator):
     def book(self, record: StepRecord, parts: Sequence[MicroBatch], reduce: Reduce | None = None) -> None:
         return None
 
-    def totals(self, query: str, gradient: QueryGradient) -> torch.Tensor:
-        return torch.zeros(0, dtype=self._dtype)
-
-    def answer(self, gradient: torch.Tensor) -> torch.Tensor:
-        return torch.zeros((0,) if gradient.dim() == 1 else (0, gradient.shape[0]), dtype=self._dtype)
+    def answer(self, probe: QueryProbe, per_example: bool = False) -> torch.Tensor:
+        return torch.zeros(0, dtype=self._dtype) if not per_example else probe.example_gradients()[:0].T
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -22,11 +22,13 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from lightning_influence.audit import AuditReport
 from lightning_influence.clipping import GradientClip, NormClip, ValueClip
 from lightning_influence.config import TrackerConfig
 from lightning_influence.data import SampleIdError, validate_sample_ids
 from lightning_influence.errors import InfluenceConfigurationError
 from lightning_influence.estimators import Estimator, Reduce
+from lightning_influence.fit_audit import FitAudit
 from lightning_influence.fit_state import FitCheckpoint, deferred_interrupts
 from lightning_influence.optimizers import OptimizerStep, flat_optimizer_state, read_step_groups
 from lightning_influence.parameters import TrackedParameters
@@ -71,6 +73,7 @@ class FitParts:
     optimizer_kind: str
     recompute_gradient: Callable[[StepRecord], torch.Tensor]  # for estimators that do not return it
     recorder: TrajectoryRecorder | None = None  # writes the trajectory for the all-sample replay
+    audit: FitAudit | None = None  # exact states of a few samples, compared with the main estimator
 
 
 class TrackedFit:
@@ -228,6 +231,8 @@ class TrackedFit:
             self.parts.self_check.check_gradient(record, recomputed)
             self.parts.self_check.check_update(record, self.parts.params.theta())
         self.estimator.check_finite(record.step, self.tracked_ids)
+        if self.parts.audit is not None:
+            self.parts.audit.book(record, self.context.reduce)
         if self.parts.recorder is not None:
             self.parts.recorder.record(record, record.pre_state)
         self.state.steps_booked += 1
@@ -245,10 +250,12 @@ class TrackedFit:
             return  # no optimizer step since the last boundary (e.g. an epoch and a step window coincide)
         theta, frozen = self.parts.params.theta(), self.parts.params.frozen()
         for name in self.config.queries:
-            totals = self.estimator.totals(name, lambda name=name: self.parts.queries.gradient(name, theta, frozen))
-            snapshot = self.recorder.close(name, end_step, epoch, totals)
+            probe = self.parts.queries.probe(name, theta, frozen)
+            snapshot = self.recorder.close(name, end_step, epoch, self.estimator.totals(name, probe))
             for sink in self.context.sinks:
                 sink.window(snapshot, self.recorder)
+            if self.parts.audit is not None:
+                self.parts.audit.close(name, end_step, epoch, probe, snapshot.scores)
 
     def close_missed_windows(self, current_epoch: int) -> None:
         """Close a window whose boundary passed without its hook running: the step-window close of a step booked
@@ -288,29 +295,40 @@ class TrackedFit:
         theta, frozen = self.final
         device = self.parts.params.device
         theta, frozen = theta.to(device), {n: t.to(device) for n, t in frozen.items()}
-        queries, name = self.parts.queries, self.config.estimator
+        probe, name = self.parts.queries.probe(query, theta, frozen), self.config.estimator
         if per_example:
             if name == "tracin":
                 raise ValueError("per_example=True is not available with estimator='tracin'.")
-            per = self.estimator.answer(queries.example_gradients(query, theta, frozen)).cpu()
+            per = self.estimator.answer(probe, per_example=True).cpu()
             return InfluenceResult(self.tracked_ids.clone(), per.mean(dim=1), per, name)
-        if isinstance(query, str):
-            queries.resolve(query)  # a KeyError names the registered queries
-            scores = self.estimator.totals(query, lambda: queries.gradient(query, theta, frozen))
-        else:
-            scores = self.estimator.answer(queries.gradient(query, theta, frozen))
+        scores = self.estimator.totals(query, probe) if isinstance(query, str) else self.estimator.answer(probe)
         return InfluenceResult(self.tracked_ids.clone(), scores.detach().cpu().clone(), None, name)
 
     def windows(self, query: str) -> list[WindowSnapshot]:
         return self.recorder.windows(query)
 
+    def audit(self, query: Any) -> AuditReport:
+        """The whole run's audit on ``query`` (a registered name or any query): exact against the main estimator."""
+        if self.parts.audit is None:
+            raise RuntimeError("No audit runs: pass audit=N (or audit_ids=[...]) to InfluenceTracker.")
+        main = self.influence(query).scores
+        theta, frozen = self.final
+        device = self.parts.params.device
+        probe = self.parts.queries.probe(query, theta.to(device), {n: t.to(device) for n, t in frozen.items()})
+        return self.parts.audit.report(query if isinstance(query, str) else "query", probe, main)
+
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        return self.state.to_dict(self.tracked_ids, self.estimator, self.recorder)
+        state = self.state.to_dict(self.tracked_ids, self.estimator, self.recorder)
+        if self.parts.audit is not None:
+            state["audit"] = self.parts.audit.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any], global_step: int | None) -> None:
         """Apply a checkpoint's (or a finished fit's) state; ``global_step`` is the model's step count."""
         self.state = FitCheckpoint.restore(state, self.tracked_ids, self.estimator, self.recorder, global_step)
+        if self.parts.audit is not None:
+            self.parts.audit.load_state_dict(state["audit"], self.recorder)
 
     def continues(self, previous: TrackedFit | None, global_step: int) -> bool:
         """Whether this fit continues ``previous`` (same model, same trainer step, parameters untouched since)."""

@@ -177,6 +177,25 @@ class FunctionalLoss:
             total = loss * weight if total is None else total + loss * weight
         return total, tuple(per_batch)
 
+    def weighted_step_loss(
+        self,
+        theta: torch.Tensor,
+        batches: Sequence[Any],
+        weights: Sequence[float],
+        sample_weights: Sequence[torch.Tensor],
+        frozen: dict | None = None,
+    ) -> torch.Tensor:
+        """``Σ_m w_m ((1/|B_m|) Σ_i s_{m,i} ℓ_i(θ) + R(θ))``: the step loss with per-sample weights
+        ``sample_weights[m]: Tensor[B_m]`` (0 removes a sample; the denominator |B_m| is kept, SPEC §2)."""
+        total = None
+        for batch, weight, s in zip(batches, weights, sample_weights):
+            losses = self.per_sample_losses(theta, batch, frozen)
+            loss = (losses * s.to(losses)).sum() / losses.shape[0]
+            if self.regularizer is not None:
+                loss = loss + self.call(theta, self.regularizer, frozen=frozen)
+            total = loss * weight if total is None else total + loss * weight
+        return total
+
     def linearize(
         self,
         theta: torch.Tensor,

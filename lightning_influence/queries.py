@@ -79,13 +79,7 @@ def _is_callable_query(query: Query) -> bool:
 
 
 def _callable_gradient(loss: FunctionalLoss, theta: torch.Tensor, fn: Callable, frozen: dict | None) -> torch.Tensor:
-    def value(t: torch.Tensor) -> torch.Tensor:
-        out = loss.call(t, fn, frozen=frozen)
-        if not isinstance(out, torch.Tensor) or out.numel() != 1:
-            raise ValueError("A callable query must return a scalar tensor, e.g. the loss or one logit.")
-        return out.reshape(())
-
-    return grad(value)(theta)
+    return grad(lambda t: _callable_value(loss, t, fn, frozen))(theta)
 
 
 class QueryEvaluator:
@@ -120,6 +114,69 @@ class QueryEvaluator:
         with torch.enable_grad():
             return query_example_gradients(self.loss, theta, self.resolve(query), self.move, frozen)
 
+    def probe(self, query: Query, theta: torch.Tensor, frozen: dict | None = None) -> QueryProbe:
+        """``query`` (a registered name, or any query) at the parameters ``theta``."""
+        return QueryProbe(self, query, theta, frozen)
+
     def registered_gradients(self, theta: torch.Tensor, frozen: dict | None = None) -> dict[str, torch.Tensor]:
         """``{name: ∇q(θ)}`` for every registered query."""
         return {name: self.gradient(name, theta, frozen) for name in self.registered}
+
+
+def _values(loss: FunctionalLoss, query: Query, move: MoveFn, frozen: dict | None, per_example: bool):
+    """``f(θ)`` as a function of θ: the mean per-sample loss over the query's batches (``Tensor[n]`` of its
+    per-sample losses with ``per_example``), or the callable's scalar value."""
+    if _is_callable_query(query):
+        if per_example:
+            raise ValueError("per_example=True needs a batch or a DataLoader query, not a callable.")
+        return lambda t: _callable_value(loss, t, query, frozen)
+    batches = [move(batch) for batch in _batches(query)]
+
+    def value(t: torch.Tensor) -> torch.Tensor:
+        losses = torch.cat([loss.per_sample_losses(t, batch, frozen) for batch in batches])
+        return losses if per_example else losses.mean()
+
+    return value
+
+
+def _callable_value(loss: FunctionalLoss, theta: torch.Tensor, fn: Callable, frozen: dict | None) -> torch.Tensor:
+    out = loss.call(theta, fn, frozen=frozen)
+    if not isinstance(out, torch.Tensor) or out.numel() != 1:
+        raise ValueError("A callable query must return a scalar tensor, e.g. the loss or one logit.")
+    return out.reshape(())
+
+
+class QueryProbe:
+    """One query at one parameter point θ (``Tensor[p]``, with the untracked parameters' values): what an
+    estimator asks of it, computed on demand — ∇f(θ) for projections, or f(θ + δ) − f(θ) for the exact
+    counterfactuals."""
+
+    def __init__(self, evaluator: QueryEvaluator, query: Query, theta: torch.Tensor, frozen: dict | None) -> None:
+        self.evaluator, self.query, self.theta, self.frozen = evaluator, evaluator.resolve(query), theta, frozen
+
+    def gradient(self) -> torch.Tensor:
+        """``∇f(θ)``: ``Tensor[p]``."""
+        return self.evaluator.gradient(self.query, self.theta, self.frozen)
+
+    def example_gradients(self) -> torch.Tensor:
+        """``Tensor[n, p]``: the gradient of each query example's loss."""
+        return self.evaluator.example_gradients(self.query, self.theta, self.frozen)
+
+    def differences(self, deltas: torch.Tensor, per_example: bool = False, chunk_rows: int = 16) -> torch.Tensor:
+        """``f(θ + δ_r) − f(θ)`` for every row of ``deltas: Tensor[k, p]``: ``Tensor[k]`` (``Tensor[k, n]``
+        per query example with ``per_example``), the query evaluated at each counterfactual's parameters."""
+        ev = self.evaluator
+        value = _values(ev.loss, self.query, ev.move, self.frozen, per_example)
+        theta = self.theta
+        with torch.no_grad():
+            factual = value(theta)
+            rows = [
+                torch.func.vmap(lambda d: value(theta + d))(deltas[i : i + chunk_rows].to(theta))
+                for i in range(0, deltas.shape[0], chunk_rows)
+            ]
+        if not rows:
+            return torch.zeros((0, *factual.shape), dtype=deltas.dtype, device=deltas.device)
+        out = (torch.cat(rows) - factual).to(deltas.dtype)
+        unmoved = ~(deltas != 0).any(dim=1)  # the factual run itself: exactly 0, whatever vmap's rounding
+        out[unmoved.to(out.device)] = 0
+        return out

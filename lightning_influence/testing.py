@@ -166,14 +166,17 @@ def leave_one_out(
     query: tuple[torch.Tensor, torch.Tensor],
     ids: Sequence[int],
     make_scheduler: SchedulerFactory | None = None,
+    **retrain_kwargs,
 ) -> torch.Tensor:
-    """Exact leave-one-out scores ``f(θ_-j(T)) − f(θ(T))`` for each id (f = mean query loss)."""
-    base = mean_loss(retrain(net, make_optimizer, x, y, schedule, None, make_scheduler), *query)
+    """Exact leave-one-out scores ``f(θ_-j(T)) − f(θ(T))`` for each id (f = mean query loss); ``retrain_kwargs``
+    (``accumulate``, ``clip_norm``, ``clip_value``) go to :func:`retrain`."""
+    base = mean_loss(retrain(net, make_optimizer, x, y, schedule, None, make_scheduler, **retrain_kwargs), *query)
     out = []
     for j in ids:
         w = torch.ones(len(x), dtype=x.dtype)
         w[j] = 0
-        out.append(mean_loss(retrain(net, make_optimizer, x, y, schedule, w, make_scheduler), *query) - base)
+        trained = retrain(net, make_optimizer, x, y, schedule, w, make_scheduler, **retrain_kwargs)
+        out.append(mean_loss(trained, *query) - base)
     return torch.tensor(out, dtype=torch.float64)
 
 

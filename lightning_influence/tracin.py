@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from lightning_influence.estimators import Estimator, QueryGradient, Reduce
+from lightning_influence.estimators import Estimator, QueryProbe, Reduce
 from lightning_influence.functional import FunctionalLoss
 from lightning_influence.records import MicroBatch, StepRecord
 
@@ -69,7 +69,7 @@ class TracInAccumulator(Estimator):
         """The scores accumulated so far on ``query``: ``Tensor[k]`` (zeros before any step)."""
         return self.scores.get(query, torch.zeros(self.num_tracked, dtype=self._dtype, device=self._device))
 
-    def totals(self, query: str, gradient: QueryGradient) -> torch.Tensor:
+    def totals(self, query: str, probe: QueryProbe) -> torch.Tensor:
         return self.running(query)
 
     def state_dict(self) -> dict[str, Any]:

@@ -95,6 +95,11 @@ class WindowRecorder:
         self._last[query] = (end_step, totals)
         return snap
 
+    @property
+    def queries(self) -> list[str]:
+        """The queries that have closed a window."""
+        return list(self._snapshots)
+
     def windows(self, query: str) -> list[WindowSnapshot]:
         """The snapshots of ``query`` in time order."""
         return list(self._snapshots.get(query, []))

@@ -18,8 +18,8 @@ deterministic and lives under ``if __name__ == "__main__":``. When several modes
 ``accumulate``
     Like ``shards`` with ``accumulate_grad_batches=2`` (two micro-batches per rank per step, each
     weighted 1/(2·2)), SGD with momentum and ``gradient_clip_val`` (norm clipping of the all-reduced
-    gradient), estimator ``"acc"``, no windows; a second tracker records the trajectory
-    (``record_trajectory=True, track=()``) to ``OUTDIR/accumulate/recorded/trajectory``. Writes
+    gradient), estimator ``"acc"``, no windows; an ``"exact"`` tracker follows ``EXACT_IDS``; another records
+    the trajectory (``record_trajectory=True, track=()``) to ``OUTDIR/accumulate/recorded/trajectory``. Writes
     ``OUTDIR/accumulate/rank{r}.pt``.
 ``padded``
     Lightning's default ``DistributedSampler`` (``shuffle=True``) on an odd-sized training set with
@@ -49,6 +49,7 @@ NUM_FEATURES, NUM_CLASSES, HIDDEN = 4, 3, 5
 SHARDS = dict(num_samples=24, per_rank_batch=3, epochs=2, schedule_seed=3, window_every_n_steps=3, lr=0.05)
 ACCUMULATE = dict(num_samples=24, per_rank_batch=2, epochs=2, schedule_seed=4, lr=0.2, momentum=0.9, clip=0.3)
 PADDED = dict(num_samples=13, epochs=4, lr=0.1, momentum=0.9)
+EXACT_IDS = [0, 5, 11, 17]  # tracked by the "exact" estimator in the accumulate run
 
 
 def make_data(num_samples: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,11 +197,12 @@ def run_accumulate(out: str, timeout_s: float) -> None:
         checkpoint_every_n_steps=3,
         dirpath=os.path.join(out, "recorded"),
     )
+    exact = InfluenceTracker(estimator="exact", track=EXACT_IDS, queries={"val": make_query()}, write_artifacts=False)
     recorder = _record_ids()
     trainer = _trainer(
         out,
         cfg["epochs"],
-        [tracker, trajectory, recorder],
+        [tracker, trajectory, exact, recorder],
         timeout_s,
         False,
         use_distributed_sampler=False,
@@ -209,7 +211,13 @@ def run_accumulate(out: str, timeout_s: float) -> None:
     )
     rank = int(os.environ.get("LOCAL_RANK", 0))
     trainer.fit(TinyClassifier(make_net(), sgd_momentum_accumulate), fixed_loader(x, y, rank_schedule(rank, cfg)))
-    _save(os.path.join(out, f"rank{trainer.global_rank}.pt"), trainer, tracker, recorder, {})
+    _save(
+        os.path.join(out, f"rank{trainer.global_rank}.pt"),
+        trainer,
+        tracker,
+        recorder,
+        {"exact_scores": exact.influence("val").scores.clone()},
+    )
 
 
 def run_padded(out: str, timeout_s: float) -> None:

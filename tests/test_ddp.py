@@ -320,6 +320,25 @@ def test_ddp_recorded_trajectory_replays_to_the_single_process_first_order(ddp_r
     _assert_close(replayed.scores, reference.influence(W.make_query()).scores, 1e-8, "DDP-recorded replay vs forward")
 
 
+def test_ddp_exact_estimator_equals_leave_one_out_retraining(ddp_run):
+    """estimator="exact" under DDP (each rank's share of the gradient differences all-reduced), with gradient
+    accumulation and norm clipping: the scores are the true leave-one-out differences of retraining."""
+    from lightning_influence.testing import leave_one_out
+
+    r0, r1 = _load(ddp_run, "accumulate")
+    _assert_close(r1["exact_scores"], r0["exact_scores"], 1e-12, "exact scores rank 1 vs rank 0")
+    cfg = W.ACCUMULATE
+    micro = [batch for epoch in W.global_schedule(cfg) for batch in epoch]
+    per_epoch = len(W.global_schedule(cfg)[0])
+    schedule = [micro[i : i + per_epoch] for i in range(0, len(micro), per_epoch)]
+    x, y = W.make_data(cfg["num_samples"])
+    query = W.make_query()[:2]
+    loo = leave_one_out(
+        W.make_net(), W.sgd_momentum_accumulate, x, y, schedule, query, W.EXACT_IDS, accumulate=2, clip_norm=cfg["clip"]
+    )
+    _assert_close(r0["exact_scores"], loo, 1e-8, "DDP exact vs leave-one-out retraining")
+
+
 # ---------------------------------------------------------------------------- padded DistributedSampler mode
 def _padded(ddp_run):
     r0, r1 = _load(ddp_run, "padded")

@@ -225,7 +225,7 @@ def record(run: Run, path: Path, dtype: torch.dtype = torch.float64) -> Recorded
     totals: dict[str, list[torch.Tensor]] = {"query": [], "logit": [], "examples": []}
     for t in range(STEPS + 1):
         for name, vectors in training.query_vectors().items():
-            scores = training.engine.answer(vectors)  # [N, n]
+            scores = training.engine.project(vectors)  # [N, n]
             totals[name].append(scores if name == "examples" else scores[:, 0])
         if t < STEPS:
             training.step(t)
