@@ -47,9 +47,11 @@ from lightning_influence.testing import (
 )
 
 DT = torch.float64
+AUDITED = 8  # samples the "acc" run audits with the exact estimator
 ESTIMATORS = [
     ("acc", "auto"),
     ("first-order", "auto"),
+    ("exact", "auto"),
     ("acc", "sgd"),
     ("first-order", "sgd"),
     ("tracin", "auto"),
@@ -202,6 +204,8 @@ def run_setup(setup: Setup, seed: int):
         # the first-order run also records its trajectory: the all-sample replay is measured on it
         replayed = est == "first-order" and om == "auto"
         recording = dict(record_trajectory=True, dirpath=tempfile.mkdtemp()) if replayed else {}
+        if est == "acc" and om == "auto":  # the audit's own estimate of acc's agreement, next to the truth
+            recording = dict(audit=AUDITED, audit_seed=seed, write_artifacts=False)
         tracker = InfluenceTracker(estimator=est, optimizer_model=om, queries={"q": (xq, yq)}, **recording)
         model = TinyClassifier(copy.deepcopy(net), setup.optimizer)
         t0 = time.perf_counter()
@@ -217,7 +221,28 @@ def run_setup(setup: Setup, seed: int):
             s = tracker.replay(progress=False).influence((xq, yq)).scores.to(DT)
             out[("all samples (replay)", om)] = (agreement(s, loo), far_off(s, loo))
             shutil.rmtree(recording["dirpath"])
-    return out, loo, t_loo, t_track
+        if est == "acc" and om == "auto":
+            report = tracker.audit("q")
+            audit = {"audit": report, "truth": agreement(s, loo)}
+    return out, loo, t_loo, t_track, audit
+
+
+def print_audits(audits: dict[str, list[dict]]) -> None:
+    """The audit's estimate of acc's agreement (AUDITED samples, exact) next to the truth (all samples, LOO)."""
+    print()
+    print(f"## The audit's estimate of acc's agreement ({AUDITED} audited samples) and the truth (all samples)")
+    print()
+    print("| setup | Spearman: audit | Spearman: truth | Pearson: audit | Pearson: truth | rel. error: audit |"
+          " rel. RMSE: truth |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, runs in audits.items():
+        cols = []
+        for audit_key, truth_key in (("spearman", "spearman"), ("pearson", "pearson"), ("relative_error", "rel_rmse")):
+            cols.append(fmt([getattr(r["audit"], audit_key) for r in runs]))
+            if truth_key != "rel_rmse":
+                cols.append(fmt([r["truth"][truth_key] for r in runs]))
+        cols.append(fmt([r["truth"]["rel_rmse"] for r in runs]))
+        print(f"| {name} | " + " | ".join(cols) + " |")
 
 
 def label(est: str, om: str) -> str:
@@ -252,10 +277,12 @@ def main() -> None:
     far: dict[tuple[str, str, str], tuple] = {}
     loo_scale: dict[str, tuple[int, float, float]] = {}
     timing: dict[str, tuple[float, float]] = {}
+    audits: dict[str, list[dict]] = {}
     for setup in setups:
         t_loo = t_track = 0.0
         for seed in range(seeds):
-            res, loo, tl, tt = run_setup(setup, seed)
+            res, loo, tl, tt, audit = run_setup(setup, seed)
+            audits.setdefault(setup.name, []).append(audit)
             t_loo, t_track = t_loo + tl, t_track + tt
             for (est, om), (m, f) in res.items():
                 table.setdefault((setup.name, est, om), []).append(m)
@@ -284,6 +311,7 @@ def main() -> None:
         cols = [fmt([m[key] for m in ms]) for key in ("spearman", "kendall", "pearson", "rel_rmse")]
         print(f"| {name} | {label(est, om)} | " + " | ".join(cols) + " |")
 
+    print_audits(audits)
     print()
     print("## Samples far off (first seed)")
     print()
