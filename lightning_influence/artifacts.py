@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
-import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -43,6 +41,7 @@ from lightning_influence.artifacts_format import (
     load_snapshots,
     snapshots_by_query,
 )
+from lightning_influence.files import append_line, atomic_write_text, drop_partial_last_line, move_aside
 from lightning_influence.result import InfluenceResult
 from lightning_influence.windows import WindowSnapshot
 
@@ -79,24 +78,6 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     return repr(value)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same directory and ``os.replace``."""
-    # Not tempfile.mkstemp: its files are private (0600); this one gets the umask's usual mode.
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def _snapshot_record(snapshot: WindowSnapshot) -> dict[str, Any]:
@@ -141,40 +122,13 @@ class SnapshotWriter:
         """``<dirpath>/final_scores.json``."""
         return self.dirpath / FINAL_FILE
 
-    def _drop_partial_last_line(self) -> None:
-        """A crash mid-write leaves a last line without its newline: cut it before appending, so
-        the next record does not glue onto it and turn it into corruption in the middle."""
-        path = self.windows_path
-        if not path.exists():
-            return
-        with open(path, "rb+") as f:
-            size = f.seek(0, os.SEEK_END)
-            if size == 0:
-                return
-            f.seek(size - 1)
-            if f.read(1) == b"\n":
-                return
-            f.seek(0)
-            data = f.read()
-            keep = data.rfind(b"\n") + 1  # 0 when the only line is partial
-            warnings.warn(
-                f"{path}: dropping a partial last line ({size - keep} bytes) left by an interrupted write.",
-                stacklevel=3,
-            )
-            f.truncate(keep)
-            f.flush()
-            os.fsync(f.fileno())
-
     def write(self, snapshot: WindowSnapshot) -> None:
         """Append one JSON line for ``snapshot``, then flush and fsync."""
         line = json.dumps(_snapshot_record(snapshot), separators=(",", ":"))
         if not self._repaired:
-            self._drop_partial_last_line()
+            drop_partial_last_line(self.windows_path)
             self._repaired = True
-        with open(self.windows_path, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_line(self.windows_path, line)
 
     def write_final(self, results: Mapping[str, InfluenceResult], metadata: Mapping[str, Any] | None = None) -> None:
         """Write ``{query: result}`` to ``final_scores.json`` atomically (replacing an older file).
@@ -204,7 +158,7 @@ class SnapshotWriter:
             "metadata": dict(metadata or {}),
             "queries": queries,
         }
-        _atomic_write_text(self.final_path, json.dumps(document, default=_jsonable) + "\n")
+        atomic_write_text(self.final_path, json.dumps(document, default=_jsonable) + "\n")
 
     def start(self, keep: Mapping[str, int] | None) -> None:
         """Prepare for a fit: a resumed or continued fit keeps its first ``keep[query]`` windows; a fresh fit
@@ -212,14 +166,7 @@ class SnapshotWriter:
         if keep is not None:
             self.truncate(keep)
             return
-        if self.windows_path.exists() and self.windows_path.stat().st_size:
-            n = 1
-            while (aside := self.dirpath / f"windows.{n}.jsonl").exists():
-                n += 1
-            os.replace(self.windows_path, aside)
-            warnings.warn(
-                f"{self.windows_path} held the windows of an earlier run: moved to {aside.name}.", stacklevel=2
-            )
+        move_aside(self.windows_path, "the windows")
         self._repaired = True
 
     def window(self, snapshot: WindowSnapshot, recorder: Any = None) -> None:
@@ -243,5 +190,5 @@ class SnapshotWriter:
             self._repaired = True
             return
         kept = [line for _, line, record in _read_records(path) if record["index"] < int(keep.get(record["query"], 0))]
-        _atomic_write_text(path, "".join(line + "\n" for line in kept))
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
         self._repaired = True

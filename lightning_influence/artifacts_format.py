@@ -13,6 +13,7 @@ from typing import Any, Iterable, Union
 
 import torch
 
+from lightning_influence.files import check_header, json_lines
 from lightning_influence.result import InfluenceResult
 from lightning_influence.windows import WindowSnapshot
 
@@ -40,40 +41,16 @@ def _resolve(path: PathLike, filename: str, what: str) -> Path:
     return file
 
 
-def _check_header(record: Any, expected: str, where: str) -> None:
-    if not isinstance(record, dict) or record.get("format") != expected:
-        found = record.get("format") if isinstance(record, dict) else type(record).__name__
-        raise ValueError(f"{where}: expected format {expected!r}, found {found!r}.")
-    version = record.get("version")
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise ValueError(f"{where}: invalid format version {version!r}.")
-    if version > FORMAT_VERSION:
-        raise ValueError(
-            f"{where}: format version {version} is newer than this lightning-influence reads "
-            f"(version {FORMAT_VERSION}); upgrade lightning-influence."
-        )
-
-
 def _read_records(path: Path) -> list[tuple[int, str, dict[str, Any]]]:
     """``(line number, raw line, record)`` of every valid line of a windows file.
 
     A last line that is not valid JSON (crash mid-write) is skipped with a warning; invalid lines
     elsewhere, wrong formats or versions and missing fields raise ``ValueError``.
     """
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    numbered = [(n, line) for n, line in enumerate(lines, start=1) if line.strip()]
     records = []
-    for position, (n, line) in enumerate(numbered):
+    for n, line, record in json_lines(path):
         where = f"{path}, line {n}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            if position == len(numbered) - 1:
-                warnings.warn(f"{where}: skipping a truncated last record (interrupted write?): {err}.", stacklevel=3)
-                continue
-            raise ValueError(f"{where}: not valid JSON ({err}); the file is corrupt.") from err
-        _check_header(record, WINDOWS_FORMAT, where)
+        check_header(record, WINDOWS_FORMAT, FORMAT_VERSION, where)
         missing = [key for key in _WINDOW_KEYS if key not in record]
         if missing:
             raise ValueError(f"{where}: the record lacks {', '.join(missing)}.")
@@ -132,7 +109,7 @@ def load_final_scores(path: PathLike) -> dict[str, InfluenceResult]:
         document = json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ValueError(f"{file}: not valid JSON ({err}).") from err
-    _check_header(document, FINAL_FORMAT, str(file))
+    check_header(document, FINAL_FORMAT, FORMAT_VERSION, str(file))
     results = {}
     for name, entry in document.get("queries", {}).items():
         if not isinstance(entry, dict) or "sample_ids" not in entry or "scores" not in entry:

@@ -18,16 +18,22 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lightning_influence.artifacts import _atomic_write_text, _floats, _ints
+from lightning_influence.artifacts import _floats, _ints
 from lightning_influence.artifacts_format import PathLike, _resolve
 from lightning_influence.audit_metrics import AuditReport
+from lightning_influence.files import (
+    append_line,
+    atomic_write_text,
+    check_header,
+    drop_partial_last_line,
+    json_lines,
+    move_aside,
+)
 
 __all__ = ["AUDIT_FILE", "AUDIT_FORMAT", "AUDIT_VERSION", "AuditWriter", "audit_record", "load_audit"]
 
@@ -90,17 +96,7 @@ def audit_record(report: AuditReport) -> dict[str, Any]:
 
 
 def _check(record: Any, where: str) -> None:
-    if not isinstance(record, dict) or record.get("format") != AUDIT_FORMAT:
-        found = record.get("format") if isinstance(record, dict) else type(record).__name__
-        raise ValueError(f"{where}: expected format {AUDIT_FORMAT!r}, found {found!r}.")
-    version = record.get("version")
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise ValueError(f"{where}: invalid format version {version!r}.")
-    if version > AUDIT_VERSION:
-        raise ValueError(
-            f"{where}: format version {version} is newer than this lightning-influence reads "
-            f"(version {AUDIT_VERSION}); upgrade lightning-influence."
-        )
+    check_header(record, AUDIT_FORMAT, AUDIT_VERSION, where)
     missing = [key for key in _KEYS if key not in record]
     if missing:
         raise ValueError(f"{where}: the record lacks {', '.join(missing)}.")
@@ -133,21 +129,7 @@ def _report(record: dict[str, Any], where: str) -> AuditReport:
 def _read(path: Path) -> list[tuple[str, AuditReport]]:
     """``(raw line, report)`` of every valid line; a last line that is not valid JSON (a crash
     mid-write) is skipped with a warning, any other invalid line raises ``ValueError``."""
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    numbered = [(n, line) for n, line in enumerate(lines, start=1) if line.strip()]
-    out = []
-    for position, (n, line) in enumerate(numbered):
-        where = f"{path}, line {n}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            if position == len(numbered) - 1:
-                warnings.warn(f"{where}: skipping a truncated last record (interrupted write?): {err}.", stacklevel=3)
-                continue
-            raise ValueError(f"{where}: not valid JSON ({err}); the file is corrupt.") from err
-        out.append((line, _report(record, where)))
-    return out
+    return [(line, _report(record, f"{path}, line {n}")) for n, line, record in json_lines(path)]
 
 
 def load_audit(path: PathLike) -> list[AuditReport]:
@@ -164,27 +146,6 @@ def load_audit(path: PathLike) -> list[AuditReport]:
         ValueError: a corrupt line other than the last, an unknown format or a newer version.
     """
     return [report for _, report in _read(_resolve(path, AUDIT_FILE, "audit"))]
-
-
-def _drop_partial_last_line(path: Path) -> None:
-    """Cut a last line without its newline (a crash mid-write), so the next line does not glue onto it."""
-    if not path.exists():
-        return
-    with open(path, "rb+") as f:
-        size = f.seek(0, os.SEEK_END)
-        if size == 0:
-            return
-        f.seek(size - 1)
-        if f.read(1) == b"\n":
-            return
-        f.seek(0)
-        keep = f.read().rfind(b"\n") + 1  # 0 when the only line is partial
-        warnings.warn(
-            f"{path}: dropping a partial last line ({size - keep} bytes) left by an interrupted write.", stacklevel=4
-        )
-        f.truncate(keep)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 class AuditWriter:
@@ -209,12 +170,9 @@ class AuditWriter:
         """Append one JSON line for ``report``, then flush and fsync."""
         line = json.dumps(audit_record(report), separators=(",", ":"), allow_nan=False)
         if not self._repaired:
-            _drop_partial_last_line(self.path)
+            drop_partial_last_line(self.path)
             self._repaired = True
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_line(self.path, line)
 
     def truncate(self, keep: int) -> None:
         """Keep only the first ``keep`` reports (for a run resumed from a checkpoint that knew ``keep``).
@@ -227,7 +185,7 @@ class AuditWriter:
         if not self.path.exists():
             return
         kept = [line for line, _ in _read(self.path)][:keep]
-        _atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def start(self, keep: int | None) -> None:
         """Prepare for a fit: a resumed fit keeps its first ``keep`` reports; a fresh fit (``keep=None``)
@@ -236,9 +194,4 @@ class AuditWriter:
             self.truncate(keep)
             return
         self._repaired = True
-        if self.path.exists() and self.path.stat().st_size:
-            n = 1
-            while (aside := self.dirpath / f"audit.{n}.jsonl").exists():
-                n += 1
-            os.replace(self.path, aside)
-            warnings.warn(f"{self.path} held the audit of an earlier run: moved to {aside.name}.", stacklevel=2)
+        move_aside(self.path, "the audit")

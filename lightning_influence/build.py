@@ -16,7 +16,7 @@ from lightning_influence.engine import InfluenceEngine, MemoryPlan, plan_memory
 from lightning_influence.errors import InfluenceConfigurationError
 from lightning_influence.estimators import Estimator, NoStates
 from lightning_influence.exact import ExactEngine
-from lightning_influence.fit import FitContext, FitParts, TrackedFit, check_tracked_ids
+from lightning_influence.fit import FitContext, FitParts, TrackedFit
 from lightning_influence.fit_audit import FitAudit, choose_audit_ids
 from lightning_influence.functional import FunctionalLoss, PerSampleLossFn
 from lightning_influence.optimizers import OptimizerSpec, model_optimizer
@@ -27,6 +27,14 @@ from lightning_influence.records import StepRecord
 from lightning_influence.selfcheck import StepSelfCheck
 from lightning_influence.tracin import TracInAccumulator
 from lightning_influence.trajectory import default_checkpoint_every
+
+
+def check_tracked_ids(track: torch.Tensor | None, num_samples: int) -> torch.Tensor:
+    """The tracked ids (``None``: every sample), checked against the training set's size."""
+    ids = torch.arange(num_samples) if track is None else track
+    if ids.numel() and int(ids.max()) >= num_samples:
+        raise ValueError(f"track holds ids >= {num_samples}, the training set's size.")
+    return ids
 
 
 def resolve_loss_fn(config: TrackerConfig, module: nn.Module) -> PerSampleLossFn:

@@ -342,12 +342,4 @@ class TrackedFit:
         )
 
 
-def check_tracked_ids(track: torch.Tensor | None, num_samples: int) -> torch.Tensor:
-    """The tracked ids (``None``: every sample), checked against the training set's size."""
-    ids = torch.arange(num_samples) if track is None else track
-    if ids.numel() and int(ids.max()) >= num_samples:
-        raise ValueError(f"track holds ids >= {num_samples}, the training set's size.")
-    return ids
-
-
-__all__: Sequence[str] = ["FitContext", "FitParts", "TrackedFit", "check_tracked_ids"]
+__all__: Sequence[str] = ["FitContext", "FitParts", "TrackedFit"]

@@ -7,14 +7,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import uuid
-import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
 import torch
+
+from lightning_influence import files
 
 PathLike = Union[str, os.PathLike]
 
@@ -120,17 +119,7 @@ def decode_step(record: dict[str, Any], where: str) -> StepEntry:
 
 def check_header(record: Any, expected: str, where: str) -> None:
     """``ValueError`` unless ``record`` is a dict with ``format == expected`` and a version this package reads."""
-    if not isinstance(record, dict) or record.get("format") != expected:
-        found = record.get("format") if isinstance(record, dict) else type(record).__name__
-        raise ValueError(f"{where}: expected format {expected!r}, found {found!r}.")
-    version = record.get("version")
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise ValueError(f"{where}: invalid format version {version!r}.")
-    if version > TRAJECTORY_VERSION:
-        raise ValueError(
-            f"{where}: format version {version} is newer than this lightning-influence reads "
-            f"(version {TRAJECTORY_VERSION}); upgrade lightning-influence."
-        )
+    files.check_header(record, expected, TRAJECTORY_VERSION, where)
 
 
 def read_step_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
@@ -142,42 +131,13 @@ def read_step_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
     if not path.is_file():
         return []
     out = []
-    bad: tuple[str, Exception] | None = None  # an invalid line: an error unless it is the last one
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for n, raw in enumerate(f, start=1):
-            line = raw.rstrip("\n")
-            if not line.strip():
-                continue
-            if bad is not None:
-                raise ValueError(f"{bad[0]}: not valid JSON ({bad[1]}); the file is corrupt.") from bad[1]
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                bad = (f"{path}, line {n}", err)
-                continue
-            check_header(record, STEP_FORMAT, f"{path}, line {n}")
-            out.append((line, record))
-    if bad is not None:
-        warnings.warn(f"{bad[0]}: dropping a truncated last step line (interrupted write?): {bad[1]}.", stacklevel=3)
+    for n, line, record in files.json_lines(path, what="step line"):
+        check_header(record, STEP_FORMAT, f"{path}, line {n}")
+        out.append((line, record))
     return out
 
 
-def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    """Call ``write(binary file)`` on a temporary file next to ``path``, fsync it, ``os.replace`` it onto ``path``:
-    ``path`` is either its old self or whole. Temporary names start with ``.`` and end with ``.tmp``."""
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
-    try:
-        with open(tmp, "xb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+atomic_write = files.atomic_write
 
 
 def atomic_json(path: Path, document: dict[str, Any]) -> None:
