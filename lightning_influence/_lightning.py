@@ -11,6 +11,7 @@ import os
 from typing import Any
 
 import lightning.pytorch as pl
+import lightning.pytorch.callbacks as lcb
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
@@ -46,9 +47,30 @@ def check_strategy(trainer: pl.Trainer) -> None:
         )
 
 
+def check_callbacks(trainer: pl.Trainer) -> None:
+    """Callbacks that change the parameters outside the optimizer, or which parameters it trains."""
+    averaging = tuple(getattr(lcb, n) for n in ("StochasticWeightAveraging", "WeightAveraging") if hasattr(lcb, n))
+    for callback in trainer.callbacks:
+        if isinstance(callback, averaging):
+            _refuse(
+                f"{type(callback).__name__}: the model ends with (or is evaluated at) averaged weights that no"
+                " optimizer step produced, while the states describe the optimizer's own trajectory",
+                "Remove it while tracking, and average after the tracked run; the scores then describe the weights"
+                " the optimizer produced.",
+            )
+        if isinstance(callback, lcb.BaseFinetuning):
+            _refuse(
+                f"{type(callback).__name__}: it unfreezes parameters and adds optimizer param groups during fit,"
+                " so the tracked layout and the optimizer's update change mid-run",
+                "Track one fit per phase (freeze or unfreeze between fits, each with its own tracker), or fine-tune"
+                " without the callback.",
+            )
+
+
 def check_trainer(trainer: pl.Trainer, pl_module: pl.LightningModule, restored: bool) -> None:
     """Refuse, with the fix, what the tracker cannot model. ``restored``: the tracker's state was loaded."""
     check_strategy(trainer)
+    check_callbacks(trainer)
     if not pl_module.automatic_optimization:
         _refuse(
             "manual optimization (it cannot see which losses and steps the optimizer used)",
@@ -72,16 +94,36 @@ def check_trainer(trainer: pl.Trainer, pl_module: pl.LightningModule, restored: 
             " after the tracker has read the still-scaled gradients)",
             "Drop fused=True, or use precision='bf16-mixed' or '32-true'.",
         )
-    if trainer.ckpt_path is not None and not restored:
+    if resumed_from(trainer) is not None and not restored:
         _refuse(
-            f"a run resumed from {trainer.ckpt_path!r}, a checkpoint without this tracker's state (it was"
+            f"a run resumed from {resumed_from(trainer)!r}, a checkpoint without this tracker's state (it was"
             " saved without the tracker, or with a tracker configured differently)",
             "Resume from a checkpoint saved with the same InfluenceTracker attached, or train from the start.",
         )
 
 
+def resumed_from(trainer: pl.Trainer) -> str | None:
+    """The checkpoint this fit resumed from. The tuners (LearningRateFinder, BatchSizeFinder), which Lightning runs
+    before every other callback's on_fit_start, restore a temporary checkpoint of their own: not a resume."""
+    path = trainer.ckpt_path
+    if path is not None and os.path.basename(str(path)).startswith((".lr_find_", ".scale_batch_size_")):
+        return None
+    return None if path is None else str(path)
+
+
 def refuse_batch_coupled_layers(pl_module: nn.Module) -> None:
-    """Active dropout (random masks) and BatchNorm in train mode (samples coupled) cannot be replayed."""
+    """Active dropout (random masks) and BatchNorm in train mode (samples coupled) cannot be replayed; a submodule
+    registered under two names cannot be re-parametrised by ``torch.func.functional_call`` without corrupting it."""
+    names: dict[int, str] = {}
+    for name, mod in pl_module.named_modules(remove_duplicate=False):
+        if id(mod) in names and any(True for _ in mod.parameters()):
+            raise InfluenceConfigurationError(
+                f"Module {names[id(mod)]!r} is also registered as {name!r}: the tracker cannot evaluate the model"
+                " with its own parameter values when one submodule sits under two names. Register it once and call"
+                " it twice in forward (e.g. keep self.proj and drop self.proj2 = self.proj); sharing one Parameter"
+                " between two modules (tied weights) is fine."
+            )
+        names.setdefault(id(mod), name)
     for name, mod in pl_module.named_modules():
         if isinstance(mod, nn.modules.dropout._DropoutNd) and mod.p > 0 and mod.training:
             raise InfluenceConfigurationError(
@@ -195,6 +237,18 @@ def id_gatherer(trainer: pl.Trainer):
         return [everyone[rank, :size].cpu() for rank, size in enumerate(sizes)]
 
     return gather
+
+
+def check_same_training_set(trainer: pl.Trainer, dataset: Any, default_ids: bool) -> None:
+    """With the default ids (dataset indices), the training set must stay the one the fit started with."""
+    current = getattr(trainer.train_dataloader, "dataset", None)
+    if default_ids and current is not dataset:
+        raise InfluenceConfigurationError(
+            f"The training set changed at epoch {trainer.current_epoch} (reload_dataloaders_every_n_epochs, or a"
+            " datamodule that builds a new dataset): the tracker's sample ids are indices into the dataset the fit"
+            " started with, so they would name other samples now. Keep one dataset object and vary only the"
+            " sampler, or pass sample_ids=lambda batch: ... returning ids that are stable across datasets."
+        )
 
 
 def training_data(trainer: pl.Trainer) -> tuple[Any, Any]:

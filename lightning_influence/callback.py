@@ -26,16 +26,14 @@ from torch import nn
 
 from lightning_influence import _lightning as lit
 from lightning_influence.answers import TrackerAnswers
-from lightning_influence.artifacts import SnapshotWriter
-from lightning_influence.audit import AuditWriter, log_audit, poor_agreement_message
+from lightning_influence.audit import poor_agreement_message
 from lightning_influence.build import build_fit
 from lightning_influence.config import GIB, TrackerConfig
-from lightning_influence.data import SampleIdsFn
+from lightning_influence.data import SampleIdsFn, default_sample_ids
 from lightning_influence.errors import InfluenceConfigurationError, SelfCheckError
 from lightning_influence.fit import FitContext, TrackedFit
-from lightning_influence.fit_audit import FitAudit
 from lightning_influence.functional import PerSampleLossFn, RegularizerFn
-from lightning_influence.reporting import LoggerSink
+from lightning_influence.outputs import attach_outputs
 
 __all__ = ["InfluenceConfigurationError", "InfluenceTracker", "SelfCheckError"]
 
@@ -64,6 +62,8 @@ class InfluenceTracker(Callback, TrackerAnswers):
             ``final_scores.json``); default ``<trainer.log_dir>/influence`` (next to the logger's logs).
         write_artifacts: write the files above (rank zero only) when queries are registered.
         log_top_k: how many most harmful / helpful sample ids the TensorBoard text table lists.
+        log_figure_every_n_windows: draw the "strongest over windows" image every n-th window (and for the
+            last window at the end of fit): a matplotlib figure costs tens of milliseconds.
         curvature: ``"exact"``: Hessian-vector products of the real batch loss (the only option).
         params: which parameters to track: ``None`` (all trainable ones), or a sequence of name
             prefixes and/or ``nn.Module`` objects. Untracked parameters are held fixed in the
@@ -103,6 +103,7 @@ class InfluenceTracker(Callback, TrackerAnswers):
         dirpath: Any = None,
         write_artifacts: bool = True,
         log_top_k: int = 10,
+        log_figure_every_n_windows: int = 10,
         curvature: str = "exact",
         params: Sequence[str | nn.Module] | None = None,
         regularizer: RegularizerFn | None = None,
@@ -169,7 +170,11 @@ class InfluenceTracker(Callback, TrackerAnswers):
         elif continued := fit.continues(previous, trainer.global_step):
             fit.load_state_dict(previous.state_dict(), trainer.global_step)
         self._restored, self._fit = None, fit
-        self._start_artifacts(trainer, fit, keep=resumed or continued)
+        if fit.parts.recorder is not None:
+            fit.parts.recorder.start(fit.state.global_step if resumed or continued else None)
+        if self.config.queries and trainer.is_global_zero:  # loggers and files: rank zero
+            dirpath = self._artifact_dir if self.config.write_artifacts else None
+            attach_outputs(trainer, fit, self._namespace, dirpath, keep=resumed or continued)
 
     def _new_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> TrackedFit:
         self._namespace = lit.namespace(trainer, self)
@@ -197,28 +202,6 @@ class InfluenceTracker(Callback, TrackerAnswers):
         return build_fit(
             self.config, pl_module, optimizer, num_samples, trainer.global_step, context, move, rank_zero_info
         )
-
-    def _start_artifacts(self, trainer: pl.Trainer, fit: TrackedFit, keep: bool) -> None:
-        if fit.parts.recorder is not None:
-            fit.parts.recorder.start(fit.state.global_step if keep else None)
-        if not self.config.queries or not trainer.is_global_zero:
-            return
-        dirpath = self._artifact_dir if self.config.write_artifacts else None
-        if fit.parts.audit is not None:
-            self._start_audit_sinks(trainer, fit.parts.audit, dirpath, keep)
-        fit.context.sinks.append(LoggerSink(trainer.loggers, self.config.log_top_k, self._namespace))
-        if dirpath is not None:
-            writer = SnapshotWriter(dirpath)
-            writer.start({q: len(fit.windows(q)) for q in self.config.queries} if keep else None)
-            fit.context.sinks.append(writer)
-
-    def _start_audit_sinks(self, trainer: pl.Trainer, audit: FitAudit, dirpath: str | None, keep: bool) -> None:
-        namespace = self._namespace
-        audit.sinks.append(lambda report: log_audit(trainer.loggers, report, namespace))
-        if dirpath is not None:
-            writer = AuditWriter(dirpath)
-            writer.start(audit.num_windows if keep else None)
-            audit.sinks.append(writer.write)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
@@ -264,6 +247,11 @@ class InfluenceTracker(Callback, TrackerAnswers):
             )
         if fit.schedule.closes_after_step(trainer.global_step):
             fit.close_windows(trainer.global_step, trainer.current_epoch)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if (fit := self._active()) is not None:
+            default_ids = self.config.sample_ids is default_sample_ids
+            lit.check_same_training_set(trainer, fit.context.train_dataset, default_ids)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if (fit := self._active()) is not None and fit.schedule.closes_after_epoch(trainer.current_epoch):

@@ -76,6 +76,7 @@ class TrackerConfig:
     dirpath: str | os.PathLike | None = None
     write_artifacts: bool = True
     log_top_k: int = 10
+    log_figure_every_n_windows: int = 10
     curvature: str = "exact"
     params: Sequence[str | nn.Module] | str | nn.Module | None = None
     regularizer: RegularizerFn | None = None
@@ -99,6 +100,7 @@ class TrackerConfig:
         self._check_names()
         self._check_queries()
         _check_positive("log_top_k", self.log_top_k)
+        _check_positive("log_figure_every_n_windows", self.log_figure_every_n_windows)
         _check_positive("hvp_chunk_size", self.hvp_chunk_size, allow_none=True)
         _check_positive("num_samples", self.num_samples, allow_none=True)
         _check_positive("max_memory_bytes", self.max_memory_bytes)

@@ -36,7 +36,7 @@ from lightning_influence.queries import QueryEvaluator
 from lightning_influence.recording import TrajectoryRecorder
 from lightning_influence.records import MicroBatch, MicroBatchRecord, StepRecord
 from lightning_influence.result import InfluenceResult
-from lightning_influence.selfcheck import StepSelfCheck
+from lightning_influence.selfcheck import ParameterWatch, StepSelfCheck
 from lightning_influence.windows import WindowRecorder, WindowSink, WindowSnapshot
 
 ADAM_POST_STATE = ("exp_avg", "exp_avg_sq")
@@ -106,6 +106,7 @@ class TrackedFit:
         self.recorder = WindowRecorder(tracked_ids, start_step)
         self.state = FitCheckpoint(tracked_ids.numel(), start_step)
         self.last_booking_seconds: float | None = None
+        self.watch = ParameterWatch()
         self._micro: list[MicroBatchRecord] = []
         self._pending: StepRecord | None = None
         self.final: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None  # θ_T and the untracked values
@@ -148,7 +149,7 @@ class TrackedFit:
         if raw_grad is None:
             return  # training_step returned None: the optimizer skips this step, and so does every counterfactual
         theta = params.theta()
-        self.parts.self_check.check_unmoved(step, theta)
+        self.watch.check(theta, f"the start of optimizer step {step}")
         groups = read_step_groups(optimizer, [list(g) for g in params.groups], params.layout.group_slices)
         recorder = self.parts.recorder
         wants_state = self.parts.self_check.wants(self.state.steps_booked) or (
@@ -190,6 +191,7 @@ class TrackedFit:
                 record.micro_batches = micro
                 self._book(record, optimizer)
             self.state.handled(steps_after, None if record is None else record.epoch)
+            self.watch.expect(steps_after, self.parts.params.theta())
 
     def complete_interrupted_step(self, optimizer: torch.optim.Optimizer, steps_now: int, scale: float | None) -> None:
         """An exception interrupted Lightning between the optimizer step and the batch-end hook: book that step,
@@ -218,6 +220,12 @@ class TrackedFit:
             with torch.enable_grad():
                 recomputed = self.estimator.book(record, parts, self.context.reduce)
         except RuntimeError as err:
+            if "saved tensor hooks" in str(err) or "checkpoint" in str(err):
+                raise InfluenceConfigurationError(
+                    "The model uses gradient checkpointing (torch.utils.checkpoint): torch.func, which the tracker"
+                    " uses for its Hessian-vector products and per-sample terms, cannot differentiate through it."
+                    " Disable checkpointing for the tracked run (activation memory grows), or track a smaller model."
+                ) from err
             if "random" not in str(err):
                 raise
             raise InfluenceConfigurationError(
@@ -272,6 +280,7 @@ class TrackedFit:
     def finish(self, reduce_seen: Reduce | None = None) -> None:
         """The end of fit: keep θ_T, close the last window, publish the final scores."""
         self.final = (self.parts.params.theta(), self.parts.params.frozen())
+        self.watch.check(self.final[0], "the end of fit")
         self.close_windows(self.state.global_step, self.state.last_epoch or 0)
         if reduce_seen is not None:  # each process saw its own shard
             self.state.seen = reduce_seen(self.state.seen.to(torch.float32)).cpu() > 0

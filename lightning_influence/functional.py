@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_map
 
 from lightning_influence.data import SampleIdError
@@ -132,8 +133,13 @@ class FunctionalLoss:
             )
 
     def call(self, theta: torch.Tensor, fn: Callable[..., Any], *args: Any, frozen: dict | None = None) -> Any:
-        """``fn(module, *args)`` evaluated with the tracked parameters set to ``theta``."""
-        return functional_call(self._call, self._params(theta, frozen), (fn, *args))
+        """``fn(module, *args)`` evaluated with the tracked parameters set to ``theta``.
+
+        Attention (``scaled_dot_product_attention``, ``nn.MultiheadAttention``) runs on the math backend here:
+        the fused kernels lack the second derivatives and batching rules the tracker's HVPs and vectorised
+        gradients need, and the math backend computes the same function."""
+        with sdpa_kernel(SDPBackend.MATH):
+            return functional_call(self._call, self._params(theta, frozen), (fn, *args))
 
     def per_sample_losses(self, theta: torch.Tensor, batch: Any, frozen: dict | None = None) -> torch.Tensor:
         """``Tensor[B]`` of per-sample losses at ``theta``; checked to be 1-D."""

@@ -213,6 +213,7 @@ def log_window(
     top_k: int = 10,
     end_steps: Sequence[int] | None = None,
     namespace: str = "influence",
+    figure: bool = True,
 ) -> None:
     """Report one closed window to every logger (see the module docstring for keys and tags).
 
@@ -225,6 +226,7 @@ def log_window(
         end_steps: the ``W`` windows' end steps, for the x axis of the figure; without them the
             x axis counts windows.
         namespace: the first part of every tag (``influence_1`` etc. when several trackers log).
+        figure: draw the ``strongest_over_windows`` image (matplotlib: the costly part, tens of ms).
     """
     loggers = _as_loggers(loggers)
     if not loggers:
@@ -254,7 +256,7 @@ def log_window(
         f"cumulative = summed over windows 0–{snapshot.index}."
     )
     table = top_samples_table(snapshot.sample_ids, scores, history.to(torch.float64).sum(0), top_k, title)
-    image = _figure_image(snapshot, history, end_steps)
+    image = _figure_image(snapshot, history, end_steps) if figure else None
     finite = scores[torch.isfinite(scores)].to(torch.float64).numpy()
     for logger in boards:
         writer = logger.experiment
@@ -276,21 +278,32 @@ class LoggerSink:
         namespace: the first part of every tag.
     """
 
-    def __init__(self, loggers: Union[Logger, Iterable[Logger], None], top_k: int, namespace: str) -> None:
+    def __init__(
+        self, loggers: Union[Logger, Iterable[Logger], None], top_k: int, namespace: str, figure_every: int = 10
+    ) -> None:
         self.loggers = _as_loggers(loggers)
         self.top_k = top_k
         self.namespace = namespace
+        self.figure_every = figure_every
+        self._undrawn: dict[str, tuple[WindowSnapshot, torch.Tensor, list[int]]] = {}  # query -> last window
 
     def window(self, snapshot: WindowSnapshot, recorder: Any) -> None:
-        history = recorder.windows(snapshot.query)
-        log_window(
-            self.loggers,
-            snapshot,
-            recorder.window_matrix(snapshot.query),
-            self.top_k,
-            end_steps=[s.end_step for s in history],
-            namespace=self.namespace,
-        )
+        """Every window's scalars, histogram and table; the figure every ``figure_every``-th window only."""
+        history = recorder.window_matrix(snapshot.query)
+        end_steps = [s.end_step for s in recorder.windows(snapshot.query)]
+        figure = (snapshot.index + 1) % self.figure_every == 0
+        log_window(self.loggers, snapshot, history, self.top_k, end_steps, self.namespace, figure=figure)
+        if figure:
+            self._undrawn.pop(snapshot.query, None)
+        else:
+            self._undrawn[snapshot.query] = (snapshot, history, end_steps)
 
     def final(self, results: Any, metadata: Any) -> None:
-        """Nothing more to log at the end: the last window was reported when it closed."""
+        """The end of fit: the figure of each query's last window, if it was not drawn when it closed."""
+        boards = [logger for logger in self.loggers if isinstance(logger, TensorBoardLogger)]
+        for snapshot, history, end_steps in self._undrawn.values():
+            image = _figure_image(snapshot, history, end_steps)
+            for logger in boards if image is not None else ():
+                key = metric_key(snapshot.query, "strongest_over_windows", self.namespace)
+                logger.experiment.add_image(key, image, global_step=int(snapshot.end_step), dataformats="CHW")
+        self._undrawn.clear()

@@ -42,24 +42,10 @@ class StepSelfCheck:
         self.steps = steps
         self.spec = spec
         self.mixed_precision = mixed_precision
-        self._expected_theta: torch.Tensor | None = None  # θ after the last checked step
 
     def wants(self, steps_booked: int) -> bool:
         """Whether the next step (after ``steps_booked`` booked ones) is checked."""
         return steps_booked < self.steps
-
-    def check_unmoved(self, step: int, theta: torch.Tensor) -> None:
-        """θ_t must equal the parameters the last checked step produced."""
-        expected, self._expected_theta = self._expected_theta, None
-        if expected is None:
-            return
-        moved = float((theta - expected).abs().max())
-        if moved > 0:
-            raise SelfCheckError(
-                f"The tracked parameters changed outside the optimizer between optimizer steps {step - 1} and {step}"
-                f" (max abs change {moved:.2e}): e.g. a projection, weight clipping or an EMA swap in a hook. The"
-                " tracker models only the optimizer's update; remove that change."
-            )
 
     def check_gradient(self, record: StepRecord, recomputed: torch.Tensor) -> None:
         """The tracker's step gradient must reproduce the one the optimizer received."""
@@ -76,7 +62,6 @@ class StepSelfCheck:
 
     def check_update(self, record: StepRecord, observed: torch.Tensor) -> None:
         """The optimizer model's post-step θ must reproduce ``observed`` (``Tensor[p]``)."""
-        self._expected_theta = observed
         if self.spec.kind == "sgd-approx" or record.pre_state is None:  # pre_state: read on checked steps
             return  # plain SGD stands in for the real optimizer by choice: the update is not expected to match
         theta = record.theta
@@ -91,3 +76,38 @@ class StepSelfCheck:
                 " gradient clipping or gradient changes in a hook, an optimizer option the tracker does not model,"
                 " or parameters changed outside the optimizer."
             )
+
+
+# What moves parameters outside the optimizer, in the words of the error messages
+_CULPRITS = (
+    "a weight-averaging callback (StochasticWeightAveraging, EMAWeightAveraging / WeightAveraging) swapping in"
+    " averaged weights, a projection or weight clipping in a hook, a fine-tuning callback changing which"
+    " parameters train, or weights loaded by hand"
+)
+
+
+class ParameterWatch:
+    """θ at the start of every optimizer step, and at the end of fit, must be what the previous step left:
+    anything that moves the tracked parameters outside the optimizer stops the run (one comparison of the
+    flat ``Tensor[p]`` per step), since the states model only the optimizer's updates."""
+
+    def __init__(self) -> None:
+        self._expected: torch.Tensor | None = None
+        self._after_step: int | None = None
+
+    def expect(self, steps_after: int, theta: torch.Tensor) -> None:
+        """The parameters after the step that brought the count to ``steps_after``."""
+        self._expected, self._after_step = theta, steps_after
+
+    def check(self, theta: torch.Tensor, where: str) -> None:
+        """``where``: e.g. "before optimizer step 7" or "at the end of fit"."""
+        expected, self._expected = self._expected, None
+        if expected is None or torch.equal(theta, expected):
+            return
+        moved = float((theta - expected).abs().max())
+        raise SelfCheckError(
+            f"The tracked parameters changed outside the optimizer between the end of optimizer step"
+            f" {self._after_step - 1} and {where} (max abs change {moved:.2e}). Usual causes: {_CULPRITS}. The"
+            " tracker models only the optimizer's updates: remove that change while tracking (or track the run"
+            " that produces the weights you evaluate)."
+        )

@@ -86,8 +86,11 @@ class FixedBatches(Sampler):
 
 
 def cross_entropy_losses(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-sample cross-entropy (``Tensor[B]``); a single logit column means binary logistic loss."""
+    """Per-sample cross-entropy (``Tensor[B]``); a single logit column means binary logistic loss; logits
+    ``[B, L, V]`` of a sequence model against targets ``[B, L]`` give each sequence's mean token loss."""
     out = net(x)
+    if out.dim() == 3:
+        return F.cross_entropy(out.transpose(1, 2), y, reduction="none").mean(dim=1)
     if out.shape[-1] == 1:
         return F.binary_cross_entropy_with_logits(out.squeeze(-1), y.to(out.dtype), reduction="none")
     return F.cross_entropy(out, y, reduction="none")

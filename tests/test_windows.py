@@ -267,7 +267,7 @@ def test_cumulative_window_influence_follows_leave_one_out_at_each_boundary(opti
 def test_tensorboard_gets_one_entry_per_window_at_the_end_steps(tmp_path):
     x, y, query = _data()
     queries = {"val": query, "test": _query_loader(query)}  # a batch and a DataLoader
-    tracker = InfluenceTracker(queries=queries, window_every_n_steps=5, log_top_k=3)
+    tracker = InfluenceTracker(queries=queries, window_every_n_steps=5, log_top_k=3, log_figure_every_n_windows=1)
     logger = TensorBoardLogger(save_dir=tmp_path, name="tb")
     _fit(x, y, _schedule(), tracker, logger=logger)
     acc = _read_events(logger.log_dir)
@@ -300,6 +300,18 @@ def test_tensorboard_gets_one_entry_per_window_at_the_end_steps(tmp_path):
             images = acc.Images(f"influence/{name}/strongest_over_windows")
             assert [im.step for im in images] == ends
             assert images[-1].encoded_image_string.startswith(b"\x89PNG")
+
+
+def test_figures_are_drawn_every_n_windows_and_for_the_last_one(tmp_path):
+    """No matplotlib figure per window (a figure costs tens of ms): every 5th here, and the last one at the end."""
+    pytest.importorskip("matplotlib")
+    x, y, query = _data()
+    tracker = InfluenceTracker(queries={"val": query}, window_every_n_steps=1, log_figure_every_n_windows=5)
+    logger = TensorBoardLogger(save_dir=tmp_path, name="tb")
+    _fit(x, y, _schedule(), tracker, logger=logger)
+    acc = _read_events(logger.log_dir)
+    assert [e.step for e in acc.Scalars("influence/val/window")] == list(range(1, 13))  # every window's scalars
+    assert [im.step for im in acc.Images("influence/val/strongest_over_windows")] == [5, 10, 12]
 
 
 def _has_matplotlib() -> bool:
