@@ -220,18 +220,10 @@ class TrackedFit:
             with torch.enable_grad():
                 recomputed = self.estimator.book(record, parts, self.context.reduce)
         except RuntimeError as err:
-            if "saved tensor hooks" in str(err) or "checkpoint" in str(err):
-                raise InfluenceConfigurationError(
-                    "The model uses gradient checkpointing (torch.utils.checkpoint): torch.func, which the tracker"
-                    " uses for its Hessian-vector products and per-sample terms, cannot differentiate through it."
-                    " Disable checkpointing for the tracked run (activation memory grows), or track a smaller model."
-                ) from err
-            if "random" not in str(err):
+            explained = _explained(err)
+            if explained is None:
                 raise
-            raise InfluenceConfigurationError(
-                "loss_fn calls a random operation (e.g. F.dropout, torch.rand): the tracker cannot replay the draws the"
-                " training step used, so its gradients and Hessians would differ. Make loss_fn deterministic."
-            ) from err
+            raise explained from err
         self.last_booking_seconds = time.perf_counter() - started
         if self.parts.self_check.wants(self.state.steps_booked):
             if recomputed is None:
@@ -349,6 +341,22 @@ class TrackedFit:
         return previous.config.state_key_fields() == self.config.state_key_fields() and torch.equal(
             previous.final[0], self.parts.params.theta()
         )
+
+
+def _explained(err: RuntimeError) -> Exception | None:
+    """torch.func's errors for what the tracker cannot differentiate, in the user's terms (None for others)."""
+    if "saved tensor hooks" in str(err):
+        return InfluenceConfigurationError(
+            "The model uses gradient checkpointing (torch.utils.checkpoint): torch.func, which the tracker uses for"
+            " its Hessian-vector products and per-sample terms, cannot differentiate through it. Disable"
+            " checkpointing for the tracked run (activation memory grows), or track a smaller model."
+        )
+    if "random" in str(err):
+        return InfluenceConfigurationError(
+            "loss_fn calls a random operation (e.g. F.dropout, torch.rand): the tracker cannot replay the draws the"
+            " training step used, so its gradients and Hessians would differ. Make loss_fn deterministic."
+        )
+    return None
 
 
 __all__: Sequence[str] = ["FitContext", "FitParts", "TrackedFit"]
