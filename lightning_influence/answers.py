@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.utils.data import default_collate
 
 from lightning_influence.audit import AuditReport
 from lightning_influence.config import TrackerConfig
@@ -60,6 +61,36 @@ class TrackerAnswers:
         if all_samples:
             return self.replay().influence(fit.parts.queries.resolve(query), per_example)
         return fit.influence(query, per_example)
+
+    def self_influence(self, chunk_size: int = 64) -> InfluenceResult:
+        """Each tracked sample's influence on its own loss at the end of fit: ℓ_j(θ_-j(T)) − ℓ_j(θ(T)), predicted
+        as ⟨∇ℓ_j(θ_T), δθ_j(T)⟩ (with ``"exact"``: the difference itself). The samples are read back from the
+        training set by id, ``chunk_size`` at a time.
+
+        Removing a sample usually raises its own loss, so scores are mostly positive; an unusually large one
+        means the model bends to fit that sample alone, the classic sign of a mislabelled sample: rank with
+        ``result.most_helpful(n)`` (largest first). The sign convention is the one of every score.
+        """
+        fit = self._finished()
+        if self.config.estimator == "tracin":
+            raise ValueError("self_influence() needs per-sample states; estimator='tracin' keeps none.")
+        dataset, collate = fit.context.train_dataset, fit.context.collate_fn or default_collate
+        if dataset is None:
+            raise RuntimeError("self_influence() reads the tracked samples from the training set, which is unknown.")
+        theta, frozen = fit.final
+        device = fit.parts.params.device
+        theta, frozen = theta.to(device), {n: t.to(device) for n, t in frozen.items()}
+        parts = []
+        for start in range(0, fit.tracked_ids.numel(), chunk_size):
+            ids = fit.tracked_ids[start : start + chunk_size]
+            probe = fit.parts.queries.probe(collate([dataset[int(i)] for i in ids]), theta, frozen)
+            deltas = fit.estimator.theta[start : start + chunk_size]
+            if fit.estimator.name == "exact":  # the loss of each sample at its own counterfactual parameters
+                parts.append(probe.differences(deltas, per_example=True).diagonal())
+            else:
+                parts.append((deltas * probe.example_gradients().to(deltas)).sum(dim=1))
+        scores = torch.cat(parts).detach().cpu() if parts else torch.zeros(0)
+        return InfluenceResult(fit.tracked_ids.clone(), scores, None, self.config.estimator)
 
     def windows(self, query: str, all_samples: bool = False) -> list[WindowSnapshot]:
         """The DIT window snapshots of registered query ``query``, in time order.

@@ -98,6 +98,10 @@ class InfluencePatterns:
         """``{sample_id: pattern}``."""
         return dict(zip(self.sample_ids.tolist(), self.labels))
 
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{name}={n}" for name, n in self.counts().items())
+        return f"InfluencePatterns(k={len(self)}, windows={self.num_windows}: {counts})"
+
 
 def _check_number(name: str, value: float, *, low: float, low_inclusive: bool, high: float = math.inf) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -62,5 +62,79 @@ class InfluenceResult:
         """``{sample_id: score}``."""
         return dict(iter(self))
 
-    def __repr__(self) -> str:
+    def summary(self) -> str:
+        """One line: how many samples, which estimator, how many harmful."""
         return f"InfluenceResult(k={len(self)}, estimator={self.estimator!r}, harmful={int((self.scores < 0).sum())})"
+
+    def _rows(self, limit: int) -> list[tuple[int, float] | None]:
+        """``(sample_id, score)`` rows to show, in stored order: all, or the first and last ``limit // 2``
+        (``None`` marks the gap)."""
+        pairs = list(self)
+        if len(pairs) <= limit:
+            return pairs
+        half = limit // 2
+        return [*pairs[:half], None, *pairs[-half:]]
+
+    def __repr__(self) -> str:
+        """The summary line, then a short table (id, score) in the result's order; negative = harmful."""
+        lines = [self.summary()]
+        if len(self):
+            lines.append(f"{'sample_id':>10}  {'score':>11}")
+            for row in self._rows(10):
+                lines.append(f"{'…':>10}  {'…':>11}" if row is None else f"{row[0]:>10}  {row[1]:>+11.4e}")
+        if self.per_example is not None:
+            lines.append(f"(per_example: Tensor{list(self.per_example.shape)}, one column per query example)")
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        """The same table for notebooks."""
+        cells = "".join(
+            "<tr><td>…</td><td>…</td></tr>" if row is None else f"<tr><td>{row[0]}</td><td>{row[1]:+.4e}</td></tr>"
+            for row in self._rows(20)
+        )
+        return (
+            f"<p><code>{self.summary()}</code> (negative = harmful)</p>"
+            f"<table><thead><tr><th>sample_id</th><th>score</th></tr></thead><tbody>{cells}</tbody></table>"
+        )
+
+    def to_pandas(self, per_example: bool = False):
+        """A ``pandas.DataFrame``: columns ``sample_id`` and ``score``; with ``per_example=True`` one row per
+        (sample, query example): ``sample_id``, ``query_index``, ``score`` (needs the ``pandas`` extra)."""
+        try:
+            import pandas as pd
+        except ImportError as err:  # an optional dependency
+            raise ImportError("to_pandas() needs pandas: pip install 'lightning-influence[pandas]'.") from err
+        ids, scores = self.sample_ids.cpu().numpy(), self.scores.detach().cpu().double().numpy()
+        if not per_example:
+            return pd.DataFrame({"sample_id": ids, "score": scores})
+        if self.per_example is None:
+            raise ValueError("This result has no per-example scores: ask influence(query, per_example=True).")
+        table = self.per_example.detach().cpu().double()
+        n = table.shape[1]
+        return pd.DataFrame(
+            {"sample_id": ids.repeat(n), "query_index": list(range(n)) * len(ids), "score": table.reshape(-1).numpy()}
+        )
+
+    def save(self, path) -> None:
+        """Write the result to ``path`` (``torch.save`` of plain tensors and strings: ``{"format":
+        "lightning-influence/result", "version": 1, "sample_ids", "scores", "per_example", "estimator"}``)."""
+        document = {
+            "format": RESULT_FORMAT,
+            "version": 1,
+            "sample_ids": self.sample_ids.cpu(),
+            "scores": self.scores.detach().cpu(),
+            "per_example": None if self.per_example is None else self.per_example.detach().cpu(),
+            "estimator": self.estimator,
+        }
+        torch.save(document, path)
+
+    @classmethod
+    def load(cls, path) -> InfluenceResult:
+        """Read a result written by :meth:`save` (``torch.load(weights_only=True)``: no code is run)."""
+        document = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(document, dict) or document.get("format") != RESULT_FORMAT:
+            raise ValueError(f"{path} is not an InfluenceResult file (expected format {RESULT_FORMAT!r}).")
+        return cls(document["sample_ids"], document["scores"], document["per_example"], document["estimator"])
+
+
+RESULT_FORMAT = "lightning-influence/result"

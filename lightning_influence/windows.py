@@ -41,6 +41,17 @@ class WindowSnapshot:
     sample_ids: torch.Tensor
     scores: torch.Tensor
 
+    def __repr__(self) -> str:
+        harmful = int((self.scores < 0).sum())
+        strongest = ""
+        if self.scores.numel():
+            row = int(self.scores.abs().argmax())
+            strongest = f", strongest id {int(self.sample_ids[row])} ({float(self.scores[row]):+.3e})"
+        return (
+            f"WindowSnapshot(query={self.query!r}, index={self.index}, steps {self.start_step}–{self.end_step},"
+            f" epoch {self.epoch}, k={self.scores.numel()}, harmful={harmful}{strongest})"
+        )
+
 
 class WindowSchedule:
     """When windows close: after every ``every_n_steps`` optimizer steps, or at the end of every
