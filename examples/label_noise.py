@@ -217,6 +217,9 @@ def run_seed(seed: int, args) -> dict:
     # diagnostic, not a harmfulness ranking: does the *size* of the last window's score single out
     # the flipped samples, whatever its sign?
     metrics["acc, last window, |score|"] = ranking_metrics(-scores["acc, last window"].abs(), flipped)
+    # the classic mislabel detector: each sample's influence on its own loss, largest first (no query needed)
+    own = acc.self_influence()
+    metrics["acc, self-influence"] = ranking_metrics(-by_id(own.sample_ids, own.scores, n), flipped)
 
     # retrain from the same initial weights, without a tracker, after dropping 10% of the training set
     k = flag_count(n)
@@ -314,6 +317,10 @@ def print_tables(runs: list[dict], args) -> None:
     au = [r["metrics"][name][0] for r in runs]
     pr = [r["metrics"][name][1] for r in runs]
     print(f"{name:<26} {mean_sd(au):>15} {mean_sd(pr):>15}   (diagnostic: ranks by size, ignores the sign)")
+    name = "acc, self-influence"
+    au = [r["metrics"][name][0] for r in runs]
+    pr = [r["metrics"][name][1] for r in runs]
+    print(f"{name:<26} {mean_sd(au):>15} {mean_sd(pr):>15}   (own loss, largest first: needs no query)")
     print("(chance: AUROC 0.500, precision@10% 0.100)")
 
     n_test = len(runs[0]["data"]["y_te"])

@@ -124,17 +124,20 @@ def refuse_batch_coupled_layers(pl_module: nn.Module) -> None:
                 " between two modules (tied weights) is fine."
             )
         names.setdefault(id(mod), name)
+    problems = []  # every offending module in one error, so that one fix-and-rerun settles them all
     for name, mod in pl_module.named_modules():
         if isinstance(mod, nn.modules.dropout._DropoutNd) and mod.p > 0 and mod.training:
-            raise InfluenceConfigurationError(
+            problems.append(
                 f"Module {name!r} is an active {type(mod).__name__}(p={mod.p}): the tracker cannot replay its"
                 " random masks, so its Hessians would not be the ones the step used. Set p=0 while tracking."
             )
         if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.training:
-            raise InfluenceConfigurationError(
+            problems.append(
                 f"Module {name!r} is a {type(mod).__name__} in training mode: it couples the samples of a batch,"
                 " so per-sample losses are not independent. Use LayerNorm/GroupNorm, or freeze it (eval mode)."
             )
+    if problems:
+        raise InfluenceConfigurationError(" ".join(problems) if len(problems) == 1 else "\n".join(problems))
 
 
 def training_set_size(trainer: pl.Trainer, configured: int | None) -> int:

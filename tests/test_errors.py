@@ -739,3 +739,12 @@ def test_resume_from_a_checkpoint_without_tracker_state_is_refused(make_trainer,
         InfluenceConfigurationError, match=r"a checkpoint without this tracker's state.*train from the start"
     ):
         make_trainer(InfluenceTracker(), epochs=2).fit(make_model(), train_dataloaders=train_loader, ckpt_path=ckpt)
+
+
+def test_every_batch_coupled_module_is_reported_in_one_error(make_trainer, train_loader):
+    net = nn.Sequential(nn.Linear(4, 5), nn.Dropout(0.3), nn.BatchNorm1d(5), nn.Linear(5, 3)).double()
+    model = TinyClassifier(net, lambda m: torch.optim.SGD(m.parameters(), lr=0.1))
+    with pytest.raises(
+        InfluenceConfigurationError, match=r"(?s)'net.1' is an active Dropout.*'net.2' is a BatchNorm1d"
+    ):
+        fit(make_trainer, model, train_loader, InfluenceTracker())
