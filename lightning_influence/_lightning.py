@@ -202,7 +202,10 @@ def batch_mover(trainer: pl.Trainer, parameter: torch.Tensor):
 
 
 def namespace(trainer: pl.Trainer, tracker: Any) -> str:
-    """``influence``, or ``influence_<i>`` when several trackers with queries share the Trainer."""
+    """The tracker's ``name``; else ``influence``, or ``influence_<i>`` when several trackers with queries share
+    the Trainer."""
+    if tracker.config.name is not None:
+        return tracker.config.name
     from lightning_influence.callback import InfluenceTracker  # the callback module imports this one
 
     trackers = [c for c in trainer.callbacks if isinstance(c, InfluenceTracker) and c.config.queries]
@@ -223,6 +226,17 @@ def expected_steps(trainer: pl.Trainer) -> int | None:
     except Exception:  # noqa: BLE001 - an iterable without length: unknown
         return None
     return int(steps) if steps != float("inf") else None
+
+
+def cost_message(seconds_per_step: float, total_steps: int | None, done: int) -> str:
+    """The measured cost, its projection over the fit, and the cheaper settings."""
+    remaining = None if total_steps is None else seconds_per_step * max(total_steps - done, 0)
+    total = "" if remaining is None else f"; ≈ {remaining:.0f} s more for this fit"
+    return (
+        f"InfluenceTracker: measured {seconds_per_step * 1e3:.1f} ms of tracker work per optimizer step{total}."
+        " Cheaper: fewer tracked samples (track=[...]), fewer tracked parameters (params=['head']), or"
+        " track=() with record_trajectory=True and influence(..., all_samples=True) after fit."
+    )
 
 
 def id_gatherer(trainer: pl.Trainer):

@@ -85,6 +85,8 @@ class InfluenceTracker(Callback, TrackerAnswers):
         audit, audit_seed, audit_ids: track ``audit`` tracked samples drawn with ``audit_seed`` (or ``audit_ids``)
             with ``estimator="exact"`` next to the main estimator, and compare the two at every window and
             for any query (``tracker.audit(query)``): a measurement of faithfulness on this very run.
+        name: the first part of this tracker's logger tags and the name of its artifact folder (default
+            ``influence``, or ``influence_<i>`` for the i-th of several trackers with queries).
 
     Sign convention: every score is the predicted ``f(θ_-j) − f(θ)`` when sample j is removed;
     negative = harmful to the query, positive = helpful.
@@ -118,6 +120,7 @@ class InfluenceTracker(Callback, TrackerAnswers):
         audit: int = 0,
         audit_seed: int = 0,
         audit_ids: Sequence[int] | None = None,
+        name: str | None = None,
     ) -> None:
         arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         self.config = TrackerConfig(**arguments)
@@ -156,9 +159,8 @@ class InfluenceTracker(Callback, TrackerAnswers):
             return  # training run by another callback outside this fit (e.g. a learning-rate finder's trial steps)
         if self._training:
             raise InfluenceConfigurationError(
-                "Training started twice within one fit (a callback such as LearningRateFinder ran trial steps in"
-                " on_fit_start). Run the learning-rate finder before fit (Tuner(trainer).lr_find(model)), without"
-                " the tracker's trial steps."
+                "Training started twice within one fit (a callback ran trial steps after the tracker's on_fit_start)."
+                " Run such trials before fit, e.g. Tuner(trainer).lr_find(model)."
             )
         self._training = True
         lit.refuse_batch_coupled_layers(pl_module)
@@ -240,11 +242,10 @@ class InfluenceTracker(Callback, TrackerAnswers):
         if trainer.global_step == fit.state.global_step:
             return  # accumulating: no optimizer step was taken on this batch
         fit.complete_step(trainer.optimizers[0], trainer.global_step, lit.loss_scale(trainer))
-        if fit.state.steps_booked == 3 and fit.last_booking_seconds is not None:
-            rank_zero_info(
-                f"InfluenceTracker: measured {fit.last_booking_seconds * 1e3:.1f} ms of tracker work per optimizer"
-                " step."
-            )
+        if fit.last_booking_seconds is not None:  # the tracker's own time, next to the loss in the progress bar
+            pl_module.log("tracker_ms", fit.last_booking_seconds * 1e3, prog_bar=True, logger=False)
+            if fit.state.steps_booked == 3:
+                rank_zero_info(lit.cost_message(fit.last_booking_seconds, lit.expected_steps(trainer), 3))
         if fit.schedule.closes_after_step(trainer.global_step):
             fit.close_windows(trainer.global_step, trainer.current_epoch)
 

@@ -91,6 +91,7 @@ class TrackerConfig:
     audit: int = 0
     audit_seed: int = 0
     audit_ids: Sequence[int] | torch.Tensor | None = None
+    name: str | None = None
 
     def __post_init__(self) -> None:
         fix = object.__setattr__  # a frozen dataclass normalises its own fields here only
@@ -115,6 +116,8 @@ class TrackerConfig:
         if (self.record_batches or self.checkpoint_every_n_steps is not None) and not self.record_trajectory:
             raise ValueError("record_batches and checkpoint_every_n_steps need record_trajectory=True.")
         self._check_audit()
+        if self.name is not None and (not isinstance(self.name, str) or not self.name or "/" in self.name):
+            raise ValueError(f"name must be a non-empty string without '/', got {self.name!r}.")
         for name in ("loss_fn", "regularizer", "sample_ids"):
             if getattr(self, name) is not None and not callable(getattr(self, name)):
                 raise TypeError(f"{name} must be callable, got {type(getattr(self, name)).__name__}.")
@@ -179,6 +182,8 @@ class TrackerConfig:
         track = "all" if self.track is None else hashlib.sha1(self.track.numpy().tobytes()).hexdigest()[:12]
         # only set options enter the key, so that trackers without them keep the keys of earlier checkpoints
         extra: dict[str, Any] = {"trajectory": True} if self.record_trajectory else {}
+        if self.name is not None:
+            extra["name"] = self.name
         if self.audits:
             ids = None if self.audit_ids is None else hashlib.sha1(self.audit_ids.numpy().tobytes()).hexdigest()[:12]
             extra["audit"] = (self.audit, self.audit_seed, ids)

@@ -78,9 +78,11 @@ def top_samples_table(
     cumulative: torch.Tensor,
     top_k: int = 10,
     title: str | None = None,
+    by: str = "window",
 ) -> str:
     """Markdown: the ``top_k`` most harmful (negative) and ``top_k`` most helpful (positive) samples
-    by window score, each row ``| rank | sample id | window score | cumulative |``.
+    by window score (``by="window"``) or by cumulative score (``by="cumulative"``), each row
+    ``| rank | sample id | window score | cumulative |``.
 
     Args:
         sample_ids: ``LongTensor[k]``.
@@ -91,12 +93,14 @@ def top_samples_table(
     """
     ids = sample_ids.detach().cpu().reshape(-1).tolist()
     s = scores.detach().cpu().to(torch.float64).reshape(-1)
-    cum = cumulative.detach().cpu().to(torch.float64).reshape(-1).tolist()
-    harmful = [i for i in torch.argsort(s, stable=True).tolist() if s[i] < 0][:top_k]
-    helpful = [i for i in torch.argsort(s, descending=True, stable=True).tolist() if s[i] > 0][:top_k]
-    values = s.tolist()
+    c = cumulative.detach().cpu().to(torch.float64).reshape(-1)
+    key = c if by == "cumulative" else s
+    harmful = [i for i in torch.argsort(key, stable=True).tolist() if key[i] < 0][:top_k]
+    helpful = [i for i in torch.argsort(key, descending=True, stable=True).tolist() if key[i] > 0][:top_k]
+    values, cum = s.tolist(), c.tolist()
     parts = [title] if title else []
-    for heading, rows in (("Most harmful in this window", harmful), ("Most helpful in this window", helpful)):
+    where = "so far (cumulative)" if by == "cumulative" else "in this window"
+    for heading, rows in ((f"Most harmful {where}", harmful), (f"Most helpful {where}", helpful)):
         parts.append(f"**{heading}**")
         if not rows:
             parts.append("_none_")
@@ -255,7 +259,9 @@ def log_window(
         f"(epoch {snapshot.epoch}). Negative = harmful, positive = helpful; "
         f"cumulative = summed over windows 0–{snapshot.index}."
     )
-    table = top_samples_table(snapshot.sample_ids, scores, history.to(torch.float64).sum(0), top_k, title)
+    cumulative = history.to(torch.float64).sum(0)
+    table = top_samples_table(snapshot.sample_ids, scores, cumulative, top_k, title)
+    overall = top_samples_table(snapshot.sample_ids, scores, cumulative, top_k, title, by="cumulative")
     image = _figure_image(snapshot, history, end_steps) if figure else None
     finite = scores[torch.isfinite(scores)].to(torch.float64).numpy()
     for logger in boards:
@@ -263,10 +269,26 @@ def log_window(
         if finite.size:
             writer.add_histogram(metric_key(query, "window_scores", namespace), finite, global_step=step)
         writer.add_text(metric_key(query, "top_samples", namespace), table, global_step=step)
+        writer.add_text(metric_key(query, "top_samples_cumulative", namespace), overall, global_step=step)
         if image is not None:
             writer.add_image(
                 metric_key(query, "strongest_over_windows", namespace), image, global_step=step, dataformats="CHW"
             )
+
+
+def add_custom_scalars(loggers: Iterable[Logger], query: str, namespace: str = "influence") -> None:
+    """A Custom Scalars layout per query: the helpful and harmful mass together, the count and the strongest."""
+    chart = {
+        "helpful and harmful mass": [
+            "Multiline",
+            [metric_key(query, n, namespace) for n in ("helpful_mass", "harmful_mass")],
+        ],
+        "harmful samples": ["Multiline", [metric_key(query, "num_harmful", namespace)]],
+        "strongest |score|": ["Multiline", [metric_key(query, "strongest", namespace)]],
+    }
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_custom_scalars({f"{namespace}/{query}": chart})
 
 
 class LoggerSink:
@@ -286,11 +308,15 @@ class LoggerSink:
         self.namespace = namespace
         self.figure_every = figure_every
         self._undrawn: dict[str, tuple[WindowSnapshot, torch.Tensor, list[int]]] = {}  # query -> last window
+        self._laid_out: set[str] = set()
 
     def window(self, snapshot: WindowSnapshot, recorder: Any) -> None:
         """Every window's scalars, histogram and table; the figure every ``figure_every``-th window only."""
         history = recorder.window_matrix(snapshot.query)
         end_steps = [s.end_step for s in recorder.windows(snapshot.query)]
+        if snapshot.query not in self._laid_out:  # TensorBoard's Custom Scalars tab opens on the influence charts
+            self._laid_out.add(snapshot.query)
+            add_custom_scalars(self.loggers, snapshot.query, self.namespace)
         figure = (snapshot.index + 1) % self.figure_every == 0
         log_window(self.loggers, snapshot, history, self.top_k, end_steps, self.namespace, figure=figure)
         if figure:

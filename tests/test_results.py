@@ -98,3 +98,29 @@ def test_first_order_self_influence_is_the_projection_on_each_samples_own_loss()
     result = tracker.self_influence(chunk_size=7)
     per = tracker.influence((x, y, torch.arange(N)), per_example=True).per_example  # [k, n], row j on example i
     torch.testing.assert_close(result.scores, per.diagonal(), rtol=1e-10, atol=1e-15)
+
+
+def test_a_named_tracker_logs_under_its_name_and_shows_its_cost_in_the_progress_bar(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    x, y, query = random_classification(N, 4, 3, seed=9)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    tracker = InfluenceTracker(queries={"val": query}, name="mytracker")
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    trainer = lightning_trainer(1, callbacks=[tracker], logger=logger)
+    trainer.fit(
+        TinyClassifier(net, lambda m: torch.optim.SGD(m.parameters(), lr=0.1)),
+        fixed_loader(x, y, random_schedule(N, 4, 1)),
+    )
+    events = EventAccumulator(logger.log_dir)
+    events.Reload()
+    assert "mytracker/val/harmful_mass" in events.Tags()["scalars"]
+    texts = events.Tags()["tensors"]
+    assert "mytracker/val/top_samples_cumulative/text_summary" in texts  # next to the window's own table
+    assert "custom_scalars__config__" in texts  # the Custom Scalars tab's layout
+    assert (tmp_path / "tb" / "version_0" / "mytracker" / "windows.jsonl").is_file()
+    assert trainer.progress_bar_metrics["tracker_ms"] > 0
+    with pytest.raises(ValueError, match="name must be a non-empty string"):
+        InfluenceTracker(name="a/b")
