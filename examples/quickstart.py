@@ -91,7 +91,7 @@ def main() -> None:
         logger=logger,
         callbacks=[tracker],
         enable_checkpointing=False,
-        enable_progress_bar=False,
+        enable_progress_bar=True,
         enable_model_summary=False,
     )
     trainer.fit(DigitsMLP(), train_loader, val_loader)

@@ -62,8 +62,7 @@ class InfluenceTracker(Callback, TrackerAnswers):
             ``final_scores.json``); default ``<trainer.log_dir>/influence`` (next to the logger's logs).
         write_artifacts: write the files above (rank zero only) when queries are registered.
         log_top_k: how many most harmful / helpful sample ids the TensorBoard text table lists.
-        log_figure_every_n_windows: draw the "strongest over windows" image every n-th window (and for the
-            last window at the end of fit): a matplotlib figure costs tens of milliseconds.
+        log_figure_every_n_windows: draw the influence figure every n-th window and at the end (tens of ms each).
         curvature: ``"exact"``: Hessian-vector products of the real batch loss (the only option).
         params: which parameters to track: ``None`` (all trainable ones), or a sequence of name
             prefixes and/or ``nn.Module`` objects. Untracked parameters are held fixed in the
@@ -85,8 +84,9 @@ class InfluenceTracker(Callback, TrackerAnswers):
         audit, audit_seed, audit_ids: track ``audit`` tracked samples drawn with ``audit_seed`` (or ``audit_ids``)
             with ``estimator="exact"`` next to the main estimator, and compare the two at every window and
             for any query (``tracker.audit(query)``): a measurement of faithfulness on this very run.
-        name: the first part of this tracker's logger tags and the name of its artifact folder (default
-            ``influence``, or ``influence_<i>`` for the i-th of several trackers with queries).
+        name: tag prefix and artifact folder of this tracker (default ``influence``; ``influence_<i>`` for several).
+        sample_preview: images of each window's most harmful / helpful samples in TensorBoard: ``"auto"``
+            (image tensors), None, or ``(dataset, ids) -> Tensor[N, C, H, W]``.
 
     Sign convention: every score is the predicted ``f(θ_-j) − f(θ)`` when sample j is removed;
     negative = harmful to the query, positive = helpful.
@@ -121,6 +121,7 @@ class InfluenceTracker(Callback, TrackerAnswers):
         audit_seed: int = 0,
         audit_ids: Sequence[int] | None = None,
         name: str | None = None,
+        sample_preview: Any = "auto",
     ) -> None:
         arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         self.config = TrackerConfig(**arguments)
@@ -283,8 +284,7 @@ class InfluenceTracker(Callback, TrackerAnswers):
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """Everything a resumed run needs: the influence states, the windows so far and the step count.
-        The states are k × p × blocks floats: checkpoints grow by that much."""
+        """What a resumed run needs: the states (k × p × blocks floats), the windows and the step count."""
         return {} if self._fit is None else self._fit.state_dict()
 
     def on_load_checkpoint(

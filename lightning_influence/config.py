@@ -92,6 +92,7 @@ class TrackerConfig:
     audit_seed: int = 0
     audit_ids: Sequence[int] | torch.Tensor | None = None
     name: str | None = None
+    sample_preview: Any = "auto"
 
     def __post_init__(self) -> None:
         fix = object.__setattr__  # a frozen dataclass normalises its own fields here only
@@ -116,6 +117,8 @@ class TrackerConfig:
         if (self.record_batches or self.checkpoint_every_n_steps is not None) and not self.record_trajectory:
             raise ValueError("record_batches and checkpoint_every_n_steps need record_trajectory=True.")
         self._check_audit()
+        if self.sample_preview not in ("auto", None) and not callable(self.sample_preview):
+            raise TypeError("sample_preview must be 'auto', None or a function (dataset, ids) -> Tensor[N, C, H, W].")
         if self.name is not None and (not isinstance(self.name, str) or not self.name or "/" in self.name):
             raise ValueError(f"name must be a non-empty string without '/', got {self.name!r}.")
         for name in ("loss_fn", "regularizer", "sample_ids"):

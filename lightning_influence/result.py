@@ -115,6 +115,27 @@ class InfluenceResult:
             {"sample_id": ids.repeat(n), "query_index": list(range(n)) * len(ids), "score": table.reshape(-1).numpy()}
         )
 
+    def show(self, dataset, n: int = 8, preview=None):
+        """A matplotlib figure of the first ``n`` samples of this result (e.g. ``result.most_harmful(8).show(ds)``),
+        each titled with its id and score. ``preview(dataset, ids) -> Tensor[N, C, H, W]`` defaults to the
+        training items' image tensors (:func:`~lightning_influence.previews.image_preview`)."""
+        import matplotlib.pyplot as plt
+
+        from lightning_influence.previews import image_preview, preview_images
+
+        ids, scores = self.sample_ids[:n].tolist(), self.scores[:n].tolist()
+        images = preview_images(preview or image_preview, dataset, ids)
+        if images is None:
+            raise ValueError("These samples are not images: pass preview=lambda dataset, ids: Tensor[N, C, H, W].")
+        fig, axes = plt.subplots(1, len(ids), figsize=(1.7 * len(ids), 2.2), squeeze=False)
+        for ax, image, sample_id, score in zip(axes[0], images, ids, scores):
+            picture = image.permute(1, 2, 0).numpy()
+            ax.imshow(picture[..., 0] if picture.shape[-1] == 1 else picture, cmap="gray")
+            ax.set_title(f"{sample_id}\n{score:+.2e}", fontsize=9)
+            ax.axis("off")
+        fig.tight_layout()
+        return fig
+
     def save(self, path) -> None:
         """Write the result to ``path`` (``torch.save`` of plain tensors and strings: ``{"format":
         "lightning-influence/result", "version": 1, "sample_ids", "scores", "per_example", "estimator"}``)."""

@@ -124,3 +124,38 @@ def test_a_named_tracker_logs_under_its_name_and_shows_its_cost_in_the_progress_
     assert trainer.progress_bar_metrics["tracker_ms"] > 0
     with pytest.raises(ValueError, match="name must be a non-empty string"):
         InfluenceTracker(name="a/b")
+
+
+def test_the_most_harmful_and_helpful_samples_are_shown_as_images(tmp_path):
+    pytest.importorskip("matplotlib")
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_influence import IndexedDataset
+
+    gen = torch.Generator().manual_seed(0)
+    images, labels = (
+        torch.randn(16, 1, 6, 6, generator=gen, dtype=torch.float64),
+        torch.randint(0, 3, (16,), generator=gen),
+    )
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(36, 3)).double()
+    dataset = IndexedDataset(TensorDataset(images, labels))
+    tracker = InfluenceTracker(queries={"val": (images[:4], labels[:4])}, window_every_n_epochs=1)
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    lightning_trainer(2, callbacks=[tracker], logger=logger).fit(
+        TinyClassifier(net, lambda m: torch.optim.SGD(m.parameters(), lr=0.1)), DataLoader(dataset, batch_size=4)
+    )
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0})
+    events.Reload()
+    tags = events.Tags()["images"]
+    for name in ("most_harmful_samples", "most_helpful_samples", "most_harmful_samples_overall"):
+        assert f"influence/val/{name}" in tags, tags
+    assert [e.step for e in events.Images("influence/val/most_harmful_samples")] == [4, 8]  # one grid per window
+    figure = tracker.influence("val").most_helpful(5).show(dataset)
+    assert len(figure.axes) == 5 and figure.axes[0].get_title().startswith(
+        str(int(tracker.influence("val").most_helpful(1).sample_ids[0]))
+    )
+    with pytest.raises(ValueError, match="not images"):
+        tracker.influence("val").show(IndexedDataset(TensorDataset(torch.randn(16, 36), labels)))
