@@ -24,6 +24,12 @@ from lightning_influence.reporting import _as_loggers, _figure_image, add_custom
 from lightning_influence.windows import WindowSnapshot
 
 
+def logger_step(end_step: int) -> int:
+    """Where a window ending at ``end_step`` goes on the loggers' step axis: the step of its last optimizer step,
+    at which Lightning logs that step's training loss, so influence and training curves line up."""
+    return max(int(end_step) - 1, 0)
+
+
 class LoggerSink:
     """:class:`~lightning_influence.windows.WindowSink` that reports every closed window to the Trainer's loggers.
 
@@ -59,7 +65,8 @@ class LoggerSink:
             self._laid_out.add(snapshot.query)
             add_custom_scalars(self.loggers, snapshot.query, self.namespace)
         figure = (snapshot.index + 1) % self.figure_every == 0
-        log_window(self.loggers, snapshot, history, self.top_k, end_steps, self.namespace, figure=figure)
+        step = logger_step(snapshot.end_step)
+        log_window(self.loggers, snapshot, history, self.top_k, end_steps, self.namespace, figure=figure, step=step)
         if figure:
             self._undrawn.pop(snapshot.query, None)
         else:
@@ -78,7 +85,8 @@ class LoggerSink:
             images = preview_images(self.preview, self.dataset, snapshot.sample_ids[rows].tolist())
             for logger in boards if images is not None else ():
                 key = metric_key(snapshot.query, name, self.namespace)
-                logger.experiment.add_images(key, images, global_step=int(snapshot.end_step), dataformats="NCHW")
+                step = logger_step(snapshot.end_step)
+                logger.experiment.add_images(key, images, global_step=step, dataformats="NCHW")
 
     def final(self, results: Any, metadata: Any) -> None:
         """The end of fit: the figure of each query's last window, if it was not drawn when it closed."""
@@ -89,7 +97,7 @@ class LoggerSink:
             image = _figure_image(snapshot, history, end_steps)
             for logger in boards if image is not None else ():
                 key = metric_key(snapshot.query, "strongest_over_windows", self.namespace)
-                logger.experiment.add_image(key, image, global_step=int(snapshot.end_step), dataformats="CHW")
+                logger.experiment.add_image(key, image, global_step=logger_step(snapshot.end_step), dataformats="CHW")
         self._undrawn.clear()
 
 
@@ -112,7 +120,7 @@ def attach_outputs(trainer: pl.Trainer, fit: TrackedFit, namespace: str, dirpath
 
 
 def _attach_audit(trainer: pl.Trainer, audit: FitAudit, namespace: str, dirpath: str | None, keep: bool) -> None:
-    audit.sinks.append(lambda report: log_audit(trainer.loggers, report, namespace))
+    audit.sinks.append(lambda report: log_audit(trainer.loggers, report, namespace, logger_step(report.end_step)))
     if dirpath is not None:
         writer = AuditWriter(dirpath)
         writer.start(audit.num_windows if keep else None)

@@ -218,6 +218,7 @@ def log_window(
     end_steps: Sequence[int] | None = None,
     namespace: str = "influence",
     figure: bool = True,
+    step: int | None = None,
 ) -> None:
     """Report one closed window to every logger (see the module docstring for keys and tags).
 
@@ -231,6 +232,8 @@ def log_window(
             x axis counts windows.
         namespace: the first part of every tag (``influence_1`` etc. when several trackers log).
         figure: draw the ``strongest_over_windows`` image (matplotlib: the costly part, tens of ms).
+        step: the logger step (default ``snapshot.end_step``; the tracker passes ``end_step − 1``, the step at
+            which Lightning logs the loss of the window's last optimizer step, so the curves line up).
     """
     loggers = _as_loggers(loggers)
     if not loggers:
@@ -244,7 +247,7 @@ def log_window(
     if end_steps is not None and len(end_steps) != history.shape[0]:
         raise ValueError(f"end_steps has {len(end_steps)} entries for {history.shape[0]} windows.")
 
-    query, step = snapshot.query, int(snapshot.end_step)
+    query, step = snapshot.query, int(snapshot.end_step) if step is None else int(step)
     metrics = {metric_key(query, "window", namespace): float(snapshot.index)}
     metrics.update({metric_key(query, name, namespace): value for name, value in window_summary(scores).items()})
     for logger in loggers:

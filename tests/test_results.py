@@ -152,7 +152,7 @@ def test_the_most_harmful_and_helpful_samples_are_shown_as_images(tmp_path):
     tags = events.Tags()["images"]
     for name in ("most_harmful_samples", "most_helpful_samples", "most_harmful_samples_overall"):
         assert f"influence/val/{name}" in tags, tags
-    assert [e.step for e in events.Images("influence/val/most_harmful_samples")] == [4, 8]  # one grid per window
+    assert [e.step for e in events.Images("influence/val/most_harmful_samples")] == [3, 7]  # one grid per window
     figure = tracker.influence("val").most_helpful(5).show(dataset)
     assert len(figure.axes) == 5 and figure.axes[0].get_title().startswith(
         str(int(tracker.influence("val").most_helpful(1).sample_ids[0]))

@@ -275,15 +275,16 @@ def test_tensorboard_gets_one_entry_per_window_at_the_end_steps(tmp_path):
         windows = tracker.windows(name)
         ends = [w.end_step for w in windows]
         assert ends == [5, 10, 12]
+        logged = [e - 1 for e in ends]  # a window's points sit at its last optimizer step, with the training loss
         for scalar in ("window", "helpful_mass", "harmful_mass", "num_harmful", "strongest"):
             events = acc.Scalars(f"influence/{name}/{scalar}")
-            assert [e.step for e in events] == ends, scalar
+            assert [e.step for e in events] == logged, scalar
             for e, w in zip(events, windows):
                 expected = float(w.index) if scalar == "window" else _summary(w.scores)[scalar]
                 assert e.value == pytest.approx(expected, rel=1e-6, abs=1e-30), (scalar, w.index)
 
         hist = acc.Histograms(f"influence/{name}/window_scores")
-        assert [e.step for e in hist] == ends
+        assert [e.step for e in hist] == logged
         for e, w in zip(hist, windows):
             h = e.histogram_value
             assert h.num == N
@@ -291,14 +292,14 @@ def test_tensorboard_gets_one_entry_per_window_at_the_end_steps(tmp_path):
             assert h.sum == pytest.approx(float(w.scores.sum()), rel=1e-9, abs=1e-15)
 
         text = acc.Tensors(f"influence/{name}/top_samples/text_summary")
-        assert [e.step for e in text] == ends
+        assert [e.step for e in text] == logged
         last_table = text[-1].tensor_proto.string_val[0].decode()
         worst = int(tracker.tracked_ids[windows[-1].scores.argmin()])
         assert f"| 1 | {worst} |" in last_table.split("Most helpful")[0]
 
         if _has_matplotlib():
             images = acc.Images(f"influence/{name}/strongest_over_windows")
-            assert [im.step for im in images] == ends
+            assert [im.step for im in images] == logged
             assert images[-1].encoded_image_string.startswith(b"\x89PNG")
 
 
@@ -310,8 +311,8 @@ def test_figures_are_drawn_every_n_windows_and_for_the_last_one(tmp_path):
     logger = TensorBoardLogger(save_dir=tmp_path, name="tb")
     _fit(x, y, _schedule(), tracker, logger=logger)
     acc = _read_events(logger.log_dir)
-    assert [e.step for e in acc.Scalars("influence/val/window")] == list(range(1, 13))  # every window's scalars
-    assert [im.step for im in acc.Images("influence/val/strongest_over_windows")] == [5, 10, 12]
+    assert [e.step for e in acc.Scalars("influence/val/window")] == list(range(12))  # every window's scalars
+    assert [im.step for im in acc.Images("influence/val/strongest_over_windows")] == [4, 9, 11]
 
 
 def _has_matplotlib() -> bool:
@@ -330,7 +331,7 @@ def test_csv_logger_gets_the_window_scalars(tmp_path):
     with open(Path(logger.log_dir) / "metrics.csv", newline="") as f:
         rows = [r for r in csv.DictReader(f) if r.get("influence/val/window")]
     windows = tracker.windows("val")
-    assert [int(r["step"]) for r in rows] == [w.end_step for w in windows] == [4, 8, 12]
+    assert [int(r["step"]) + 1 for r in rows] == [w.end_step for w in windows] == [4, 8, 12]
     for row, w in zip(rows, windows):
         expected = {"window": float(w.index), **_summary(w.scores)}
         for name, value in expected.items():
@@ -430,7 +431,7 @@ def test_two_trackers_log_under_separate_tags(tmp_path):
     for namespace, tracker in (("influence_0", first), ("influence_1", second)):
         events = acc.Scalars(f"{namespace}/val/num_harmful")
         windows = tracker.windows("val")
-        assert [e.step for e in events] == [w.end_step for w in windows]
+        assert [e.step for e in events] == [w.end_step - 1 for w in windows]
         assert [e.value for e in events] == [float((w.scores < 0).sum()) for w in windows]
     assert "influence/val/num_harmful" not in acc.Tags()["scalars"]
 
