@@ -146,25 +146,27 @@ def strongest_over_windows_figure(
         x = [0] + [int(step) for step in end_steps]
         xlabel = "optimizer step"
 
-    fig = Figure(figsize=(6.4, 4.0), dpi=100)
+    # TensorBoard shows images in ~330 px cards: a small canvas with large type stays readable there
+    fig = Figure(figsize=(5.0, 3.4), dpi=72)
     ax = fig.add_subplot()
-    ax.axhline(0.0, color="0.6", linewidth=0.8)
+    ax.axhline(0.0, color="0.6", linewidth=1.0)
     for kind, chosen, colors, style in (
         ("harmful", harmful, _HARMFUL_COLORS, "-"),
         ("helpful", helpful, _HELPFUL_COLORS, "--"),
     ):
         for rank, j in enumerate(chosen):
             y = [0.0] + cumulative[:, j].tolist()
-            ax.plot(
-                x, y, style, marker="o", markersize=3, color=colors[rank % len(colors)], label=f"id {ids[j]} ({kind})"
-            )
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("cumulative influence (− harmful, + helpful)")
+            color = colors[rank % len(colors)]
+            ax.plot(x, y, style, marker="o", markersize=4, linewidth=2, color=color, label=f"id {ids[j]} ({kind})")
+    ax.set_xlabel(xlabel, fontsize=12)
+    ax.set_ylabel("cumulative influence", fontsize=12)
+    ax.tick_params(labelsize=11)
     if title:
-        ax.set_title(title)
+        ax.set_title(title, fontsize=12)
     ax.grid(alpha=0.3)
     if harmful or helpful:
-        ax.legend(fontsize="small", loc="best")
+        ax.legend(fontsize=10, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    fig.tight_layout()
     return fig
 
 
@@ -188,7 +190,7 @@ def _figure_image(
             history,
             snapshot.sample_ids,
             end_steps,
-            title=f"{snapshot.query}: strongest cumulative influence after window {snapshot.index}",
+            title=f"{snapshot.query}, after window {snapshot.index} (− harmful, + helpful)",
         )
         return _render(fig)
     except ImportError:  # matplotlib is optional
