@@ -29,6 +29,13 @@ class TrackerAnswers:
     config: TrackerConfig
     _fit: TrackedFit | None
 
+    def __getattr__(self, name: str) -> Any:
+        # the constructor's arguments read back as given (tracker.estimator, tracker.queries, tracker.dirpath)
+        config = self.__dict__.get("config")
+        if config is not None and name in TrackerConfig.__dataclass_fields__:
+            return getattr(config, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     def _finished(self) -> TrackedFit:
         fit = self._fit
         if fit is None or fit.final is None:

@@ -87,6 +87,8 @@ class InfluenceTracker(Callback, TrackerAnswers):
         name: tag prefix and artifact folder of this tracker (default ``influence``; ``influence_<i>`` for several).
         sample_preview: images of each window's most harmful / helpful samples in TensorBoard: ``"auto"``
             (image tensors), None, or ``(dataset, ids) -> Tensor[N, C, H, W]``.
+        states_in_checkpoint: False keeps the states (k × p × blocks) out of checkpoints, in ``states.pt`` next to
+            the artifacts, overwritten at each save: only the last checkpoint can be resumed (exactly).
 
     Sign convention: every score is the predicted ``f(θ_-j) − f(θ)`` when sample j is removed;
     negative = harmful to the query, positive = helpful.
@@ -122,6 +124,7 @@ class InfluenceTracker(Callback, TrackerAnswers):
         audit_ids: Sequence[int] | None = None,
         name: str | None = None,
         sample_preview: Any = "auto",
+        states_in_checkpoint: bool = True,
     ) -> None:
         arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         self.config = TrackerConfig(**arguments)
@@ -138,13 +141,6 @@ class InfluenceTracker(Callback, TrackerAnswers):
     @property
     def state_key(self) -> str:
         return self._state_key
-
-    def __getattr__(self, name: str) -> Any:
-        # the constructor's arguments read back as given (tracker.estimator, tracker.queries, tracker.dirpath)
-        config = self.__dict__.get("config")
-        if config is not None and name in TrackerConfig.__dataclass_fields__:
-            return getattr(config, name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     # ------------------------------------------------------------------ lifecycle
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -181,7 +177,10 @@ class InfluenceTracker(Callback, TrackerAnswers):
 
     def _new_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> TrackedFit:
         self._namespace = lit.namespace(trainer, self)
-        needs_dir = self.config.record_trajectory or (self.config.queries and self.config.write_artifacts)
+        config = self.config
+        needs_dir = (
+            config.record_trajectory or not config.states_in_checkpoint or (config.queries and config.write_artifacts)
+        )
         # trainer.log_dir is a collective call under DDP: every rank asks
         self._artifact_dir = lit.artifact_dir(trainer, self.config.dirpath, self._namespace) if needs_dir else None
         dataset, collate_fn = lit.training_data(trainer)
@@ -197,6 +196,7 @@ class InfluenceTracker(Callback, TrackerAnswers):
             world_size=trainer.world_size,
             train_dataset=dataset,
             collate_fn=collate_fn,
+            states_file=None if config.states_in_checkpoint else os.path.join(self._artifact_dir, "states.pt"),
         )
         num_samples = lit.training_set_size(trainer, self.config.num_samples)
         first = next(p for p in pl_module.parameters())

@@ -93,6 +93,7 @@ class TrackerConfig:
     audit_ids: Sequence[int] | torch.Tensor | None = None
     name: str | None = None
     sample_preview: Any = "auto"
+    states_in_checkpoint: bool = True
 
     def __post_init__(self) -> None:
         fix = object.__setattr__  # a frozen dataclass normalises its own fields here only

@@ -17,8 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 
@@ -26,54 +25,23 @@ from lightning_influence.audit import AuditReport
 from lightning_influence.clipping import GradientClip, NormClip, ValueClip
 from lightning_influence.config import TrackerConfig
 from lightning_influence.data import SampleIdError, validate_sample_ids
-from lightning_influence.errors import InfluenceConfigurationError
+from lightning_influence.errors import explain_torch_func_error
 from lightning_influence.estimators import Estimator, Reduce
-from lightning_influence.fit_audit import FitAudit
-from lightning_influence.fit_state import FitCheckpoint, deferred_interrupts
+from lightning_influence.fit_state import (
+    FitCheckpoint,
+    FitContext,
+    FitParts,
+    deferred_interrupts,
+    read_side_file,
+    write_side_file,
+)
 from lightning_influence.optimizers import OptimizerStep, flat_optimizer_state, read_step_groups
-from lightning_influence.parameters import TrackedParameters
-from lightning_influence.queries import QueryEvaluator
-from lightning_influence.recording import TrajectoryRecorder
 from lightning_influence.records import MicroBatch, MicroBatchRecord, StepRecord
 from lightning_influence.result import InfluenceResult
-from lightning_influence.selfcheck import ParameterWatch, StepSelfCheck
-from lightning_influence.windows import WindowRecorder, WindowSink, WindowSnapshot
+from lightning_influence.selfcheck import ParameterWatch
+from lightning_influence.windows import WindowRecorder, WindowSnapshot
 
 ADAM_POST_STATE = ("exp_avg", "exp_avg_sq")
-
-
-@dataclass
-class FitContext:
-    """What a fit needs from its surroundings, as plain values and callables (built by the callback)."""
-
-    micro_batch_weight: float = 1.0  # w_m: 1 / (accumulate_grad_batches × world size)
-    reduce: Reduce | None = None  # sums a tensor over data-parallel processes (None: one process)
-    mixed_precision: bool = False
-    expect_indexed: bool = False  # default id reader, but the dataset is not an IndexedDataset
-    sinks: list[WindowSink] = field(default_factory=list)  # where closed windows and final scores go
-    metadata: dict[str, Any] = field(default_factory=dict)  # written with the final scores
-    # recording the trajectory (record_trajectory=True)
-    trajectory_dir: str | None = None
-    expected_steps: int | None = None  # the fit's total optimizer steps, when known (for ≈ √T checkpoints)
-    gather_ids: Any = None  # every process's ids of a micro-batch (recording.GatherIds); None: one process
-    writes_files: bool = True  # rank zero
-    world_size: int = 1
-    train_dataset: Any = None  # for the all-sample replay
-    collate_fn: Any = None
-
-
-@dataclass
-class FitParts:
-    """The pieces a fit computes with: tracked parameters, the estimator, query gradients, the self-check."""
-
-    params: TrackedParameters
-    estimator: Estimator
-    queries: QueryEvaluator
-    self_check: StepSelfCheck
-    optimizer_kind: str
-    recompute_gradient: Callable[[StepRecord], torch.Tensor]  # for estimators that do not return it
-    recorder: TrajectoryRecorder | None = None  # writes the trajectory for the all-sample replay
-    audit: FitAudit | None = None  # exact states of a few samples, compared with the main estimator
 
 
 class TrackedFit:
@@ -220,7 +188,7 @@ class TrackedFit:
             with torch.enable_grad():
                 recomputed = self.estimator.book(record, parts, self.context.reduce)
         except RuntimeError as err:
-            explained = _explained(err)
+            explained = explain_torch_func_error(err)
             if explained is None:
                 raise
             raise explained from err
@@ -323,10 +291,16 @@ class TrackedFit:
         state = self.state.to_dict(self.tracked_ids, self.estimator, self.recorder)
         if self.parts.audit is not None:
             state["audit"] = self.parts.audit.state_dict()
+        if self.context.states_file is not None:
+            heavy = {"estimator": state.pop("estimator"), "audit": state.pop("audit", None)}
+            write_side_file(self.context.states_file, state["global_step"], heavy, self.context.writes_files)
+            state["side_file"] = self.context.states_file
         return state
 
     def load_state_dict(self, state: dict[str, Any], global_step: int | None) -> None:
         """Apply a checkpoint's (or a finished fit's) state; ``global_step`` is the model's step count."""
+        if "side_file" in state:
+            state = {**state, **read_side_file(state["side_file"], state["global_step"])}
         self.state = FitCheckpoint.restore(state, self.tracked_ids, self.estimator, self.recorder, global_step)
         if self.parts.audit is not None:
             self.parts.audit.load_state_dict(state["audit"], self.recorder)
@@ -341,22 +315,6 @@ class TrackedFit:
         return previous.config.state_key_fields() == self.config.state_key_fields() and torch.equal(
             previous.final[0], self.parts.params.theta()
         )
-
-
-def _explained(err: RuntimeError) -> Exception | None:
-    """torch.func's errors for what the tracker cannot differentiate, in the user's terms (None for others)."""
-    if "saved tensor hooks" in str(err):
-        return InfluenceConfigurationError(
-            "The model uses gradient checkpointing (torch.utils.checkpoint): torch.func, which the tracker uses for"
-            " its Hessian-vector products and per-sample terms, cannot differentiate through it. Disable"
-            " checkpointing for the tracked run (activation memory grows), or track a smaller model."
-        )
-    if "random" in str(err):
-        return InfluenceConfigurationError(
-            "loss_fn calls a random operation (e.g. F.dropout, torch.rand): the tracker cannot replay the draws the"
-            " training step used, so its gradients and Hessians would differ. Make loss_fn deterministic."
-        )
-    return None
 
 
 __all__: Sequence[str] = ["FitContext", "FitParts", "TrackedFit"]

@@ -1,4 +1,4 @@
-"""A fit's bookkeeping and its checkpoint format; booking that Ctrl+C cannot cut in half.
+"""A fit's context, parts and bookkeeping; its checkpoint format; booking that Ctrl+C cannot cut in half.
 
 The checkpoint state (``InfluenceTracker.state_dict()``), version 2::
 
@@ -14,19 +14,66 @@ checkpoints are still read: ``{"version": 1, "tracked_ids", "steps_done", "seen"
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from lightning_influence.errors import InfluenceConfigurationError
-from lightning_influence.estimators import Estimator
-from lightning_influence.windows import WindowRecorder
+from lightning_influence.estimators import Estimator, Reduce
+from lightning_influence.files import atomic_write
+from lightning_influence.records import StepRecord
+from lightning_influence.windows import WindowRecorder, WindowSink
+
+if TYPE_CHECKING:  # the parts of a fit, named in annotations only
+    from lightning_influence.fit_audit import FitAudit
+    from lightning_influence.parameters import TrackedParameters
+    from lightning_influence.queries import QueryEvaluator
+    from lightning_influence.recording import TrajectoryRecorder
+    from lightning_influence.selfcheck import StepSelfCheck
 
 STATE_VERSION = 2
+
+
+@dataclass
+class FitContext:
+    """What a fit needs from its surroundings, as plain values and callables (built by the callback)."""
+
+    micro_batch_weight: float = 1.0  # w_m: 1 / (accumulate_grad_batches × world size)
+    reduce: Reduce | None = None  # sums a tensor over data-parallel processes (None: one process)
+    mixed_precision: bool = False
+    expect_indexed: bool = False  # default id reader, but the dataset is not an IndexedDataset
+    sinks: list[WindowSink] = field(default_factory=list)  # where closed windows and final scores go
+    metadata: dict[str, Any] = field(default_factory=dict)  # written with the final scores
+    # recording the trajectory (record_trajectory=True)
+    trajectory_dir: str | None = None
+    expected_steps: int | None = None  # the fit's total optimizer steps, when known (for ≈ √T checkpoints)
+    gather_ids: Any = None  # every process's ids of a micro-batch (recording.GatherIds); None: one process
+    writes_files: bool = True  # rank zero
+    world_size: int = 1
+    train_dataset: Any = None  # for the all-sample replay
+    collate_fn: Any = None
+    states_file: str | None = None  # states_in_checkpoint=False: the states go here, not into checkpoints
+
+
+@dataclass
+class FitParts:
+    """The pieces a fit computes with: tracked parameters, the estimator, query gradients, the self-check."""
+
+    params: TrackedParameters
+    estimator: Estimator
+    queries: QueryEvaluator
+    self_check: StepSelfCheck
+    optimizer_kind: str
+    recompute_gradient: Callable[[StepRecord], torch.Tensor]  # for estimators that do not return it
+    recorder: TrajectoryRecorder | None = None  # writes the trajectory for the all-sample replay
+    audit: FitAudit | None = None  # exact states of a few samples, compared with the main estimator
 
 
 class FitCheckpoint:
@@ -146,3 +193,33 @@ def deferred_interrupts() -> Iterator[None]:
             previous(*received[0])
         elif received and previous == signal.SIG_DFL:
             raise KeyboardInterrupt
+
+
+SIDE_FORMAT = "lightning-influence/states"
+
+
+def write_side_file(path: str, global_step: int, heavy: dict[str, Any], writes: bool) -> None:
+    """``states_in_checkpoint=False``: the states (``heavy``) of the fit at ``global_step`` go to ``path``
+    (atomically, replacing the previous ones: only the last checkpoint keeps its states)."""
+    if writes:
+        document = {"format": SIDE_FORMAT, "version": 1, "global_step": int(global_step), **heavy}
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        atomic_write(Path(path), lambda f: torch.save(document, f))
+
+
+def read_side_file(path: str, global_step: int) -> dict[str, Any]:
+    """The states a checkpoint left in its side file; they must belong to that checkpoint's step."""
+    try:
+        document = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as err:
+        raise InfluenceConfigurationError(
+            f"The checkpoint keeps its influence states in {path} (states_in_checkpoint=False), which is missing."
+            " Resume with the artifact folder of the run that saved it, or train from the start."
+        ) from err
+    if document.get("format") != SIDE_FORMAT or document.get("global_step") != global_step:
+        raise InfluenceConfigurationError(
+            f"{path} holds the influence states of step {document.get('global_step')}, but the checkpoint is at"
+            f" step {global_step}: with states_in_checkpoint=False only the last checkpoint keeps its states."
+            " Resume from the last checkpoint, or keep the states in checkpoints (states_in_checkpoint=True)."
+        )
+    return {"estimator": document["estimator"], "audit": document["audit"]}

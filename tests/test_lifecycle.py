@@ -321,3 +321,26 @@ def test_constructor_arguments_are_never_overwritten():
     lightning_trainer(1, callbacks=[tracker]).fit(module, fixed_loader(bigger_x, bigger_y, schedule))
     assert tracker.num_samples is None and tracker.tracked_ids.numel() == N + 6
     assert copy.copy(tracker.config) == tracker.config
+
+
+def test_states_kept_out_of_checkpoints_resume_exactly_from_the_last_one(tmp_path):
+    _, _, query = _data()
+    reference = InfluenceTracker(queries={"val": query}, write_artifacts=False)
+    _fit(reference, _schedule(3), _adamw)
+
+    def tracker():
+        return InfluenceTracker(
+            queries={"val": query}, write_artifacts=False, states_in_checkpoint=False, dirpath=tmp_path / "a"
+        )
+
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_epochs=1, save_top_k=-1)
+    first = tracker()
+    _fit(first, _schedule(2), _adamw, callbacks=[saver], enable_checkpointing=True)  # epochs 0 and 1
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["callbacks"][first.state_key]
+    assert "estimator" not in saved and saved["side_file"].endswith("states.pt")  # the states stay out
+    resumed = tracker()
+    _fit(resumed, _schedule(3), _adamw, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    _assert_same(resumed, reference, query)
+    older = sorted((tmp_path / "ckpt").glob("epoch=0*.ckpt"))[0]
+    with pytest.raises(InfluenceConfigurationError, match="only the last checkpoint keeps its states"):
+        _fit(tracker(), _schedule(3), _adamw, ckpt_path=older)
