@@ -256,9 +256,23 @@ def log_window(
         logger.log_metrics(metrics, step=step)
 
     boards = [logger for logger in loggers if isinstance(logger, TensorBoardLogger)]
-    if not boards:
-        return
-    last_step = snapshot.end_step - 1
+    if boards:
+        _log_to_boards(boards, snapshot, history, scores, top_k, end_steps, namespace, figure, step)
+
+
+def _log_to_boards(
+    boards: list[TensorBoardLogger],
+    snapshot: WindowSnapshot,
+    history: torch.Tensor,
+    scores: torch.Tensor,
+    top_k: int,
+    end_steps: Sequence[int] | None,
+    namespace: str,
+    figure: bool,
+    step: int,
+) -> None:
+    """TensorBoard's views of one window: the histogram, the two tables, the figure."""
+    query, last_step = snapshot.query, snapshot.end_step - 1
     title = (
         f"**{query}**, window {snapshot.index}: optimizer steps {snapshot.start_step}–{last_step} "
         f"(epoch {snapshot.epoch}). Negative = harmful, positive = helpful; "
