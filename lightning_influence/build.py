@@ -92,6 +92,7 @@ def _step_gradient(loss: FunctionalLoss, context: FitContext):
 
 def make_recorder(
     config: TrackerConfig,
+    module: nn.Module,
     params: TrackedParameters,
     optimizer: torch.optim.Optimizer,
     num_samples: int,
@@ -100,11 +101,8 @@ def make_recorder(
     """The trajectory recorder of ``record_trajectory=True`` (None otherwise)."""
     if not config.record_trajectory:
         return None
-    if params.untracked:
-        raise InfluenceConfigurationError(
-            "record_trajectory=True replays every trainable parameter's update, but params= leaves"
-            f" {sorted(params.untracked)[:5]} untracked. Track all parameters (params=None) when recording."
-        )
+    # the replay re-runs every trainable parameter's update: with params= the recorder reads them all itself
+    recorded = select_parameters(module, optimizer, None) if params.untracked else params
     if context.mixed_precision:
         raise InfluenceConfigurationError(
             "record_trajectory=True under bf16-mixed/16-mixed: the replay recomputes each step's gradient in the"
@@ -119,10 +117,10 @@ def make_recorder(
     spec = model_optimizer(optimizer, "auto")  # the replay re-runs the real update, whatever the estimator models
     every = config.checkpoint_every_n_steps or default_checkpoint_every(context.expected_steps)
     meta = trajectory_meta(
-        params.layout,
+        recorded.layout,
         spec.kind,
         bool(getattr(spec.jacobian, "momentum", False)),
-        params.dtype,
+        recorded.dtype,
         num_samples,
         checkpoint_every_n_steps=every,
         world_size=context.world_size,
@@ -131,7 +129,13 @@ def make_recorder(
     )
     assert context.trajectory_dir is not None
     return TrajectoryRecorder(
-        context.trajectory_dir, meta, every, config.record_batches, context.gather_ids, context.writes_files
+        context.trajectory_dir,
+        meta,
+        every,
+        config.record_batches,
+        context.gather_ids,
+        context.writes_files,
+        params=recorded if params.untracked else None,
     )
 
 
@@ -194,7 +198,7 @@ def build_fit(
         self_check=StepSelfCheck(config.self_check_steps, spec, context.mixed_precision),
         optimizer_kind=spec.kind,
         recompute_gradient=_step_gradient(loss, context),
-        recorder=make_recorder(config, params, optimizer, num_samples, context),
+        recorder=make_recorder(config, module, params, optimizer, num_samples, context),
         audit=make_audit(config, loss, params, optimizer, tracked_ids, num_samples, start_step),
     )
     context.metadata.setdefault("estimator", config.estimator)

@@ -120,6 +120,8 @@ class TrackedFit:
         self.watch.check(theta, f"the start of optimizer step {step}")
         groups = read_step_groups(optimizer, [list(g) for g in params.groups], params.layout.group_slices)
         recorder = self.parts.recorder
+        if recorder is not None:
+            recorder.read(optimizer, step)
         wants_state = self.parts.self_check.wants(self.state.steps_booked) or (
             recorder is not None and recorder.wants_checkpoint(step)
         )

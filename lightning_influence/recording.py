@@ -19,6 +19,8 @@ import torch
 
 from lightning_influence.clipping import GradientClip, NormClip, ValueClip
 from lightning_influence.functional import FlatParameters
+from lightning_influence.optimizers import flat_optimizer_state, read_step_groups
+from lightning_influence.parameters import TrackedParameters
 from lightning_influence.records import StepRecord
 from lightning_influence.trajectory import StepEntry, TrajectoryWriter, fingerprint
 
@@ -47,10 +49,12 @@ def trajectory_meta(
     }
 
 
-def clip_entry(clip: GradientClip | None) -> dict[str, Any] | None:
-    """The clip of a step as the trajectory stores it."""
+def clip_entry(clip: GradientClip | None, all_parameters: bool = False) -> dict[str, Any] | None:
+    """The clip of a step as the trajectory stores it (``all_parameters``: the recorded layout holds every
+    parameter the optimizer clips, so no gradient norm is left outside it)."""
     if isinstance(clip, NormClip):
-        return {"kind": "norm", "max_norm": clip.max_norm, "other_sq_norm": clip.other_sq_norm}
+        other = 0.0 if all_parameters else clip.other_sq_norm
+        return {"kind": "norm", "max_norm": clip.max_norm, "other_sq_norm": other}
     if isinstance(clip, ValueClip):
         return {"kind": "value", "clip_value": clip.clip_value}
     return None
@@ -77,6 +81,7 @@ class TrajectoryRecorder:
         record_batches: bool = False,
         gather: GatherIds | None = None,
         writes: bool = True,
+        params: TrackedParameters | None = None,
     ) -> None:
         self.dirpath = Path(dirpath)
         self.meta = meta
@@ -90,6 +95,9 @@ class TrajectoryRecorder:
         # torch.save and an fsync) do not stall training; a failure surfaces at the next call
         self._io: ThreadPoolExecutor | None = None
         self._pending: list[Future] = []
+        # params= tracks a subset: the trajectory still holds every trainable parameter, read here
+        self.params = params
+        self._full: tuple[torch.Tensor, torch.Tensor, list, dict | None] | None = None
 
     def start(self, resume_from_step: int | None) -> None:
         """Open the trajectory: fresh (``None``), or continuing a fit that resumes at ``resume_from_step``."""
@@ -105,6 +113,19 @@ class TrajectoryRecorder:
         assert self._io is not None
         self._pending.append(self._io.submit(fn, *args))
 
+    def read(self, optimizer: torch.optim.Optimizer, step: int) -> None:
+        """Just before optimizer step ``step``, when ``params`` is a wider set than the tracked one: its θ_t,
+        gradient, per-group hyper-parameters and (when a checkpoint is due) optimizer state."""
+        if self.params is None:
+            return
+        grad = self.params.grad(step)
+        if grad is None:
+            self._full = None
+            return
+        groups = read_step_groups(optimizer, [list(g) for g in self.params.groups], self.params.layout.group_slices)
+        state = flat_optimizer_state(optimizer, self.params.flat) if self.wants_checkpoint(step) else None
+        self._full = (self.params.theta(), grad, groups, state)
+
     def wants_checkpoint(self, step: int) -> bool:
         """Whether step ``step``'s pre-step state is stored (the caller reads the optimizer state for it)."""
         return not self._checkpointed or step % self.checkpoint_every == 0
@@ -117,27 +138,29 @@ class TrajectoryRecorder:
         due, self._checkpointed = self.wants_checkpoint(record.step), True
         if not self.writes or self._writer is None:
             return
+        theta, raw_grad, group_steps, pre_state = (
+            (record.theta, record.raw_grad, record.optimizer.groups, pre_state) if self._full is None else self._full
+        )
         if due:  # θ_t and the flat optimizer state are fresh copies: the writing thread owns them
             state = {k: None if v is None else v.detach() for k, v in (pre_state or {}).items()}
-            self._submit(self._writer.write_checkpoint, record.step, record.theta, state, {})
-        groups = [{k: v for k, v in dataclasses.asdict(g).items() if k != "region"} for g in record.optimizer.groups]
+            self._submit(self._writer.write_checkpoint, record.step, theta, state, {})
+        groups = [{k: v for k, v in dataclasses.asdict(g).items() if k != "region"} for g in group_steps]
         seed, size = FINGERPRINT_SEED, FINGERPRINT_SIZE
         entry = StepEntry(
             step=record.step,
             epoch=record.epoch,
             groups=groups,
             micro_batches=[(ids.tolist(), float(w)) for rank_major in zip(*micro) for ids, w in rank_major],
-            clip=clip_entry(record.clip),
-            fingerprint={
-                "theta": fingerprint(record.theta, seed, size),
-                "grad": fingerprint(record.raw_grad, seed, size),
-            },
+            clip=clip_entry(record.clip, all_parameters=self.params is not None),
+            fingerprint={"theta": fingerprint(theta, seed, size), "grad": fingerprint(raw_grad, seed, size)},
         )
         batches = [m.batch for m in record.micro_batches] if self.record_batches else None
         self._submit(self._writer.write_step, entry, batches)
 
     def finish(self, step: int, theta: torch.Tensor) -> None:
         """The end of fit: θ_T after ``step`` steps; waits until every file is written; the trajectory is complete."""
+        if self.params is not None:
+            theta = self.params.theta()
         if self._writer is not None:
             self._submit(self._writer.write_final, step, theta, {})
             self._submit(self._writer.close)

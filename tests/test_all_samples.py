@@ -208,11 +208,18 @@ def test_all_samples_needs_a_recorded_trajectory(tmp_path):
         tracker.influence("val", all_samples=True)
 
 
-def test_recording_refuses_an_untracked_parameter_subset(tmp_path):
-    from lightning_influence import InfluenceConfigurationError
-
-    with pytest.raises(InfluenceConfigurationError, match="params= leaves"):
-        _run(dict(opt="sgd"), _tracker(tmp_path, params=["net.2"]), random_schedule(N, 4, 1, seed=3))
+def test_recording_with_a_parameter_subset_records_every_parameter(tmp_path):
+    """params= limits the forward states only: the trajectory holds every trainable parameter, so the replay
+    gives the first-order scores of the full model (equal to a full-parameter forward tracker on the run)."""
+    x, y, query = _data()
+    subset = _tracker(tmp_path, params=["net.2"], queries={"val": query})
+    full = InfluenceTracker(estimator="first-order", queries={"val": query}, write_artifacts=False)
+    module = TinyClassifier(_mlp(), OPTIMIZERS["adamw"])
+    trainer = lightning_trainer(2, callbacks=[subset, full], gradient_clip_val=0.05)
+    trainer.fit(module, fixed_loader(x, y, random_schedule(N, 4, 2, seed=3)))
+    assert subset.engine.theta.shape[1] == 5 * C + C  # the forward states: the head only
+    replayed = subset.influence("val", all_samples=True).scores
+    torch.testing.assert_close(replayed, full.influence("val").scores, **DUALITY)
 
 
 def test_recording_alone_costs_no_state(tmp_path):
