@@ -41,7 +41,7 @@ from lightning_influence.artifacts_format import (
     load_snapshots,
     snapshots_by_query,
 )
-from lightning_influence.files import append_line, atomic_write_text, drop_partial_last_line, move_aside
+from lightning_influence.files import JsonLines, atomic_write_text
 from lightning_influence.result import InfluenceResult
 from lightning_influence.windows import WindowSnapshot
 
@@ -109,8 +109,7 @@ class SnapshotWriter:
 
     def __init__(self, dirpath: PathLike) -> None:
         self.dirpath = Path(dirpath)
-        self.dirpath.mkdir(parents=True, exist_ok=True)
-        self._repaired = False
+        self._lines = JsonLines(self.dirpath / WINDOWS_FILE)
 
     @property
     def windows_path(self) -> Path:
@@ -124,11 +123,7 @@ class SnapshotWriter:
 
     def write(self, snapshot: WindowSnapshot) -> None:
         """Append one JSON line for ``snapshot``, then flush and fsync."""
-        line = json.dumps(_snapshot_record(snapshot), separators=(",", ":"))
-        if not self._repaired:
-            drop_partial_last_line(self.windows_path)
-            self._repaired = True
-        append_line(self.windows_path, line)
+        self._lines.append(json.dumps(_snapshot_record(snapshot), separators=(",", ":")))
 
     def write_final(self, results: Mapping[str, InfluenceResult], metadata: Mapping[str, Any] | None = None) -> None:
         """Write ``{query: result}`` to ``final_scores.json`` atomically (replacing an older file).
@@ -166,8 +161,7 @@ class SnapshotWriter:
         if keep is not None:
             self.truncate(keep)
             return
-        move_aside(self.windows_path, "the windows")
-        self._repaired = True
+        self._lines.move_aside("the windows")
 
     def window(self, snapshot: WindowSnapshot, recorder: Any = None) -> None:
         """:class:`~lightning_influence.windows.WindowSink`: append the snapshot."""
@@ -186,9 +180,5 @@ class SnapshotWriter:
         rewritten atomically; a partial last line is dropped. No file: nothing to do.
         """
         path = self.windows_path
-        if not path.exists():
-            self._repaired = True
-            return
-        kept = [line for _, line, record in _read_records(path) if record["index"] < int(keep.get(record["query"], 0))]
-        atomic_write_text(path, "".join(line + "\n" for line in kept))
-        self._repaired = True
+        records = _read_records(path) if path.exists() else []
+        self._lines.keep([line for _, line, record in records if record["index"] < int(keep.get(record["query"], 0))])

@@ -26,14 +26,7 @@ import torch
 from lightning_influence.artifacts import _floats, _ints
 from lightning_influence.artifacts_format import PathLike, _resolve
 from lightning_influence.audit_metrics import AuditReport
-from lightning_influence.files import (
-    append_line,
-    atomic_write_text,
-    check_header,
-    drop_partial_last_line,
-    json_lines,
-    move_aside,
-)
+from lightning_influence.files import JsonLines, check_header, json_lines
 
 __all__ = ["AUDIT_FILE", "AUDIT_FORMAT", "AUDIT_VERSION", "AuditWriter", "audit_record", "load_audit"]
 
@@ -158,8 +151,7 @@ class AuditWriter:
 
     def __init__(self, dirpath: PathLike) -> None:
         self.dirpath = Path(dirpath)
-        self.dirpath.mkdir(parents=True, exist_ok=True)
-        self._repaired = False
+        self._lines = JsonLines(self.dirpath / AUDIT_FILE)
 
     @property
     def path(self) -> Path:
@@ -168,11 +160,7 @@ class AuditWriter:
 
     def write(self, report: AuditReport) -> None:
         """Append one JSON line for ``report``, then flush and fsync."""
-        line = json.dumps(audit_record(report), separators=(",", ":"), allow_nan=False)
-        if not self._repaired:
-            drop_partial_last_line(self.path)
-            self._repaired = True
-        append_line(self.path, line)
+        self._lines.append(json.dumps(audit_record(report), separators=(",", ":"), allow_nan=False))
 
     def truncate(self, keep: int) -> None:
         """Keep only the first ``keep`` reports (for a run resumed from a checkpoint that knew ``keep``).
@@ -181,11 +169,7 @@ class AuditWriter:
         """
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
             raise ValueError(f"keep must be a non-negative int, got {keep!r}.")
-        self._repaired = True
-        if not self.path.exists():
-            return
-        kept = [line for line, _ in _read(self.path)][:keep]
-        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+        self._lines.keep([line for line, _ in _read(self.path)][:keep] if self.path.exists() else [])
 
     def start(self, keep: int | None) -> None:
         """Prepare for a fit: a resumed fit keeps its first ``keep`` reports; a fresh fit (``keep=None``)
@@ -193,5 +177,4 @@ class AuditWriter:
         if keep is not None:
             self.truncate(keep)
             return
-        self._repaired = True
-        move_aside(self.path, "the audit")
+        self._lines.move_aside("the audit")

@@ -120,3 +120,30 @@ def move_aside(path: Path, what: str) -> Path | None:
     os.replace(path, aside)
     warnings.warn(f"{path} held {what} of an earlier run: moved to {aside.name}.", stacklevel=3)
     return aside
+
+
+class JsonLines:
+    """One appended JSON-lines file (windows, audit reports): ``append`` cuts a partial last line once (left by
+    a crash mid-write), then appends and fsyncs; ``keep`` rewrites it with a prefix of its lines (a resumed run);
+    ``move_aside`` starts a fresh file (a new run)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._repaired = False
+
+    def append(self, line: str) -> None:
+        if not self._repaired:
+            drop_partial_last_line(self.path)
+            self._repaired = True
+        append_line(self.path, line)
+
+    def keep(self, lines: list[str]) -> None:
+        """Rewrite the file atomically with ``lines`` (no file: nothing to do)."""
+        if self.path.exists():
+            atomic_write_text(self.path, "".join(line + "\n" for line in lines))
+        self._repaired = True
+
+    def move_aside(self, what: str) -> None:
+        move_aside(self.path, what)
+        self._repaired = True

@@ -157,11 +157,12 @@ class TrackedFit:
         record, self._pending = self._pending, None
         micro, self._micro = self._micro, []
         with self._atomic(steps_after):
+            after = self.parts.params.theta()  # θ_{t+1}: read once, for the self-check and the next step's watch
             if record is not None and not record.skipped_by_scaler(scale_after):
                 record.micro_batches = micro
-                self._book(record, optimizer)
+                self._book(record, optimizer, after)
             self.state.handled(steps_after, None if record is None else record.epoch)
-            self.watch.expect(steps_after, self.parts.params.theta())
+            self.watch.expect(steps_after, after)
 
     def complete_interrupted_step(self, optimizer: torch.optim.Optimizer, steps_now: int, scale: float | None) -> None:
         """An exception interrupted Lightning between the optimizer step and the batch-end hook: book that step,
@@ -180,7 +181,7 @@ class TrackedFit:
                 self.state.broken = f"booking optimizer step {steps_after - 1} failed ({type(err).__name__}: {err})"
                 raise
 
-    def _book(self, record: StepRecord, optimizer: torch.optim.Optimizer) -> None:
+    def _book(self, record: StepRecord, optimizer: torch.optim.Optimizer, after: torch.Tensor) -> None:
         if self.parts.optimizer_kind in ("adam", "adamw"):
             post = flat_optimizer_state(optimizer, self.parts.params.flat, ADAM_POST_STATE)
             record.optimizer.exp_avg, record.optimizer.exp_avg_sq = post["exp_avg"], post["exp_avg_sq"]
@@ -199,7 +200,7 @@ class TrackedFit:
             if recomputed is None:
                 recomputed = self.parts.recompute_gradient(record)
             self.parts.self_check.check_gradient(record, recomputed)
-            self.parts.self_check.check_update(record, self.parts.params.theta())
+            self.parts.self_check.check_update(record, after)
         self.estimator.check_finite(record.step, self.tracked_ids)
         if self.parts.audit is not None:
             self.parts.audit.book(record, self.context.reduce)
