@@ -130,6 +130,17 @@ class TrackerAnswers:
         return [] if audit is None else list(audit.reports.get(query, []))
 
     @property
+    def artifact_dir(self) -> str | None:
+        """The folder of this tracker's files (windows, scores, audit, trajectory) in the current or last fit;
+        None before fit or when it writes none."""
+        return self.__dict__.get("_artifact_dir")
+
+    @property
+    def namespace(self) -> str:
+        """The first part of this tracker's logger tags (``name``, else ``influence`` / ``influence_<i>``)."""
+        return self.__dict__.get("_namespace", "influence")
+
+    @property
     def trajectory_path(self) -> str | None:
         """The folder of the recorded trajectory (``record_trajectory=True``; None otherwise or before fit)."""
         fit = self._fit

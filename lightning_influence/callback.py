@@ -174,6 +174,7 @@ class InfluenceTracker(Callback, TrackerAnswers):
         if self.config.queries and trainer.is_global_zero:  # loggers and files: rank zero
             dirpath = self._artifact_dir if self.config.write_artifacts else None
             attach_outputs(trainer, fit, self._namespace, dirpath, keep=resumed or continued)
+        fit.close_missed_windows(trainer.current_epoch)  # a boundary a resumed run passed: closed before any batch
 
     def _new_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> TrackedFit:
         self._namespace = lit.namespace(trainer, self)
@@ -218,7 +219,6 @@ class InfluenceTracker(Callback, TrackerAnswers):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if (fit := self._active()) is not None:
-            fit.close_missed_windows(trainer.current_epoch)
             fit.add_micro_batch(batch)
 
     def on_before_optimizer_step(

@@ -231,7 +231,7 @@ class TrackedFit:
     def close_missed_windows(self, current_epoch: int) -> None:
         """Close a window whose boundary passed without its hook running: the step-window close of a step booked
         just before an interruption, or the end of an epoch whose last batch was checkpointed before the epoch-end
-        hook (a resumed run). The parameters have not moved since that boundary."""
+        hook (a resumed run; called when training starts). The parameters have not moved since that boundary."""
         step, last_epoch = self.state.global_step, self.state.last_epoch
         due_step = self.schedule.closes_after_step(step) and self.state.steps_booked > 0
         due_epoch = (

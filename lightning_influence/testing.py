@@ -50,6 +50,26 @@ def random_classification(
     return x.to(dtype), y, (xq.to(dtype), yq)
 
 
+def noisy_label_splits(
+    x: torch.Tensor, y: torch.Tensor, n_train: int, n_val: int, flip_fraction: float, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """Shuffle ``(x, y)`` into train / val / test (the rest) and flip ``flip_fraction`` of the training labels to
+    another class (adding 1..C−1 modulo C). Keys: ``x_tr, y_tr`` (noisy), ``y_tr_clean``, ``flipped``
+    (``BoolTensor[n_train]``), ``x_va, y_va, x_te, y_te`` (clean)."""
+    classes = int(y.max()) + 1
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(x), generator=gen)
+    tr, va, te = perm[:n_train], perm[n_train : n_train + n_val], perm[n_train + n_val :]
+    noisy, flipped = y[tr].clone(), torch.zeros(n_train, dtype=torch.bool)
+    flip = torch.randperm(n_train, generator=gen)[: int(round(flip_fraction * n_train))]
+    flipped[flip] = True
+    noisy[flip] = (noisy[flip] + torch.randint(1, classes, (len(flip),), generator=gen)) % classes
+    return {
+        "x_tr": x[tr], "y_tr": noisy, "y_tr_clean": y[tr], "flipped": flipped,
+        "x_va": x[va], "y_va": y[va], "x_te": x[te], "y_te": y[te],
+    }  # fmt: skip
+
+
 class FixedBatches(Sampler):
     """A batch sampler that yields epoch e's batches of ``schedule``.
 
