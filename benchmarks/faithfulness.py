@@ -184,13 +184,18 @@ def far_off(s: torch.Tensor, loo: torch.Tensor, top: int = 3) -> tuple[int, int,
     return n_median, n_scale, [(j, float(loo[j]), float(s[j])) for j in worst]
 
 
-def run_setup(setup: Setup, seed: int):
+def draw(setup: Setup, seed: int):
+    """The setup's problem for ``seed``: ``(x, y, xq, yq, initial net, batch schedule)`` (benchmarks/peers.py too)."""
     x, y, xq, yq = setup.data(seed)
     d, c = x.shape[1], int(max(y.max(), yq.max())) + 1
     torch.manual_seed(seed)
     net = setup.net(d, c).to(DT)
     sched = random_schedule(len(x), setup.batch_size, setup.epochs, seed=seed)
+    return x, y, xq, yq, net, sched
 
+
+def run_setup(setup: Setup, seed: int):
+    x, y, xq, yq, net, sched = draw(setup, seed)
     t0 = time.perf_counter()
     loo = leave_one_out(net, setup.optimizer, x, y, sched, (xq, yq), range(len(x)))
     t_loo = time.perf_counter() - t0
