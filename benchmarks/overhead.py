@@ -10,9 +10,11 @@ warm-up steps (which also skip the tracker's first self-checked steps) the media
 tracked runs alternate ``--repeats`` times and the smallest median of each is reported (this
 discounts bursts of other load on a shared machine).
 
-The *floor* is the cheapest way to do the core of the tracker's job: one vectorised
-Hessian-vector product over the k state rows at the same parameters and batch, i.e.
-``FunctionalLoss.gradient_and_hvp(theta, batch)`` followed by ``hvp(V)`` with ``V: [k, p]``.
+The *floor* is the cheapest way to do the core of the tracker's job: the step's gradient graph and its
+Hessian-vector product with the k state rows at the same parameters and batch, i.e.
+``FunctionalLoss.linearize(theta, batch, method=m)`` followed by ``hvp(V)`` with ``V: [k, p]``, the cheaper of
+the two methods (``"vmap"``: a ``torch.func`` graph, all k rows in one vmapped call; ``"loop"``: an autograd
+graph, row by row).
 ``overhead / floor`` says how much the tracker spends beyond that (goal: ≤ 1.3 at larger k).
 The remaining columns time pieces of one tracker step in isolation, at the trained parameters,
 with the tracker's real states and one batch holding the expected number of tracked samples
@@ -186,11 +188,11 @@ def one_case(kind, x, y, k, opt_name, steps, warmup, reps, repeats, seed=0):
 
     with torch.enable_grad():
 
-        def floor():
-            _, hvp = loss.gradient_and_hvp(theta, [batch])
+        def floor(method: str):
+            _, hvp, _ = loss.linearize(theta, [batch], method=method)
             return hvp(V)
 
-        t_floor = median_time(floor, reps)
+        t_floor = min(median_time(lambda: floor("vmap"), reps), median_time(lambda: floor("loop"), reps))
 
         # tracked samples of this batch (a typical count: k·B/n on average)
         row_of = torch.full((len(x),), -1, dtype=torch.long)

@@ -7,6 +7,7 @@ update.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -272,3 +273,18 @@ def training_data(trainer: pl.Trainer) -> tuple[Any, Any]:
     """``(dataset, collate_fn)`` of the training DataLoader (for the all-sample replay)."""
     loader = trainer.train_dataloader
     return getattr(loader, "dataset", None), getattr(loader, "collate_fn", None)
+
+
+def train_batch_size(pl_module: nn.Module) -> int | None:
+    """The training DataLoader's batch size (under a batch sampler: its mean batch, rounded up), for the memory
+    probe at train start; None when the module has no Trainer or its loader does not tell."""
+    try:
+        loader = pl_module.trainer.train_dataloader
+    except (AttributeError, RuntimeError):  # a plain module, or one not attached to a Trainer
+        return None
+    if getattr(loader, "batch_size", None):
+        return int(loader.batch_size)
+    try:
+        return max(1, math.ceil(len(loader.dataset) / len(loader)))
+    except (AttributeError, TypeError, ZeroDivisionError):  # no dataset, no length
+        return None

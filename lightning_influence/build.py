@@ -1,7 +1,8 @@
 """Assemble one :class:`~lightning_influence.fit.TrackedFit` from a module, its optimizer and the configuration.
 
 Here the tracked parameters are chosen, the per-sample loss resolved, the optimizer modelled, the
-memory planned (and refused when over budget) and the estimator created. Nothing here knows Lightning.
+memory planned (measured on a training batch by :mod:`~lightning_influence.memory_probe`; refused when over
+budget) and the estimator created. Nothing here knows Lightning.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from lightning_influence.exact import ExactEngine
 from lightning_influence.fit import FitContext, FitParts, TrackedFit
 from lightning_influence.fit_audit import FitAudit, choose_audit_ids
 from lightning_influence.functional import FunctionalLoss, PerSampleLossFn
+from lightning_influence.hvp_plan import HvpChoice
+from lightning_influence.memory_probe import plan_fit_memory
 from lightning_influence.optimizers import OptimizerSpec, model_optimizer
 from lightning_influence.parameters import TrackedParameters, select_parameters
 from lightning_influence.queries import MoveFn, QueryEvaluator
@@ -50,16 +53,25 @@ def resolve_loss_fn(config: TrackerConfig, module: nn.Module) -> PerSampleLossFn
     return type(module).per_sample_loss
 
 
-def describe_plan(config: TrackerConfig, spec: OptimizerSpec, plan: MemoryPlan) -> str:
-    """The one-line cost estimate printed at fit start."""
+def describe_plan(config: TrackerConfig, spec: OptimizerSpec, plan: MemoryPlan, hvp: HvpChoice | None = None) -> str:
+    """The one-line cost estimate printed at fit start (``hvp``: the HVP method chosen on the probe batch)."""
     k, chunk = plan.num_tracked, min(plan.num_tracked, plan.chunk_rows)
+    how = "measured on a training batch" if plan.measured else "parameter vectors only, activations not measured"
+    saving = plan.state_bytes + plan.checkpoint_bytes
     return (
         f"InfluenceTracker: estimator={config.estimator!r}, optimizer model={spec.kind}, k={k} tracked samples,"
         f" p={plan.num_params} tracked parameters, state blocks={plan.blocks}; memory ≈"
-        f" {plan.state_bytes / GIB:.3f} GiB of states + {plan.work_bytes / GIB:.3f} GiB HVP workspace; per step:"
-        f" {plan.hvp_calls} vectorised HVP call(s) of ≤{chunk} rows (≈ {k if plan.blocks else 0} HVPs) plus"
-        " per-sample gradients of the tracked samples in the batch."
+        f" {plan.state_bytes / GIB:.3f} GiB of states + {plan.work_bytes / GIB:.3f} GiB HVP workspace ({how}):"
+        f" peak ≈ {plan.total_bytes / GIB:.3f} GiB above training (≈ {saving / GIB:.3f} GiB while a checkpoint is"
+        f" saved); per step: {plan.hvp_calls} HVP call(s) of ≤{chunk} rows ({_method(hvp)}, ≈ {k if plan.blocks else 0}"
+        " HVPs) plus per-sample gradients of the tracked samples in the batch."
     )
+
+
+def _method(hvp: HvpChoice | None) -> str:
+    if hvp is None:
+        return "vmap over each call's rows"
+    return "vmap over each call's rows" if hvp.method == "vmap" else "a loop of single backwards, measured cheaper here"
 
 
 def check_plan(config: TrackerConfig, plan: MemoryPlan) -> None:
@@ -176,10 +188,10 @@ def build_fit(
     # TracIn needs only the learning rates, so any descending optimizer will do
     spec = model_optimizer(optimizer, "sgd" if not config.keeps_states else config.optimizer_model)
     tracked_ids = check_tracked_ids(config.track, num_samples)
-    k, p, dtype = tracked_ids.numel(), params.layout.numel, params.dtype
+    k, dtype = tracked_ids.numel(), params.dtype
     blocks = spec.jacobian.blocks if config.keeps_states else ()
-    plan = plan_memory(k, p, blocks, dtype, config.hvp_memory_bytes, config.hvp_chunk_size)
-    announce(describe_plan(config, spec, plan))
+    plan, hvp = plan_fit_memory(config, blocks, loss, params, k, context, move)
+    announce(describe_plan(config, spec, plan, hvp))
     check_plan(config, plan)
     queries = QueryEvaluator(loss, config.queries, move)
     estimator: Estimator
@@ -188,7 +200,10 @@ def build_fit(
     elif config.estimator == "exact":
         estimator = ExactEngine(loss, spec.jacobian, k, plan.chunk_rows, dtype, params.device)
     elif config.keeps_states:
-        estimator = InfluenceEngine(loss, spec.jacobian, k, config.estimator, plan.chunk_rows, dtype, params.device)
+        estimator = InfluenceEngine(
+            loss, spec.jacobian, k, config.estimator, plan.chunk_rows, dtype, params.device,
+            hvp_choice=hvp, tune_hvp=config.hvp_chunk_size is None,  # a chunk size the user set is kept
+        )  # fmt: skip
     else:
         estimator = TracInAccumulator(loss, k, queries.registered_gradients, dtype, params.device)
     parts = FitParts(

@@ -198,11 +198,10 @@ class InfluenceTracker(Callback, TrackerAnswers):
             train_dataset=dataset,
             collate_fn=collate_fn,
             states_file=None if config.states_in_checkpoint else os.path.join(self._artifact_dir, "states.pt"),
+            train_batch_size=lit.train_batch_size(pl_module),
         )
         num_samples = lit.training_set_size(trainer, self.config.num_samples)
-        first = next(p for p in pl_module.parameters())
-        move = lit.batch_mover(trainer, first)
-        optimizer = trainer.optimizers[0]
+        move, optimizer = lit.batch_mover(trainer, next(p for p in pl_module.parameters())), trainer.optimizers[0]
         return build_fit(
             self.config, pl_module, optimizer, num_samples, trainer.global_step, context, move, rank_zero_info
         )

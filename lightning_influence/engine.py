@@ -26,7 +26,8 @@ import torch
 from lightning_influence.clipping import GradientClip
 from lightning_influence.errors import NonFiniteInfluenceError
 from lightning_influence.estimators import Estimator, QueryProbe, Reduce
-from lightning_influence.functional import FunctionalLoss
+from lightning_influence.functional import FunctionalLoss, StepHvp
+from lightning_influence.hvp_plan import HvpChoice, choose_hvp
 from lightning_influence.optimizers import OptimizerJacobian, OptimizerStep
 from lightning_influence.records import MicroBatch, StepRecord
 
@@ -52,6 +53,10 @@ class InfluenceEngine(Estimator):
         estimator: ``"acc"`` | ``"first-order"``.
         chunk_size: rows per vectorised HVP call (bounds the HVP's working memory).
         dtype, device: of the states; the parameters' own dtype is the natural choice.
+        tune_hvp: on the first step, time the HVP's methods (:func:`~lightning_influence.hvp_plan.choose_hvp`,
+            within ``chunk_size`` rows per call) and keep the cheaper step (``hvp_choice``); False: vmap over
+            ``chunk_size`` rows.
+        hvp_choice: the method chosen already (by :mod:`~lightning_influence.memory_probe`); overrides ``tune_hvp``.
     """
 
     def __init__(
@@ -63,6 +68,8 @@ class InfluenceEngine(Estimator):
         chunk_size: int,
         dtype: torch.dtype,
         device: torch.device,
+        tune_hvp: bool = False,
+        hvp_choice: HvpChoice | None = None,
     ) -> None:
         if estimator not in STATE_ESTIMATORS:
             raise ValueError(f"estimator must be one of {STATE_ESTIMATORS}, got {estimator!r}.")
@@ -74,6 +81,7 @@ class InfluenceEngine(Estimator):
         p = loss.layout.numel
         self.states = {b: torch.zeros(num_tracked, p, dtype=dtype, device=device) for b in jacobian.blocks}
         self._dtype, self._device = dtype, device
+        self.hvp_choice = hvp_choice or (None if tune_hvp else HvpChoice("vmap", self.chunk_size))
 
     @property
     def theta(self) -> torch.Tensor:
@@ -108,13 +116,20 @@ class InfluenceEngine(Estimator):
         """
         reduce = reduce or (lambda t: t)
         theta_t = opt_step.theta
-        grad_t, hvp, losses = self.loss.linearize(theta_t, [p.batch for p in parts], frozen, [p.weight for p in parts])
+        batches, weights = [p.batch for p in parts], [p.weight for p in parts]
+        if self.hvp_choice is None:  # measured once, at the first step's parameters and batch
+
+            def build(method: str) -> StepHvp:
+                return self.loss.linearize(theta_t, batches, frozen, weights, method)[1]
+
+            self.hvp_choice = choose_hvp(build, self.theta.to(theta_t.dtype), self.chunk_size)
+        grad_t, hvp, losses = self.loss.linearize(theta_t, batches, frozen, weights, self.hvp_choice.method)
         for part, part_losses in zip(parts, losses):
             self.loss.check_batch_size(part.batch_size, part_losses.shape[0])
         state_rows, source = self._sources(parts, theta_t, frozen)
         exact = self.name == "acc"
-        for start in range(0, self.num_tracked, self.chunk_size):
-            stop = min(start + self.chunk_size, self.num_tracked)
+        for start in range(0, self.num_tracked, self.hvp_choice.rows):
+            stop = min(start + self.hvp_choice.rows, self.num_tracked)
             chunk = {b: s[start:stop] for b, s in self.states.items()}
             delta_g = hvp(chunk["theta"].to(theta_t.dtype)).to(self._dtype)
             inside = (state_rows >= start) & (state_rows < stop)
@@ -188,13 +203,24 @@ class InfluenceEngine(Estimator):
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    """Memory and work of the forward states: ``k × p × blocks`` numbers plus the HVP workspace."""
+    """Memory and work of the forward states.
+
+    A step holds the states (``k × p × blocks`` numbers) and, at its peak, either one HVP chunk (``row_bytes`` per
+    row, plus ``fixed_bytes``: the step's gradient graph and the tracked samples' source rows) or, before the
+    chunks, the tracked samples' per-sample gradients and HVPs (``source_bytes``). Without a measurement
+    (``measured=False``) a row counts as 6 × p numbers and the rest as nothing.
+    """
 
     num_tracked: int
     num_params: int
     blocks: tuple[str, ...]
     itemsize: int
     chunk_rows: int
+    row_bytes: int = 0
+    fixed_bytes: int = 0
+    source_bytes: int = 0
+    measured: bool = False
+    probe_bytes: int = 0  # the HVP method's timing at train start, before the states exist (its widest call)
 
     @property
     def state_bytes(self) -> int:
@@ -202,11 +228,22 @@ class MemoryPlan:
 
     @property
     def work_bytes(self) -> int:
-        return 0 if not self.blocks else min(self.num_tracked, self.chunk_rows) * self.num_params * self.itemsize * 6
+        """The step's peak beside the states: one HVP chunk with what it keeps, or the per-sample phase."""
+        if not self.blocks:
+            return 0
+        row = self.row_bytes or 6 * self.num_params * self.itemsize
+        return max(min(self.num_tracked, self.chunk_rows) * row + self.fixed_bytes, self.source_bytes)
 
     @property
     def total_bytes(self) -> int:
-        return self.state_bytes + self.work_bytes
+        """What the tracker adds to training's peak: states + workspace, or the train-start probe if larger."""
+        return max(self.state_bytes + self.work_bytes, self.probe_bytes)
+
+    @property
+    def checkpoint_bytes(self) -> int:
+        """What a checkpoint adds while it is saved, beside the states: their copy in the state dict and its
+        serialised bytes (Lightning writes a checkpoint from an in-memory buffer); the workspace is free then."""
+        return 2 * self.state_bytes
 
     @property
     def hvp_calls(self) -> int:
@@ -226,9 +263,20 @@ def plan_memory(
     dtype: torch.dtype,
     budget_bytes: int,
     chunk_rows: int | None,
+    measured: tuple[int, int, int] | None = None,
 ) -> MemoryPlan:
-    """The states' and the HVP workspace's size (``blocks=()`` for an estimator without states)."""
+    """The states' and the workspace's size (``blocks=()`` for an estimator without states).
+
+    ``measured``: ``(row_bytes, fixed_bytes, source_bytes)`` of :class:`MemoryPlan`, measured on a training batch
+    (activations included); without it a row is 6 × p numbers. The chunk is ``chunk_rows``, else as many rows
+    as fit in ``budget_bytes``."""
     itemsize = torch.finfo(dtype).bits // 8
-    if chunk_rows is None:
+    row, fixed, source = measured or (0, 0, 0)
+    if chunk_rows is None and row:
+        chunk_rows = max(1, min(num_tracked, budget_bytes // row))
+    elif chunk_rows is None:
         chunk_rows = chunk_rows_for_budget(num_params, itemsize, budget_bytes, num_tracked)
-    return MemoryPlan(num_tracked, num_params, tuple(blocks), itemsize, max(1, int(chunk_rows)))
+    return MemoryPlan(
+        num_tracked, num_params, tuple(blocks), itemsize, max(1, int(chunk_rows)), row, fixed, source,
+        measured=measured is not None,
+    )  # fmt: skip

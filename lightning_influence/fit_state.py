@@ -60,6 +60,7 @@ class FitContext:
     train_dataset: Any = None  # for the all-sample replay
     collate_fn: Any = None
     states_file: str | None = None  # states_in_checkpoint=False: the states go here, not into checkpoints
+    train_batch_size: int | None = None  # for the memory probe (None: the parameter formula)
 
 
 @dataclass

@@ -89,6 +89,35 @@ def _rows(batch: Any, index: torch.Tensor, batch_size: int) -> tuple[Any, Any]:
     return sub, in_dims
 
 
+class StepHvp:
+    """``V ∇²L(θ)`` for ``V: Tensor[c, p]``, by backward passes through one step's gradient graph (built once).
+
+    Built for one ``method`` (:meth:`FunctionalLoss.linearize`), equal up to rounding:
+
+    - ``"vmap"``: the graph of ``torch.func`` (``vjp`` of ``grad``), applied to c rows in one vmapped backward:
+      cheap per row for small models, where per-call overhead dominates;
+    - ``"loop"``: a plain autograd graph (``create_graph=True``, about half the cost of building the first),
+      applied row by row: for a few rows, and for large models, where vmap's batched kernels can cost more per
+      row than separate backwards.
+
+    :mod:`~lightning_influence.hvp_plan` picks the method per model by measuring both.
+    """
+
+    METHODS = ("vmap", "loop")
+
+    def __init__(self, method: str, vjp_fn: Callable | None = None, graph: tuple | None = None) -> None:
+        self.method, self._vjp, self._graph = method, vjp_fn, graph
+
+    def __call__(self, vectors: torch.Tensor) -> torch.Tensor:
+        if self._vjp is not None:
+            return vmap(self._vjp)(vectors)[0]
+        gradient, theta = self._graph
+        if not gradient.requires_grad:  # a loss linear in θ: no curvature
+            return torch.zeros_like(vectors)
+        rows = [torch.autograd.grad(gradient, theta, v, retain_graph=True, allow_unused=True)[0] for v in vectors]
+        return torch.stack([torch.zeros_like(v) if r is None else r for r, v in zip(rows, vectors)])
+
+
 class FunctionalLoss:
     """The batch loss ``L(θ) = mean_i ℓ_i(θ) + R(θ)`` and per-sample losses as functions of a flat θ.
 
@@ -208,21 +237,28 @@ class FunctionalLoss:
         batches: Sequence[Any],
         frozen: dict | None = None,
         weights: Sequence[float] | None = None,
-    ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor], tuple[torch.Tensor, ...]]:
+        method: str = "vmap",
+    ) -> tuple[torch.Tensor, StepHvp, tuple[torch.Tensor, ...]]:
         """Return ``(∇L(θ), hvp, losses)`` for the step loss ``L = Σ_m w_m L_m`` over ``batches`` (weights
-        default to 1): ``hvp(V: Tensor[c, p]) -> Tensor[c, p]`` is ``V ∇²L(θ)``, and ``losses`` the
-        detached per-sample losses of each micro-batch.
+        default to 1): ``hvp(V: Tensor[c, p]) -> Tensor[c, p]`` is ``V ∇²L(θ)`` (a :class:`StepHvp` for
+        ``method``), and ``losses`` the detached per-sample losses of each micro-batch.
 
-        The gradient's graph is built once; each ``hvp`` call is one vectorised double-backward
-        over the ``c`` rows (reverse-over-reverse; ∇²L is symmetric, so the VJP is the HVP).
+        The gradient's graph is built once; each ``hvp`` call is a double-backward through it
+        (reverse-over-reverse; ∇²L is symmetric, so the VJP is the HVP).
         """
         weights = [1.0] * len(batches) if weights is None else list(weights)
+        if method == "loop":
+            leaf = theta.detach().requires_grad_(True)
+            with torch.enable_grad():
+                loss, losses = self.step_loss_and_losses(leaf, batches, weights, frozen)
+                (g,) = torch.autograd.grad(loss, leaf, create_graph=True)
+            return g.detach(), StepHvp("loop", graph=(g, leaf)), tuple(x.detach() for x in losses)
 
         def gradient(t: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
             return grad(self.step_loss_and_losses, has_aux=True)(t, batches, weights, frozen)
 
         g, vjp_fn, losses = vjp(gradient, theta, has_aux=True)
-        return g.detach(), lambda V: vmap(vjp_fn)(V)[0], tuple(x.detach() for x in losses)
+        return g.detach(), StepHvp("vmap", vjp_fn=vjp_fn), tuple(x.detach() for x in losses)
 
     def hvp_and_directional(
         self,

@@ -4,7 +4,6 @@ Every logger gets a few scalars per closed window, at ``step = snapshot.end_step
 ``influence/<query>/``:
 
 ==================  =====================================================================
-``window``          the window's index (0, 1, 2, ...)
 ``helpful_mass``    sum of the positive window scores (≥ 0)
 ``harmful_mass``    sum of the negative window scores (≤ 0)
 ``num_harmful``     number of tracked samples with a negative window score
@@ -45,7 +44,7 @@ __all__ = [
 ]
 
 #: The scalar names logged per window, in order; the full key is ``influence/<query>/<name>``.
-SCALAR_NAMES = ("window", "helpful_mass", "harmful_mass", "num_harmful", "strongest")
+SCALAR_NAMES = ("helpful_mass", "harmful_mass", "num_harmful", "strongest")
 
 
 def metric_key(query: str, name: str, namespace: str = "influence") -> str:
@@ -250,8 +249,7 @@ def log_window(
         raise ValueError(f"end_steps has {len(end_steps)} entries for {history.shape[0]} windows.")
 
     query, step = snapshot.query, int(snapshot.end_step) if step is None else int(step)
-    metrics = {metric_key(query, "window", namespace): float(snapshot.index)}
-    metrics.update({metric_key(query, name, namespace): value for name, value in window_summary(scores).items()})
+    metrics = {metric_key(query, name, namespace): value for name, value in window_summary(scores).items()}
     for logger in loggers:
         logger.log_metrics(metrics, step=step)
 

@@ -276,11 +276,12 @@ def test_tensorboard_gets_one_entry_per_window_at_the_end_steps(tmp_path):
         ends = [w.end_step for w in windows]
         assert ends == [5, 10, 12]
         logged = [e - 1 for e in ends]  # a window's points sit at its last optimizer step, with the training loss
-        for scalar in ("window", "helpful_mass", "harmful_mass", "num_harmful", "strongest"):
+        assert f"influence/{name}/window" not in acc.Tags()["scalars"]  # the index would draw a straight line
+        for scalar in ("helpful_mass", "harmful_mass", "num_harmful", "strongest"):
             events = acc.Scalars(f"influence/{name}/{scalar}")
             assert [e.step for e in events] == logged, scalar
             for e, w in zip(events, windows):
-                expected = float(w.index) if scalar == "window" else _summary(w.scores)[scalar]
+                expected = _summary(w.scores)[scalar]
                 assert e.value == pytest.approx(expected, rel=1e-6, abs=1e-30), (scalar, w.index)
 
         hist = acc.Histograms(f"influence/{name}/window_scores")
@@ -311,7 +312,7 @@ def test_figures_are_drawn_every_n_windows_and_for_the_last_one(tmp_path):
     logger = TensorBoardLogger(save_dir=tmp_path, name="tb")
     _fit(x, y, _schedule(), tracker, logger=logger)
     acc = _read_events(logger.log_dir)
-    assert [e.step for e in acc.Scalars("influence/val/window")] == list(range(12))  # every window's scalars
+    assert [e.step for e in acc.Scalars("influence/val/strongest")] == list(range(12))  # every window's scalars
     assert [im.step for im in acc.Images("influence/val/strongest_over_windows")] == [4, 9, 11]
 
 
@@ -329,11 +330,11 @@ def test_csv_logger_gets_the_window_scalars(tmp_path):
     logger = CSVLogger(save_dir=tmp_path, name="csv")
     _fit(x, y, _schedule(), tracker, logger=logger)
     with open(Path(logger.log_dir) / "metrics.csv", newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("influence/val/window")]
+        rows = [r for r in csv.DictReader(f) if r.get("influence/val/strongest")]
     windows = tracker.windows("val")
     assert [int(r["step"]) + 1 for r in rows] == [w.end_step for w in windows] == [4, 8, 12]
     for row, w in zip(rows, windows):
-        expected = {"window": float(w.index), **_summary(w.scores)}
+        expected = _summary(w.scores)
         for name, value in expected.items():
             assert float(row[f"influence/val/{name}"]) == pytest.approx(value, rel=1e-12, abs=1e-300), name
     # the CSV logger's folder also holds the artifacts
