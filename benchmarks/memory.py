@@ -124,8 +124,9 @@ def fit_once(case: Case, tracked: bool) -> dict:
     return {"peak_mib": peak, "p": sum(q.numel() for q in net.parameters()), "lines": lines, "hvp": str(hvp)}
 
 
-def in_child(case: Case, tracked: bool) -> dict:
-    """``fit_once`` in a forked child: every run starts from this process's memory, imports done."""
+def in_child(fn, *args) -> dict:
+    """``fn(*args)`` in a forked child: every run starts from this process's memory, imports done
+    (benchmarks/scaling.py uses it too)."""
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child
@@ -133,7 +134,7 @@ def in_child(case: Case, tracked: bool) -> dict:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                out = fit_once(case, tracked)
+                out = fn(*args)
         except BaseException as err:  # noqa: BLE001 - reported to the parent
             out = {"error": repr(err)}
         with os.fdopen(write, "w") as f:
@@ -144,14 +145,14 @@ def in_child(case: Case, tracked: bool) -> dict:
         out = json.loads(f.read() or '{"error": "no output"}')
     os.waitpid(pid, 0)
     if "error" in out:
-        raise RuntimeError(f"{case}: {out['error']}")
+        raise RuntimeError(f"{fn.__name__}{args}: {out['error']}")
     return out
 
 
 def measure(case: Case) -> dict:
     """Estimate and measured extra peak of one case, in MiB."""
-    bare = in_child(case, tracked=False)
-    tracked = in_child(case, tracked=True)
+    bare = in_child(fit_once, case, False)
+    tracked = in_child(fit_once, case, True)
     text = " ".join(tracked["lines"])
     step, saving = (float(g) for g in ESTIMATE.search(text).groups())
     return {

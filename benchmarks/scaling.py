@@ -43,6 +43,7 @@ import time
 import warnings
 
 import torch
+from memory import in_child
 from overhead import BATCH, fit, make_optimizer, median_time, synthetic
 from torch import nn
 
@@ -158,28 +159,6 @@ def fit_memory(point: dict, tracked: bool, steps: int, warm: bool) -> dict:
         choice = tracker.engine.hvp_choice
         out.update(states=plan.state_bytes / MIB, estimate=plan.total_bytes / MIB, line=text,
                    hvp=f"{choice.method}×{choice.rows}")  # fmt: skip
-    return out
-
-
-def in_child(fn, *args) -> dict:
-    """``fn(*args)`` in a forked child of this worker (imports done, nothing computed yet): a fresh process."""
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read)
-        try:
-            out = fn(*args)
-        except BaseException as err:  # noqa: BLE001 - reported to the parent
-            out = {"error": repr(err)}
-        with os.fdopen(write, "w") as f:
-            json.dump(out, f)
-        os._exit(0)
-    os.close(write)
-    with os.fdopen(read) as f:
-        out = json.loads(f.read() or '{"error": "no output"}')
-    os.waitpid(pid, 0)
-    if "error" in out:
-        raise RuntimeError(out["error"])
     return out
 
 
