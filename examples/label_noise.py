@@ -53,6 +53,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.functional.classification import binary_auroc, binary_roc
 
 from lightning_influence import IndexedDataset, InfluenceTracker
+from lightning_influence.testing import noisy_label_splits
 
 RANKINGS = ("acc, last window", "acc, full run", "tracin, full run")
 
@@ -62,20 +63,7 @@ def digits_splits(seed: int, n_train: int, n_val: int, flip_fraction: float) -> 
     """Shuffle digits into train / val / test (the rest); flip ``flip_fraction`` of the training labels."""
     x, y = load_digits(return_X_y=True)
     x = torch.tensor(x / 16.0, dtype=torch.float32)
-    y = torch.tensor(y, dtype=torch.long)
-    gen = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(x), generator=gen)
-    tr, va, te = perm[:n_train], perm[n_train : n_train + n_val], perm[n_train + n_val :]
-    y_noisy = y[tr].clone()
-    flipped = torch.zeros(n_train, dtype=torch.bool)
-    flip_ids = torch.randperm(n_train, generator=gen)[: int(round(flip_fraction * n_train))]
-    flipped[flip_ids] = True
-    # adding 1..9 modulo 10 always lands on a *different* class
-    y_noisy[flip_ids] = (y_noisy[flip_ids] + torch.randint(1, 10, (len(flip_ids),), generator=gen)) % 10
-    return {
-        "x_tr": x[tr], "y_tr": y_noisy, "y_tr_clean": y[tr], "flipped": flipped,
-        "x_va": x[va], "y_va": y[va], "x_te": x[te], "y_te": y[te],
-    }  # fmt: skip
+    return noisy_label_splits(x, torch.tensor(y, dtype=torch.long), n_train, n_val, flip_fraction, seed)
 
 
 class DigitsMLP(pl.LightningModule):

@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_influence import IndexedDataset, InfluenceTracker
+from lightning_influence.testing import noisy_label_splits
 
 
 class DigitsMLP(pl.LightningModule):
@@ -51,16 +52,12 @@ class DigitsMLP(pl.LightningModule):
 
 
 def digits_splits(n_train: int, n_val: int, flip_fraction: float, seed: int):
+    """(x, y) for training (``flip_fraction`` of its labels flipped) and validation, and the flipped ids."""
     x, y = load_digits(return_X_y=True)
     x = torch.tensor(x / 16.0, dtype=torch.float32)
-    y = torch.tensor(y, dtype=torch.long)
-    gen = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(x), generator=gen)
-    tr, va = perm[:n_train], perm[n_train : n_train + n_val]
-    x_tr, y_tr = x[tr], y[tr].clone()
-    flipped = torch.randperm(n_train, generator=gen)[: int(flip_fraction * n_train)]
-    y_tr[flipped] = (y_tr[flipped] + torch.randint(1, 10, (len(flipped),), generator=gen)) % 10
-    return (x_tr, y_tr), (x[va], y[va]), set(flipped.tolist())
+    data = noisy_label_splits(x, torch.tensor(y, dtype=torch.long), n_train, n_val, flip_fraction, seed)
+    flipped = set(data["flipped"].nonzero().flatten().tolist())
+    return (data["x_tr"], data["y_tr"]), (data["x_va"], data["y_va"]), flipped
 
 
 def main() -> None:

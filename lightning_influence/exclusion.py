@@ -68,8 +68,8 @@ class ExcludeSamples(Callback):
     ) -> None:
         self._read_ids = sample_ids or default_sample_ids
         self._filter = filter_batch or drop_rows
-        self._order: list[int] = []
-        self._removed_set: set[int] = set()
+        self._order: dict[int, None] = {}  # the excluded ids, in order (an ordered set)
+        self._removed = torch.zeros(0, dtype=torch.long)  # the same ids as a tensor, for the per-batch lookup
         self._restore: list[tuple[Any, str, Any]] = []
         self._emptied = False  # the batch just filtered has no rows left: its training_step is skipped
         self.skipped_batches = 0
@@ -78,17 +78,15 @@ class ExcludeSamples(Callback):
     @property
     def removed(self) -> torch.Tensor:
         """``LongTensor[n]``: the excluded training-set ids, in the order they were excluded."""
-        return torch.tensor(self._order, dtype=torch.long)
+        return self._removed.clone()
 
     def exclude(self, ids: Sequence[int] | torch.Tensor) -> None:
         """Exclude ``ids`` too, from the next training batch on (ids already excluded are ignored)."""
-        for i in _as_ids(ids):
-            if i not in self._removed_set:
-                self._removed_set.add(i)
-                self._order.append(i)
+        self._order.update(dict.fromkeys(_as_ids(ids)))
+        self._removed = torch.tensor(list(self._order), dtype=torch.long)
 
     def _reset(self, ids: Sequence[int] = ()) -> None:
-        self._order, self._removed_set = [], set()
+        self._order = {}
         self.exclude(ids)
 
     # ------------------------------------------------------------------ hooks
@@ -148,7 +146,7 @@ class ExcludeSamples(Callback):
         if not self._order:
             return batch
         ids = torch.as_tensor(self._read_ids(batch)).detach().to("cpu", torch.long).flatten()
-        keep = ~torch.isin(ids, self.removed)
+        keep = ~torch.isin(ids, self._removed)
         if bool(keep.all()):
             return batch
         filtered = self._filter(batch, keep)

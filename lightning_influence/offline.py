@@ -48,10 +48,7 @@ def most_harmful_ids(result: InfluenceResult, budget: int | float) -> torch.Tens
         if budget > 1:
             raise ValueError(f"A fractional budget must be in [0, 1], got {budget}.")
         budget = math.floor(budget * n + 1e-9)
-    scores = result.scores.detach().cpu()
-    harmful = torch.nonzero(torch.isfinite(scores) & (scores < 0)).flatten()
-    order = harmful[torch.argsort(scores[harmful], stable=True)]
-    return result.sample_ids[order[:budget]].clone()
+    return result.most_harmful(budget).sample_ids.clone()
 
 
 def offline_selection(
