@@ -79,7 +79,9 @@ class InfluenceEngine(Estimator):
         self.chunk_size = max(1, int(chunk_size))
         self.num_tracked = num_tracked
         p = loss.layout.numel
-        self.states = {b: torch.zeros(num_tracked, p, dtype=dtype, device=device) for b in jacobian.blocks}
+        # the blocks are views of one buffer, so that the per-step NaN/inf check is one reduction
+        self._storage = torch.zeros(len(jacobian.blocks), num_tracked, p, dtype=dtype, device=device)
+        self.states = dict(zip(jacobian.blocks, self._storage.unbind(0)))
         self._dtype, self._device = dtype, device
         self.hvp_choice = hvp_choice or (None if tune_hvp else HvpChoice("vmap", self.chunk_size))
 
@@ -178,9 +180,9 @@ class InfluenceEngine(Estimator):
 
     def check_finite(self, step: int, sample_ids: torch.Tensor) -> None:
         """Raise :class:`NonFiniteInfluenceError` naming the step and the first bad samples."""
+        if bool(torch.isfinite(self._storage.sum())):  # one reduction over every block, in the common case
+            return
         for block, state in self.states.items():
-            if torch.isfinite(state.sum()):  # one reduction, no [k, p] mask, in the common case
-                continue
             bad = ~torch.isfinite(state).all(dim=1)
             if bad.any():
                 ids = sample_ids[bad.nonzero().flatten().cpu()].tolist()

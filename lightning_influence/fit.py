@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 
 from lightning_influence.audit import AuditReport
@@ -209,10 +210,13 @@ class TrackedFit:
         self.state.steps_booked += 1
 
     def _tracked_rows(self, micro: MicroBatchRecord) -> MicroBatch:
-        rows = self._row_of[micro.sample_ids]
+        # numpy views of the CPU tensors: a handful of tiny tensor ops per step cost tens of µs in dispatch
+        rows = self._row_of.numpy()[micro.sample_ids.numpy()]
         present = rows >= 0
-        self.state.seen[rows[present]] = True
-        return MicroBatch(micro.batch, micro.batch_size, rows[present], present.nonzero().flatten(), micro.weight)
+        state_rows = rows[present]
+        self.state.seen.numpy()[state_rows] = True
+        batch_rows = torch.from_numpy(np.flatnonzero(present))
+        return MicroBatch(micro.batch, micro.batch_size, torch.from_numpy(state_rows), batch_rows, micro.weight)
 
     # ------------------------------------------------------------------ windows
     def close_windows(self, end_step: int, epoch: int) -> None:

@@ -148,7 +148,7 @@ class FitCheckpoint:
             ) from err
         recorder.load_state_dict(state["windows"])
         out = cls(tracked_ids.numel())
-        out.seen = state["seen"].clone()
+        out.seen = state["seen"].to("cpu", copy=True)
         out.steps_booked = int(state["steps_booked"])
         out.global_step = int(saved if saved is not None else global_step or 0)
         out.last_epoch = state["last_epoch"]

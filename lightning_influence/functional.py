@@ -59,11 +59,13 @@ class FlatParameters:
         return torch.cat([t.reshape(-1) for t in tensors])
 
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Views of a flat ``Tensor[numel]`` as ``{name: Tensor[shape]}`` (differentiable)."""
-        return {
-            name: flat[off : off + shape.numel()].view(shape)
-            for name, shape, off in zip(self.names, self.shapes, self.offsets)
-        }
+        """Views of a flat ``Tensor[numel]`` as ``{name: Tensor[shape]}`` (differentiable).
+
+        One ``split``, not a slice per parameter: a slice's backward writes its gradient into a zero-filled
+        ``Tensor[numel]`` and the slices' gradients are then summed (per parameter, a full-size fill and add,
+        and under ``vmap`` a full ``[c, numel]`` one), while ``split``'s backward concatenates them once."""
+        parts = flat.split([shape.numel() for shape in self.shapes])
+        return {name: part.view(shape) for name, shape, part in zip(self.names, self.shapes, parts)}
 
 
 class _ModuleCall(nn.Module):
@@ -303,6 +305,8 @@ class FunctionalLoss:
         """Per-sample gradients ``Tensor[m, p]`` of the batch rows ``rows`` (``LongTensor[m]``; all rows
         when None): the Jacobian of the sub-batch's per-sample losses (one forward, m vectorised backwards)."""
         sub = batch if rows is None else _rows(batch, rows, batch_size)[0]
+        if rows is not None and rows.numel() == 1:  # one row: a plain backward, without jacrev's vmap
+            return self._one_sample(theta, sub, None, frozen)[0]
         return jacrev(lambda t: self.per_sample_losses(t, sub, frozen))(theta)
 
     def sample_gradients_and_hvps(
@@ -318,12 +322,30 @@ class FunctionalLoss:
         ``(∇ℓ_r(θ), ∇²ℓ_r(θ) v_r)``, both ``Tensor[m, p]``, vectorised over the rows
         (reverse-over-reverse: ∇²ℓ_r is symmetric, so the VJP of the gradient is the HVP)."""
         sub, in_dims = _rows(batch, rows, batch_size)
+        if rows.numel() == 1:  # the common case at small k: plain autograd costs a third of vmap's transforms
+            return self._one_sample(theta, sub, vectors, frozen)
 
         def one(sample, v):
             g, vjp_fn = vjp(lambda t: grad(self.sample_loss)(t, sample, in_dims, frozen), theta)
             return g, vjp_fn(v)[0]
 
         return vmap(one, in_dims=(in_dims, 0))(sub, vectors)
+
+    def _one_sample(
+        self, theta: torch.Tensor, sample: Any, vectors: torch.Tensor | None, frozen: dict | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(∇ℓ(θ): Tensor[1, p], ∇²ℓ(θ) v: Tensor[1, p] or None)`` of a one-row ``sample`` (``vectors:
+        Tensor[1, p]``, None: the gradient alone), by plain autograd."""
+        leaf = theta.detach().requires_grad_(True)
+        with torch.enable_grad():
+            losses = self.per_sample_losses(leaf, sample, frozen)
+            (g,) = torch.autograd.grad(losses[0], leaf, create_graph=vectors is not None)
+            if vectors is None:
+                return g.detach().unsqueeze(0), None
+            h = None  # stays None for a loss linear in θ (no curvature)
+            if g.requires_grad:
+                (h,) = torch.autograd.grad(g, leaf, vectors[0].to(g), allow_unused=True)
+        return g.detach().unsqueeze(0), torch.zeros_like(vectors) if h is None else h.unsqueeze(0)
 
 
 def check_per_sample_losses(losses: Any) -> torch.Tensor:

@@ -20,6 +20,7 @@ import torch
 
 Hvp = Callable[[torch.Tensor], torch.Tensor]  # V: Tensor[c, p] -> V ∇²L: Tensor[c, p]
 Build = Callable[[str], Hvp]  # method -> the step's HVP, its graph built for that method
+TIE = 0.1  # relative difference in cost per row below which the wider vmap call is taken
 
 
 @dataclass(frozen=True)
@@ -47,16 +48,19 @@ def _best_of(fn: Callable[[], object], clock: Callable[[], float], repeats: int 
 
 
 def _vmap_rows(hvp: Hvp, states: torch.Tensor, max_rows: int, budget: float, clock, seconds: dict) -> int:
-    """Grow vmap's rows ×4 (2, 8, 32, ...) while it gets cheaper per row and a call stays within ``budget``."""
+    """Grow vmap's rows ×4 (2, 8, 32, ...) while it gets cheaper per row and a call stays within ``budget``.
+
+    A wider call within ``TIE`` of the best cost per row wins: fewer calls mean less per-chunk work in the engine,
+    and differences that small are within the timing noise of a loaded machine."""
     k = states.shape[0]  # the rows available to measure on
     rows, best_rows, previous = min(2, max_rows, k), 0, float("inf")
     while True:
         per_row = _best_of(lambda r=rows: hvp(states[:r]), clock) / rows
         seconds[f"vmap×{rows}/row"] = per_row
-        if best_rows == 0 or per_row < seconds[f"vmap×{best_rows}/row"]:
+        if best_rows == 0 or per_row <= (1 + TIE) * seconds[f"vmap×{best_rows}/row"]:
             best_rows = rows
         grown = min(rows * 4, max_rows, k)
-        if grown == rows or per_row > previous or per_row * grown > budget:
+        if grown == rows or per_row > (1 + TIE) * previous or per_row * grown > budget:
             return best_rows  # the widest allowed, wider stopped paying, or the next call would take too long
         rows, previous = grown, per_row
 

@@ -3,6 +3,8 @@ choice logic is tested, not this machine's speed)."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -81,6 +83,32 @@ def test_choose_hvp_keeps_the_cheapest_step(k, build, costs, expected):
     assert (choice.method, choice.rows) == expected
     assert {"loop build", "loop/row", "vmap build"} <= set(choice.seconds)
     assert max(rows for _, rows in step.calls) <= 128
+
+
+class WideningCostStep(SimulatedStep):
+    """vmap's cost per row grows by ``growth`` with every ×4 of the rows (cache pressure on a wide call)."""
+
+    def __init__(self, growth: float) -> None:
+        super().__init__({"loop": 1.0, "vmap": 1e-3}, 0.0, 1e-4, 1.0)
+        self.growth = growth
+
+    def build(self, method: str):
+        self.now += self.build_cost[method]
+
+        def hvp(V: torch.Tensor) -> torch.Tensor:
+            rows = V.shape[0]
+            self.now += self.single * rows if method == "loop" else self.row * rows * self.growth ** math.log(rows, 4)
+            return V
+
+        return hvp
+
+
+@pytest.mark.parametrize("growth, rows", [(1.05, 128), (1.3, 2)])
+def test_choose_hvp_takes_the_wider_call_within_the_tie(growth, rows):
+    """Per-row costs within 10% are a tie (timing noise): the wider call wins, with fewer calls per step."""
+    step = WideningCostStep(growth)
+    choice = choose_hvp(step.build, torch.zeros(1000, 3), max_rows=128, budget_seconds=1.0, clock=step.clock)
+    assert (choice.method, choice.rows) == ("vmap", rows)
 
 
 def test_a_tuned_tracker_gives_the_same_scores_as_a_fixed_chunk():

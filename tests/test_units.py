@@ -558,11 +558,12 @@ def test_gradient_and_hvp_match_autograd(problem):
         assert _rel_err(row, fd) < 1e-7
 
 
-def test_sample_gradients_match_per_sample_autograd(problem):
+@pytest.mark.parametrize("picked", [[5, 0, 3], [4]])  # vmapped, and the one-row path (plain autograd)
+def test_sample_gradients_match_per_sample_autograd(problem, picked):
     net, layout, loss, batch, theta = problem
-    rows = torch.tensor([5, 0, 3])
+    rows = torch.tensor(picked)
     got = loss.sample_gradients(theta, batch, rows, 8)
-    assert got.shape == (3, theta.numel())
+    assert got.shape == (len(picked), theta.numel())
     for i, r in enumerate(rows.tolist()):
         expected = torch.func.grad(
             lambda t, r=r: _reference_losses(net, layout, t, batch[0][r : r + 1], batch[1][r : r + 1])[0]
@@ -570,11 +571,13 @@ def test_sample_gradients_match_per_sample_autograd(problem):
         torch.testing.assert_close(got[i], expected, rtol=1e-12, atol=1e-14)
 
 
-def test_sample_gradients_and_hvps_match_per_sample_autograd(problem):
+@pytest.mark.parametrize("picked", [[7, 2], [6]])  # vmapped, and the one-row path (plain autograd)
+def test_sample_gradients_and_hvps_match_per_sample_autograd(problem, picked):
     net, layout, loss, batch, theta = problem
-    rows = torch.tensor([7, 2])
-    vectors = torch.randn(2, theta.numel(), dtype=DTYPE)
+    rows = torch.tensor(picked)
+    vectors = torch.randn(len(picked), theta.numel(), dtype=DTYPE)
     grads, hvps = loss.sample_gradients_and_hvps(theta, batch, rows, 8, vectors)
+    assert grads.shape == hvps.shape == vectors.shape
     for i, r in enumerate(rows.tolist()):
 
         def f(t, r=r):
