@@ -12,9 +12,9 @@ discounts bursts of other load on a shared machine).
 
 The *floor* is the cheapest way to do the core of the tracker's job: the step's gradient graph and its
 Hessian-vector product with the k state rows at the same parameters and batch, i.e.
-``FunctionalLoss.linearize(theta, batch, method=m)`` followed by ``hvp(V)`` with ``V: [k, p]``, the cheaper of
-the two methods (``"vmap"``: a ``torch.func`` graph, all k rows in one vmapped call; ``"loop"``: an autograd
-graph, row by row).
+``FunctionalLoss.linearize(theta, batch, method=m)`` followed by ``hvp`` over ``V: [k, p]``, the cheapest of
+the ways the tracker can choose from (``"vmap"``: a ``torch.func`` graph, the rows in vmapped calls of 8, 32, 128,
+512 or all k rows; ``"loop"``: an autograd graph, row by row, timed up to k = 256).
 ``overhead / floor`` says how much the tracker spends beyond that (goal: ≤ 1.3 at larger k).
 The remaining columns time pieces of one tracker step in isolation, at the trained parameters,
 with the tracker's real states and one batch holding the expected number of tracked samples
@@ -188,11 +188,18 @@ def one_case(kind, x, y, k, opt_name, steps, warmup, reps, repeats, seed=0):
 
     with torch.enable_grad():
 
-        def floor(method: str):
+        def floor(method: str, rows: int):
             _, hvp, _ = loss.linearize(theta, [batch], method=method)
-            return hvp(V)
+            for start in range(0, k, rows):
+                hvp(V[start : start + rows])
 
-        t_floor = min(median_time(lambda: floor("vmap"), reps), median_time(lambda: floor("loop"), reps))
+        # the cheapest of the ways the tracker can apply the HVP: vmap over chunks of several widths, and the
+        # loop (timed up to k = 256; beyond that it is far slower than vmap on these models)
+        widths = sorted({min(k, w) for w in (8, 32, 128, 512, k)})
+        candidates = [median_time(lambda w=w: floor("vmap", w), reps) for w in widths]
+        if k <= 256:
+            candidates.append(median_time(lambda: floor("loop", k), reps))
+        t_floor = min(candidates)
 
         # tracked samples of this batch (a typical count: k·B/n on average)
         row_of = torch.full((len(x),), -1, dtype=torch.long)

@@ -26,8 +26,8 @@ import torch
 from lightning_influence.clipping import GradientClip
 from lightning_influence.errors import NonFiniteInfluenceError
 from lightning_influence.estimators import Estimator, QueryProbe, Reduce
-from lightning_influence.functional import FunctionalLoss, StepHvp
-from lightning_influence.hvp_plan import HvpChoice, choose_hvp
+from lightning_influence.functional import FunctionalLoss
+from lightning_influence.hvp_plan import HvpChoice, StepHvp, choose_hvp
 from lightning_influence.optimizers import OptimizerJacobian, OptimizerStep
 from lightning_influence.records import MicroBatch, StepRecord
 
@@ -134,15 +134,22 @@ class InfluenceEngine(Estimator):
             stop = min(start + self.hvp_choice.rows, self.num_tracked)
             chunk = {b: s[start:stop] for b, s in self.states.items()}
             delta_g = hvp(chunk["theta"].to(theta_t.dtype)).to(self._dtype)
-            inside = (state_rows >= start) & (state_rows < stop)
-            if source is not None and inside.any():
-                rows = (state_rows[inside] - start).to(self._device)
-                delta_g.index_add_(0, rows, source[inside.to(source.device)], alpha=-1)
+            if source is not None:  # most steps at small k hold no tracked sample
+                self._subtract_sources(delta_g, state_rows, source, start, stop)
             delta_g = reduce(delta_g)
             if clip is not None:
                 delta_g = clip.perturb(delta_g, exact=exact)
             self.jacobian.advance(chunk, delta_g, opt_step, exact=exact)
         return reduce(grad_t)
+
+    def _subtract_sources(
+        self, delta_g: torch.Tensor, state_rows: torch.Tensor, source: torch.Tensor, start: int, stop: int
+    ) -> None:
+        """``delta_g[r - start] -= source[i]`` for the source rows ``r = state_rows[i]`` inside the chunk."""
+        inside = (state_rows >= start) & (state_rows < stop)
+        if inside.any():
+            rows = (state_rows[inside] - start).to(self._device)
+            delta_g.index_add_(0, rows, source[inside.to(source.device)], alpha=-1)
 
     def _sources(
         self, parts: Sequence[MicroBatch], theta_t: torch.Tensor, frozen: dict | None

@@ -18,6 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_map
 
 from lightning_influence.data import SampleIdError
+from lightning_influence.hvp_plan import StepHvp
 
 PerSampleLossFn = Callable[[nn.Module, Any], torch.Tensor]
 RegularizerFn = Callable[[nn.Module], torch.Tensor]
@@ -89,35 +90,6 @@ def _rows(batch: Any, index: torch.Tensor, batch_size: int) -> tuple[Any, Any]:
     sub = tree_map(lambda t: t[index] if _is_batched(t, batch_size) else t, batch)
     in_dims = tree_map(lambda t: 0 if _is_batched(t, batch_size) else None, batch)
     return sub, in_dims
-
-
-class StepHvp:
-    """``V ∇²L(θ)`` for ``V: Tensor[c, p]``, by backward passes through one step's gradient graph (built once).
-
-    Built for one ``method`` (:meth:`FunctionalLoss.linearize`), equal up to rounding:
-
-    - ``"vmap"``: the graph of ``torch.func`` (``vjp`` of ``grad``), applied to c rows in one vmapped backward:
-      cheap per row for small models, where per-call overhead dominates;
-    - ``"loop"``: a plain autograd graph (``create_graph=True``, about half the cost of building the first),
-      applied row by row: for a few rows, and for large models, where vmap's batched kernels can cost more per
-      row than separate backwards.
-
-    :mod:`~lightning_influence.hvp_plan` picks the method per model by measuring both.
-    """
-
-    METHODS = ("vmap", "loop")
-
-    def __init__(self, method: str, vjp_fn: Callable | None = None, graph: tuple | None = None) -> None:
-        self.method, self._vjp, self._graph = method, vjp_fn, graph
-
-    def __call__(self, vectors: torch.Tensor) -> torch.Tensor:
-        if self._vjp is not None:
-            return vmap(self._vjp)(vectors)[0]
-        gradient, theta = self._graph
-        if not gradient.requires_grad:  # a loss linear in θ: no curvature
-            return torch.zeros_like(vectors)
-        rows = [torch.autograd.grad(gradient, theta, v, retain_graph=True, allow_unused=True)[0] for v in vectors]
-        return torch.stack([torch.zeros_like(v) if r is None else r for r, v in zip(rows, vectors)])
 
 
 class FunctionalLoss:

@@ -1,6 +1,6 @@
 """How the per-step Hessian-vector product is applied to the k state rows: measured, not guessed.
 
-The step's HVP (:class:`~lightning_influence.functional.StepHvp`) can be built and applied two ways: a
+The step's HVP (:class:`StepHvp`) can be built and applied two ways: a
 ``torch.func`` graph applied to c rows at once (``"vmap"``), or a plain autograd graph (about half the cost to
 build) applied row by row (``"loop"``). Which step costs less depends on the model and on k: for small models
 and many rows vmap removes per-call overhead and wins by 10-40× per row; for one or a few rows the cheaper
@@ -17,10 +17,40 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+from torch.func import vmap
 
 Hvp = Callable[[torch.Tensor], torch.Tensor]  # V: Tensor[c, p] -> V ∇²L: Tensor[c, p]
 Build = Callable[[str], Hvp]  # method -> the step's HVP, its graph built for that method
 TIE = 0.1  # relative difference in cost per row below which the wider vmap call is taken
+
+
+class StepHvp:
+    """``V ∇²L(θ)`` for ``V: Tensor[c, p]``, by backward passes through one step's gradient graph (built once).
+
+    Built for one ``method`` (:meth:`FunctionalLoss.linearize`), equal up to rounding:
+
+    - ``"vmap"``: the graph of ``torch.func`` (``vjp`` of ``grad``), applied to c rows in one vmapped backward:
+      cheap per row for small models, where per-call overhead dominates;
+    - ``"loop"``: a plain autograd graph (``create_graph=True``, about half the cost of building the first),
+      applied row by row: for a few rows, and for large models, where vmap's batched kernels can cost more per
+      row than separate backwards.
+
+    :mod:`~lightning_influence.hvp_plan` picks the method per model by measuring both.
+    """
+
+    METHODS = ("vmap", "loop")
+
+    def __init__(self, method: str, vjp_fn: Callable | None = None, graph: tuple | None = None) -> None:
+        self.method, self._vjp, self._graph = method, vjp_fn, graph
+
+    def __call__(self, vectors: torch.Tensor) -> torch.Tensor:
+        if self._vjp is not None:
+            return vmap(self._vjp)(vectors)[0]
+        gradient, theta = self._graph
+        if not gradient.requires_grad:  # a loss linear in θ: no curvature
+            return torch.zeros_like(vectors)
+        rows = [torch.autograd.grad(gradient, theta, v, retain_graph=True, allow_unused=True)[0] for v in vectors]
+        return torch.stack([torch.zeros_like(v) if r is None else r for r, v in zip(rows, vectors)])
 
 
 @dataclass(frozen=True)
