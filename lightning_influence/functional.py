@@ -276,10 +276,10 @@ class FunctionalLoss:
     ) -> torch.Tensor:
         """Per-sample gradients ``Tensor[m, p]`` of the batch rows ``rows`` (``LongTensor[m]``; all rows
         when None): the Jacobian of the sub-batch's per-sample losses (one forward, m vectorised backwards)."""
-        sub = batch if rows is None else _rows(batch, rows, batch_size)[0]
-        if rows is not None and rows.numel() == 1:  # one row: a plain backward, without jacrev's vmap
-            return self._one_sample(theta, sub, None, frozen)[0]
-        return jacrev(lambda t: self.per_sample_losses(t, sub, frozen))(theta)
+        if rows is None:
+            return jacrev(lambda t: self.per_sample_losses(t, batch, frozen))(theta)
+        sub, in_dims = _rows(batch, rows, batch_size)
+        return self._per_row(theta, sub, in_dims, rows.numel(), None, frozen)[0]
 
     def sample_gradients_and_hvps(
         self,
@@ -294,30 +294,31 @@ class FunctionalLoss:
         ``(∇ℓ_r(θ), ∇²ℓ_r(θ) v_r)``, both ``Tensor[m, p]``, vectorised over the rows
         (reverse-over-reverse: ∇²ℓ_r is symmetric, so the VJP of the gradient is the HVP)."""
         sub, in_dims = _rows(batch, rows, batch_size)
-        if rows.numel() == 1:  # the common case at small k: plain autograd costs a third of vmap's transforms
-            return self._one_sample(theta, sub, vectors, frozen)
+        return self._per_row(theta, sub, in_dims, rows.numel(), vectors, frozen)
 
-        def one(sample, v):
-            g, vjp_fn = vjp(lambda t: grad(self.sample_loss)(t, sample, in_dims, frozen), theta)
-            return g, vjp_fn(v)[0]
-
-        return vmap(one, in_dims=(in_dims, 0))(sub, vectors)
-
-    def _one_sample(
-        self, theta: torch.Tensor, sample: Any, vectors: torch.Tensor | None, frozen: dict | None
+    def _per_row(
+        self, theta: torch.Tensor, sub: Any, in_dims: Any, m: int, vectors: torch.Tensor | None, frozen: dict | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(∇ℓ(θ): Tensor[1, p], ∇²ℓ(θ) v: Tensor[1, p] or None)`` of a one-row ``sample`` (``vectors:
-        Tensor[1, p]``, None: the gradient alone), by plain autograd."""
-        leaf = theta.detach().requires_grad_(True)
+        """``(∇ℓ_r(θ): Tensor[m, p], ∇²ℓ_r(θ) v_r: Tensor[m, p] or None)`` for the m rows of ``sub`` (``vectors:
+        Tensor[m, p]``; None: the gradients alone).
+
+        Each row gets its own copy of θ (``Tensor[m, p]``), and row r's loss depends on copy r alone, so one
+        plain backward of the summed losses gives every row's gradient, and one more every row's HVP. Only the
+        forward is vmapped (over rows and copies): about 30% cheaper than ``vmap ∘ vjp ∘ grad``, and for one
+        row no transform at all."""
+        copies = theta.detach().expand(m, -1).clone().requires_grad_(True)
         with torch.enable_grad():
-            losses = self.per_sample_losses(leaf, sample, frozen)
-            (g,) = torch.autograd.grad(losses[0], leaf, create_graph=vectors is not None)
+            if m == 1:
+                losses = self.per_sample_losses(copies[0], sub, frozen)
+            else:
+                losses = vmap(lambda t, s: self.sample_loss(t, s, in_dims, frozen), in_dims=(0, in_dims))(copies, sub)
+            (g,) = torch.autograd.grad(losses.sum(), copies, create_graph=vectors is not None)
             if vectors is None:
-                return g.detach().unsqueeze(0), None
+                return g.detach(), None
             h = None  # stays None for a loss linear in θ (no curvature)
             if g.requires_grad:
-                (h,) = torch.autograd.grad(g, leaf, vectors[0].to(g), allow_unused=True)
-        return g.detach().unsqueeze(0), torch.zeros_like(vectors) if h is None else h.unsqueeze(0)
+                (h,) = torch.autograd.grad(g, copies, vectors.to(g), allow_unused=True)
+        return g.detach(), torch.zeros_like(vectors) if h is None else h
 
 
 def check_per_sample_losses(losses: Any) -> torch.Tensor:
