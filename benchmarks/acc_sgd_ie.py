@@ -50,6 +50,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from overhead import hvp_floor as overhead_floor  # benchmarks/ is the script's directory
 from torch import nn
 
 from lightning_influence import InfluenceTracker
@@ -208,28 +209,14 @@ def ours(prob: dict, repeats: int) -> dict:
 
 
 def hvp_floor(tracker: InfluenceTracker, prob: dict) -> float:
-    """Seconds of the method's floor for one step, as in ``overhead.py``: the step's gradient graph and its HVP with
-    all k states, the cheaper of the two methods, at the final parameters on the run's first batch."""
-    loss, states = tracker.engine.loss, tracker.engine.theta
+    """Seconds of the method's floor for one step, as ``overhead.py`` times it (its ``hvp_floor``): the step's
+    gradient graph and its HVP with all k states, the cheapest of the tracker's ways, at the final parameters on
+    the run's first batch."""
+    loss = tracker.engine.loss
     named = dict(loss.module.named_parameters())
     theta = loss.layout.flatten([named[n].detach() for n in loss.layout.names])
     ids = torch.tensor(prob["sched"][0][0])
-    batch = (prob["x"][ids], prob["y"][ids], ids)
-
-    def once(method: str) -> None:
-        loss.linearize(theta, [batch], method=method)[1](states)
-
-    best = float("inf")
-    with torch.enable_grad():
-        for method in ("vmap", "loop"):
-            once(method)
-            times = []
-            for _ in range(5):
-                t0 = time.perf_counter()
-                once(method)
-                times.append(time.perf_counter() - t0)
-            best = min(best, statistics.median(times))
-    return best
+    return overhead_floor(loss, theta, (prob["x"][ids], prob["y"][ids], ids), tracker.engine.theta, reps=9)
 
 
 # ----------------------------------------------------------------------------- one seed, the tables
@@ -301,8 +288,9 @@ def time_table(rows: list[dict]) -> None:
         ' `tracker.influence("val")`; ms/step divides it by the steps. Speed-up: official time / our work.'
     )
     print(
-        "- HVP floor: the step's gradient graph and its HVP with all 400 states alone (the cheaper method, median of"
-        " 5, final parameters, one batch of the run). Speed-up at the floor: official compute / (steps × floor),"
+        "- HVP floor: the step's gradient graph and its HVP with all 400 states alone (the cheapest of the tracker's"
+        " ways, timed as in overhead.py, final parameters, one batch of the run). Speed-up at the floor: official"
+        " compute / (steps × floor),"
         " the most a tracker that did nothing else could reach."
     )
     print(

@@ -128,6 +128,25 @@ def median_time(fn, reps: int, warmup: int = 2, blocks: int = 3) -> float:
     return best
 
 
+def hvp_floor(loss, theta: torch.Tensor, batch, states: torch.Tensor, reps: int) -> float:
+    """Seconds of the floor: the step's gradient graph and its HVP with all k rows of ``states: Tensor[k, p]``, the
+    cheapest of the ways the tracker can choose from: vmap over chunks of 8, 32, 128, 512 or all k rows, and the
+    loop (timed up to k = 256; beyond that it is far slower than vmap on these models)."""
+    k = states.shape[0]
+
+    def floor(method: str, rows: int):
+        _, hvp, _ = loss.linearize(theta, [batch], method=method)
+        for start in range(0, k, rows):
+            hvp(states[start : start + rows])
+
+    with torch.enable_grad():
+        widths = sorted({min(k, w) for w in (8, 32, 128, 512, k)})
+        candidates = [median_time(lambda w=w: floor("vmap", w), reps) for w in widths]
+        if k <= 256:
+            candidates.append(median_time(lambda: floor("loop", k), reps))
+    return min(candidates)
+
+
 def fit(net, opt_factory, x, y, steps: int, tracker: InfluenceTracker | None, seed: int):
     torch.manual_seed(seed)
     loader = DataLoader(
@@ -186,21 +205,8 @@ def one_case(kind, x, y, k, opt_name, steps, warmup, reps, repeats, seed=0):
     states = {b: s.clone() for b, s in engine.states.items()}
     V = states["theta"]
 
+    t_floor = hvp_floor(loss, theta, batch, V, reps)
     with torch.enable_grad():
-
-        def floor(method: str, rows: int):
-            _, hvp, _ = loss.linearize(theta, [batch], method=method)
-            for start in range(0, k, rows):
-                hvp(V[start : start + rows])
-
-        # the cheapest of the ways the tracker can apply the HVP: vmap over chunks of several widths, and the
-        # loop (timed up to k = 256; beyond that it is far slower than vmap on these models)
-        widths = sorted({min(k, w) for w in (8, 32, 128, 512, k)})
-        candidates = [median_time(lambda w=w: floor("vmap", w), reps) for w in widths]
-        if k <= 256:
-            candidates.append(median_time(lambda: floor("loop", k), reps))
-        t_floor = min(candidates)
-
         # tracked samples of this batch (a typical count: k·B/n on average)
         row_of = torch.full((len(x),), -1, dtype=torch.long)
         row_of[track] = torch.arange(k)

@@ -274,8 +274,8 @@ class FunctionalLoss:
         batch_size: int | None = None,
         frozen: dict | None = None,
     ) -> torch.Tensor:
-        """Per-sample gradients ``Tensor[m, p]`` of the batch rows ``rows`` (``LongTensor[m]``; all rows
-        when None): the Jacobian of the sub-batch's per-sample losses (one forward, m vectorised backwards)."""
+        """Per-sample gradients ``Tensor[m, p]`` of the batch rows ``rows`` (``LongTensor[m]``, see :meth:`_per_row`;
+        all rows when None: the Jacobian of the batch's per-sample losses)."""
         if rows is None:
             return jacrev(lambda t: self.per_sample_losses(t, batch, frozen))(theta)
         sub, in_dims = _rows(batch, rows, batch_size)
@@ -291,8 +291,8 @@ class FunctionalLoss:
         frozen: dict | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """For each batch row r in ``rows`` with its own vector v_r (``vectors: Tensor[m, p]``), return
-        ``(∇ℓ_r(θ), ∇²ℓ_r(θ) v_r)``, both ``Tensor[m, p]``, vectorised over the rows
-        (reverse-over-reverse: ∇²ℓ_r is symmetric, so the VJP of the gradient is the HVP)."""
+        ``(∇ℓ_r(θ), ∇²ℓ_r(θ) v_r)``, both ``Tensor[m, p]`` (:meth:`_per_row`; reverse-over-reverse: ∇²ℓ_r is
+        symmetric, so the VJP of the gradient is the HVP)."""
         sub, in_dims = _rows(batch, rows, batch_size)
         return self._per_row(theta, sub, in_dims, rows.numel(), vectors, frozen)
 

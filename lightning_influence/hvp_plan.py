@@ -35,7 +35,7 @@ class StepHvp:
       applied row by row: for a few rows, and for large models, where vmap's batched kernels can cost more per
       row than separate backwards.
 
-    :mod:`~lightning_influence.hvp_plan` picks the method per model by measuring both.
+    :func:`choose_hvp` picks the method per model by measuring both.
     """
 
     METHODS = ("vmap", "loop")
