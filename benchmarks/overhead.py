@@ -147,7 +147,7 @@ def hvp_floor(loss, theta: torch.Tensor, batch, states: torch.Tensor, reps: int)
     return min(candidates)
 
 
-def fit(net, opt_factory, x, y, steps: int, tracker: InfluenceTracker | None, seed: int):
+def fit(net, opt_factory, x, y, steps: int, tracker: InfluenceTracker | None, seed: int, extra_callbacks=()):
     torch.manual_seed(seed)
     loader = DataLoader(
         IndexedDataset(TensorDataset(x, y)),
@@ -158,7 +158,7 @@ def fit(net, opt_factory, x, y, steps: int, tracker: InfluenceTracker | None, se
     )
     timer = StepTimer()
     model = TinyClassifier(net, opt_factory)
-    callbacks = [timer] if tracker is None else [tracker, timer]
+    callbacks = [*extra_callbacks, *([] if tracker is None else [tracker]), timer]
     trainer = lightning_trainer(10**6, precision="32-true", max_steps=steps, callbacks=callbacks)
     trainer.fit(model, loader)
     return model, trainer, timer

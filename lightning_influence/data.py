@@ -97,21 +97,66 @@ def validate_sample_ids(ids: Any, batch_size: int | None, num_samples: int) -> t
     ids = ids.detach().to("cpu", torch.long)
     if batch_size is not None and ids.numel() != batch_size:
         raise SampleIdError(f"Got {ids.numel()} sample ids for a batch of {batch_size} per-sample losses.")
-    # numpy for the checks: this runs on every batch, and a few tensor ops cost more than the checks themselves
-    values = np.sort(ids.numpy())
-    if values.size and (values[0] < 0 or values[-1] >= num_samples):
+    out_of_range, repeated = _range_and_repeats(ids, num_samples)
+    if out_of_range:
         bad = ids[(ids < 0) | (ids >= num_samples)].tolist()
         raise SampleIdError(
             f"Sample ids {bad[:10]} are outside [0, {num_samples}), the training set's index range."
             " Ids must be indices into the training dataset (IndexedDataset provides them)."
         )
-    if (values[1:] == values[:-1]).any():
+    if repeated:
         uniq, counts = torch.unique(ids, return_counts=True)
         raise SampleIdError(
             f"Sample ids {uniq[counts > 1].tolist()[:10]} appear more than once in one batch. Each row of a batch"
             " must be a different training sample; sample without replacement within a batch."
         )
     return ids
+
+
+# Up to this many rows a batch's ids are checked and looked up in plain Python. This runs on every batch, inside
+# the training step, where the model's own work has evicted numpy's and torch's small-op code from the CPU caches:
+# measured in a step (benchmarks/step_breakdown.py), a cold numpy or torch call costs 10–30 µs, a list of 32 ints a few.
+PYTHON_ROWS = 512
+
+
+def _range_and_repeats(ids: torch.Tensor, num_samples: int) -> tuple[bool, bool]:
+    """``(some id is outside [0, num_samples), some id appears twice)`` for ``LongTensor[B]`` on the CPU."""
+    if not ids.numel():
+        return False, False
+    if ids.numel() <= PYTHON_ROWS:
+        values = ids.tolist()
+        return min(values) < 0 or max(values) >= num_samples, len(set(values)) != len(values)
+    values = np.sort(ids.numpy())
+    return bool(values[0] < 0 or values[-1] >= num_samples), bool((values[1:] == values[:-1]).any())
+
+
+class RowIndex:
+    """Which rows of a batch hold tracked samples, and which state row each one is.
+
+    Args:
+        tracked_ids: ``LongTensor[k]``; state row r is training sample ``tracked_ids[r]``.
+        num_samples: the training set's size (ids are in ``[0, num_samples)``).
+    """
+
+    def __init__(self, tracked_ids: torch.Tensor, num_samples: int) -> None:
+        ids = tracked_ids.tolist()
+        self._row = dict(zip(ids, range(len(ids))))
+        self._row_of = np.full(num_samples, -1, dtype=np.int64)
+        self._row_of[np.asarray(ids, dtype=np.int64)] = np.arange(len(ids))
+        self._none = (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))  # read-only, shared
+
+    def rows(self, sample_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(state_rows, batch_rows)``, each ``LongTensor[m]``: tracked sample ``state_rows[i]`` sits at row
+        ``batch_rows[i]`` of the batch whose (checked, CPU) ids are ``sample_ids: LongTensor[B]``."""
+        if sample_ids.numel() <= PYTHON_ROWS:
+            found = [(r, b) for b, i in enumerate(sample_ids.tolist()) if (r := self._row.get(i)) is not None]
+            if not found:  # the common case at small k
+                return self._none
+            state_rows, batch_rows = zip(*found)
+            return torch.tensor(state_rows, dtype=torch.long), torch.tensor(batch_rows, dtype=torch.long)
+        rows = self._row_of[sample_ids.numpy()]
+        present = np.flatnonzero(rows >= 0)
+        return torch.from_numpy(rows[present]), torch.from_numpy(present)
 
 
 SampleIdsFn = Callable[[Any], torch.Tensor]

@@ -128,14 +128,14 @@ class InfluenceEngine(Estimator):
         grad_t, hvp, losses = self.loss.linearize(theta_t, batches, frozen, weights, self.hvp_choice.method)
         for part, part_losses in zip(parts, losses):
             self.loss.check_batch_size(part.batch_size, part_losses.shape[0])
-        state_rows, source = self._sources(parts, theta_t, frozen)
+        source_rows, source = self._sources(parts, theta_t, frozen)
         exact = self.name == "acc"
         for start in range(0, self.num_tracked, self.hvp_choice.rows):
             stop = min(start + self.hvp_choice.rows, self.num_tracked)
             chunk = {b: s[start:stop] for b, s in self.states.items()}
             delta_g = hvp(chunk["theta"].to(theta_t.dtype)).to(self._dtype)
             if source is not None:  # most steps at small k hold no tracked sample
-                self._subtract_sources(delta_g, state_rows, source, start, stop)
+                self._subtract_sources(delta_g, source_rows, source, start, stop)
             delta_g = reduce(delta_g)
             if clip is not None:
                 delta_g = clip.perturb(delta_g, exact=exact)
@@ -143,20 +143,23 @@ class InfluenceEngine(Estimator):
         return reduce(grad_t)
 
     def _subtract_sources(
-        self, delta_g: torch.Tensor, state_rows: torch.Tensor, source: torch.Tensor, start: int, stop: int
+        self, delta_g: torch.Tensor, state_rows: list[int], source: torch.Tensor, start: int, stop: int
     ) -> None:
-        """``delta_g[r - start] -= source[i]`` for the source rows ``r = state_rows[i]`` inside the chunk."""
-        inside = (state_rows >= start) & (state_rows < stop)
-        if inside.any():
-            rows = (state_rows[inside] - start).to(self._device)
-            delta_g.index_add_(0, rows, source[inside.to(source.device)], alpha=-1)
+        """``delta_g[r - start] -= source[i]`` for the source rows ``r = state_rows[i]`` inside the chunk (plain
+        Python over the m rows: a few tensor ops per chunk would cost more than the subtraction itself)."""
+        picked = [i for i, r in enumerate(state_rows) if start <= r < stop]
+        if picked:
+            rows = torch.tensor([state_rows[i] - start for i in picked], device=self._device)
+            chosen = source if len(picked) == len(state_rows) else source[picked]
+            delta_g.index_add_(0, rows, chosen, alpha=-1)
 
     def _sources(
         self, parts: Sequence[MicroBatch], theta_t: torch.Tensor, frozen: dict | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[list[int], torch.Tensor | None]:
         """The source terms (w_m/|B_m|)(g_j + c·H_j δθ_j) of the tracked samples present in the step, from their
-        pre-step δθ: ``(state_rows LongTensor[m], Tensor[m, p])`` over all micro-batches."""
-        rows, sources = [], []
+        pre-step δθ: ``(their m state rows, Tensor[m, p])`` over all micro-batches; ``([], None)`` without any."""
+        rows: list[int] = []
+        sources = []
         for part in parts:
             if not part.state_rows.numel():
                 continue
@@ -169,11 +172,9 @@ class InfluenceEngine(Estimator):
                 source = g_j + h_j
             else:
                 source = self.loss.sample_gradients(theta_t, part.batch, b_rows, part.batch_size, frozen)
-            rows.append(part.state_rows)
+            rows.extend(part.state_rows.tolist())
             sources.append((source * (part.weight / part.batch_size)).to(self._dtype))
-        if not rows:
-            return torch.zeros(0, dtype=torch.long), None
-        return torch.cat(rows), torch.cat(sources)
+        return rows, torch.cat(sources) if sources else None
 
     def answer(self, probe: QueryProbe, per_example: bool = False) -> torch.Tensor:
         """⟨∇q, δθ_j⟩ for every tracked sample (``Tensor[k]``, or ``Tensor[k, n]`` per query example)."""
@@ -187,7 +188,7 @@ class InfluenceEngine(Estimator):
 
     def check_finite(self, step: int, sample_ids: torch.Tensor) -> None:
         """Raise :class:`NonFiniteInfluenceError` naming the step and the first bad samples."""
-        if bool(torch.isfinite(self._storage.sum())):  # one reduction over every block, in the common case
+        if math.isfinite(self._storage.sum().item()):  # one reduction over every block, in the common case
             return
         for block, state in self.states.items():
             bad = ~torch.isfinite(state).all(dim=1)

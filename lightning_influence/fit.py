@@ -19,23 +19,22 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-import numpy as np
 import torch
 
 from lightning_influence.audit import AuditReport
 from lightning_influence.clipping import GradientClip, NormClip, ValueClip
 from lightning_influence.config import TrackerConfig
-from lightning_influence.data import SampleIdError, validate_sample_ids
+from lightning_influence.data import RowIndex, SampleIdError, validate_sample_ids
 from lightning_influence.errors import explain_torch_func_error
 from lightning_influence.estimators import Estimator, Reduce
 from lightning_influence.fit_state import (
     FitCheckpoint,
     FitContext,
     FitParts,
-    deferred_interrupts,
     read_side_file,
     write_side_file,
 )
+from lightning_influence.interrupts import InterruptGuard
 from lightning_influence.optimizers import OptimizerStep, flat_optimizer_state, read_step_groups
 from lightning_influence.records import MicroBatch, MicroBatchRecord, StepRecord
 from lightning_influence.result import InfluenceResult
@@ -69,13 +68,14 @@ class TrackedFit:
         self.config, self.parts, self.context = config, parts, context
         self.num_samples = num_samples
         self.tracked_ids = tracked_ids
-        self._row_of = torch.full((num_samples,), -1, dtype=torch.long)
-        self._row_of[tracked_ids] = torch.arange(tracked_ids.numel())
+        self._rows = RowIndex(tracked_ids, num_samples)
         self.schedule = config.window_schedule
         self.recorder = WindowRecorder(tracked_ids, start_step)
         self.state = FitCheckpoint(tracked_ids.numel(), start_step)
         self.last_booking_seconds: float | None = None
+        self._interval = [0.0, 0]  # tracker seconds and booked steps since the last booking_ms()
         self.watch = ParameterWatch()
+        self.interrupts = InterruptGuard()
         self._micro: list[MicroBatchRecord] = []
         self._pending: StepRecord | None = None
         self.final: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None  # θ_T and the untracked values
@@ -170,12 +170,13 @@ class TrackedFit:
         so that a checkpoint saved now holds the tracker at the model's step."""
         if self._pending is not None and steps_now == self._pending.step + 1 and self.state.broken is None:
             self.complete_step(optimizer, steps_now, scale)
+        self.interrupts.release()  # the fit ends here
 
     @contextmanager
     def _atomic(self, steps_after: int) -> Iterator[None]:
         # Ctrl+C waits for the end of the booking; any other failure marks the fit broken, so that no
         # checkpoint can carry half-advanced states into a resumed run.
-        with deferred_interrupts():
+        with self.interrupts.booking():
             try:
                 yield
             except BaseException as err:
@@ -197,6 +198,8 @@ class TrackedFit:
                 raise
             raise explained from err
         self.last_booking_seconds = time.perf_counter() - started
+        self._interval[0] += self.last_booking_seconds
+        self._interval[1] += 1
         if self.parts.self_check.wants(self.state.steps_booked):
             if recomputed is None:
                 recomputed = self.parts.recompute_gradient(record)
@@ -209,14 +212,17 @@ class TrackedFit:
             self.parts.recorder.record(record, record.pre_state)
         self.state.steps_booked += 1
 
+    def booking_ms(self) -> float:
+        """Mean milliseconds of tracker work per booked step since the last call (the progress bar's ``tracker_ms``)."""
+        seconds, steps = self._interval
+        self._interval = [0.0, 0]
+        return seconds / max(steps, 1) * 1e3
+
     def _tracked_rows(self, micro: MicroBatchRecord) -> MicroBatch:
-        # numpy views of the CPU tensors: a handful of tiny tensor ops per step cost tens of µs in dispatch
-        rows = self._row_of.numpy()[micro.sample_ids.numpy()]
-        present = rows >= 0
-        state_rows = rows[present]
-        self.state.seen.numpy()[state_rows] = True
-        batch_rows = torch.from_numpy(np.flatnonzero(present))
-        return MicroBatch(micro.batch, micro.batch_size, torch.from_numpy(state_rows), batch_rows, micro.weight)
+        state_rows, batch_rows = self._rows.rows(micro.sample_ids)
+        if state_rows.numel():
+            self.state.seen[state_rows] = True
+        return MicroBatch(micro.batch, micro.batch_size, state_rows, batch_rows, micro.weight)
 
     # ------------------------------------------------------------------ windows
     def close_windows(self, end_step: int, epoch: int) -> None:
@@ -246,6 +252,7 @@ class TrackedFit:
 
     def finish(self, reduce_seen: Reduce | None = None) -> None:
         """The end of fit: keep θ_T, close the last window, publish the final scores."""
+        self.interrupts.release()
         self.final = (self.parts.params.theta(), self.parts.params.frozen())
         self.watch.check(self.final[0], "the end of fit")
         self.close_windows(self.state.global_step, self.state.last_epoch or 0)

@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from lightning_influence.audit import AuditReport, audit_report
+from lightning_influence.data import RowIndex
 from lightning_influence.estimators import QueryProbe, Reduce
 from lightning_influence.exact import ExactEngine
 from lightning_influence.records import MicroBatch, MicroBatchRecord, StepRecord
@@ -62,8 +63,7 @@ class FitAudit:
     ) -> None:
         self.engine, self.audit_ids, self.estimator = engine, audit_ids, estimator
         self.sinks = list(sinks)
-        self._row_of = torch.full((num_samples,), -1, dtype=torch.long)
-        self._row_of[audit_ids] = torch.arange(audit_ids.numel())
+        self._row_index = RowIndex(audit_ids, num_samples)
         main_row = torch.full((num_samples,), -1, dtype=torch.long)
         main_row[tracked_ids] = torch.arange(tracked_ids.numel())
         self.main_rows = main_row[audit_ids]  # the audited samples' rows in the main estimator
@@ -78,9 +78,8 @@ class FitAudit:
         self.engine.check_finite(record.step, self.audit_ids)
 
     def _rows(self, micro: MicroBatchRecord) -> MicroBatch:
-        rows = self._row_of[micro.sample_ids]
-        present = rows >= 0
-        return MicroBatch(micro.batch, micro.batch_size, rows[present], present.nonzero().flatten(), micro.weight)
+        state_rows, batch_rows = self._row_index.rows(micro.sample_ids)
+        return MicroBatch(micro.batch, micro.batch_size, state_rows, batch_rows, micro.weight)
 
     def close(self, name: str, end_step: int, epoch: int, probe: QueryProbe, window_scores: torch.Tensor) -> None:
         """Compare the window that just closed: ``window_scores: Tensor[k]`` are the main estimator's."""

@@ -1,4 +1,4 @@
-"""A fit's context, parts and bookkeeping; its checkpoint format; booking that Ctrl+C cannot cut in half.
+"""A fit's context, parts and bookkeeping; its checkpoint format.
 
 The checkpoint state (``InfluenceTracker.state_dict()``), version 2::
 
@@ -15,10 +15,6 @@ checkpoints are still read: ``{"version": 1, "tracked_ids", "steps_done", "seen"
 from __future__ import annotations
 
 import os
-import signal
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -173,27 +169,6 @@ def upgrade(state: dict[str, Any]) -> dict[str, Any]:
             "windows": state["windows"],
         }
     raise ValueError(f"Unknown InfluenceTracker checkpoint state version {version!r}.")
-
-
-@contextmanager
-def deferred_interrupts() -> Iterator[None]:
-    """Hold back SIGINT (Ctrl+C) until the block ends, then deliver it: a step is booked completely or not at all.
-
-    Only the main thread can own signal handlers; elsewhere the block runs unprotected.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received: list[tuple[int, Any]] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append((signum, frame)))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if received and callable(previous):
-            previous(*received[0])
-        elif received and previous == signal.SIG_DFL:
-            raise KeyboardInterrupt
 
 
 SIDE_FORMAT = "lightning-influence/states"

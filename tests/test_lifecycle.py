@@ -26,6 +26,7 @@ from lightning.pytorch.tuner import Tuner
 from torch import nn
 
 from lightning_influence import InfluenceConfigurationError, InfluenceTracker
+from lightning_influence.interrupts import InterruptGuard
 from lightning_influence.testing import TinyClassifier, fixed_loader, lightning_trainer, random_classification
 
 N, D, C = 24, 4, 3
@@ -199,6 +200,38 @@ def test_ctrl_c_while_booking_completes_the_step_and_resumes(tmp_path):
     for got, want in zip(windows[:2], reference.windows("val")):  # (3, 6) closed on resume, at θ_6
         torch.testing.assert_close(got.scores, want.scores, **TIGHT)
     assert [(r["start_step"], r["end_step"]) for r in _records(tmp_path / "a")] == [(0, 3), (3, 6), (6, 9), (9, 12)]
+
+
+def test_the_interrupt_guard_holds_sigint_during_a_booking_and_passes_it_on_between_bookings():
+    received, order = [], []
+
+    def handler(signum, frame):
+        received.append(signum)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        guard = InterruptGuard()
+        with guard.booking():
+            os.kill(os.getpid(), signal.SIGINT)
+            order.append("booked")  # the signal waits for the end of the block
+        assert order == ["booked"] and received == [signal.SIGINT]
+        os.kill(os.getpid(), signal.SIGINT)  # between bookings: straight to the handler ours replaced
+        assert received == [signal.SIGINT, signal.SIGINT]
+        assert signal.getsignal(signal.SIGINT) is not handler  # ours stays installed between bookings
+        guard.release()
+        assert signal.getsignal(signal.SIGINT) is handler
+        os.kill(os.getpid(), signal.SIGINT)
+        assert received == [signal.SIGINT] * 3
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_a_fit_leaves_the_sigint_handler_as_it_found_it(tmp_path):
+    before = signal.getsignal(signal.SIGINT)
+    _fit(InfluenceTracker(), _schedule(1), _adamw)
+    assert signal.getsignal(signal.SIGINT) is before
+    with pytest.raises(KeyboardInterrupt):  # Ctrl+C after the fit: Python's default again
+        os.kill(os.getpid(), signal.SIGINT)
 
 
 def test_a_failure_while_booking_makes_its_checkpoint_refuse_to_resume(tmp_path):

@@ -19,7 +19,7 @@ from lightning_influence import (
     SampleIdError,
     default_sample_ids,
 )
-from lightning_influence.data import validate_sample_ids
+from lightning_influence.data import PYTHON_ROWS, RowIndex, validate_sample_ids
 from lightning_influence.engine import InfluenceEngine, MicroBatch, chunk_rows_for_budget
 from lightning_influence.functional import FlatParameters, FunctionalLoss, check_per_sample_losses
 from lightning_influence.optimizers import (
@@ -152,6 +152,35 @@ def test_validate_sample_ids_empty_batch():
 def test_validate_sample_ids_errors(ids, batch_size, match):
     with pytest.raises(SampleIdError, match=match):
         validate_sample_ids(ids, batch_size, 10)
+
+
+@pytest.mark.parametrize("size", [5, PYTHON_ROWS + 100], ids=["python", "numpy"])
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        pytest.param(lambda ids: ids.__setitem__(3, 10_000), r"Sample ids \[10000\] are outside", id="too-large"),
+        pytest.param(lambda ids: ids.__setitem__(1, -2), r"Sample ids \[-2\] are outside", id="negative"),
+        pytest.param(lambda ids: ids.__setitem__(4, ids[0]), r"appear more than once", id="repeated"),
+    ],
+)
+def test_validate_sample_ids_checks_small_and_large_batches(size, change, match):
+    ids = torch.randperm(5_000, generator=torch.Generator().manual_seed(size))[:size]
+    assert validate_sample_ids(ids, size, 5_000) is not None
+    change(ids)
+    with pytest.raises(SampleIdError, match=match):
+        validate_sample_ids(ids, size, 5_000)
+
+
+@pytest.mark.parametrize("size", [0, 1, 32, PYTHON_ROWS, PYTHON_ROWS + 1, 3_000])
+@pytest.mark.parametrize("num_tracked", [0, 1, 700])
+def test_row_index_finds_every_tracked_sample_of_a_batch(size, num_tracked):
+    gen = torch.Generator().manual_seed(size + num_tracked)
+    tracked = torch.randperm(5_000, generator=gen)[:num_tracked]
+    batch = torch.randperm(5_000, generator=gen)[:size]
+    state_rows, batch_rows = RowIndex(tracked, 5_000).rows(batch)
+    expected = [(r, b) for b, i in enumerate(batch.tolist()) for r, t in enumerate(tracked.tolist()) if t == i]
+    assert list(zip(state_rows.tolist(), batch_rows.tolist())) == expected
+    assert state_rows.dtype == batch_rows.dtype == torch.long
 
 
 # ========================================================================== flat parameters

@@ -20,7 +20,14 @@ import math
 
 import torch
 
-from lightning_influence.optimizers.base import FlatState, GroupStep, OptimizerJacobian, OptimizerStep, is_empty
+from lightning_influence.optimizers.base import (
+    FlatState,
+    GroupStep,
+    OptimizerJacobian,
+    OptimizerStep,
+    columns,
+    is_empty,
+)
 
 
 def _linear_coefficients(step: OptimizerStep, g: GroupStep) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,9 +52,9 @@ class AdamJacobian(OptimizerJacobian):
 
     def _consumed_gradient(self, step: OptimizerStep, g: GroupStep) -> torch.Tensor:
         """ĝ over the group's region (``Tensor[r]``): the gradient Adam's moments consumed."""
-        g_hat = step.grad[g.region]
+        g_hat = columns(step.grad, g.region)
         if g.weight_decay and not self.decoupled:
-            g_hat = g_hat + g.weight_decay * step.theta[g.region]
+            g_hat = g_hat + g.weight_decay * columns(step.theta, g.region)
         return g_hat
 
     def advance(self, states, delta_g, step, exact):
@@ -59,7 +66,7 @@ class AdamJacobian(OptimizerJacobian):
             r = g.region
             if is_empty(r):
                 continue
-            d_g, d_th, d_m, d_v = delta_g[:, r], states["theta"][:, r], states["m"][:, r], states["v"][:, r]
+            d_g, d_th, d_m, d_v = (columns(t, r) for t in (delta_g, states["theta"], states["m"], states["v"]))
             if g.step == 1:  # fresh optimizer state: the counterfactual moments start from 0 as well
                 d_m.zero_()
                 d_v.zero_()
@@ -69,19 +76,17 @@ class AdamJacobian(OptimizerJacobian):
             if self.decoupled and g.weight_decay:
                 d_th.mul_(1 - g.lr * g.weight_decay)
             if exact:
-                self._advance_exact(d_th, d_m, d_v, d_g, scratch[:, r], step, g)
-            else:
+                self._advance_exact(d_th, d_m, d_v, d_g, columns(scratch, r), step, g)
+            else:  # the [r] coefficients broadcast over the c rows
                 inv_denom, coef_v = _linear_coefficients(step, g)
-                d_v.mul_(g.beta2).addcmul_(
-                    d_g, self._consumed_gradient(step, g).expand_as(d_g), value=2 * (1 - g.beta2)
-                )
-                d_th.addcmul_(d_m, inv_denom.expand_as(d_m), value=-g.lr)
-                d_th.addcmul_(d_v, coef_v.expand_as(d_v), value=g.lr)
+                d_v.mul_(g.beta2).addcmul_(d_g, self._consumed_gradient(step, g), value=2 * (1 - g.beta2))
+                d_th.addcmul_(d_m, inv_denom, value=-g.lr)
+                d_th.addcmul_(d_v, coef_v, value=g.lr)
 
     def _advance_exact(self, d_th, d_m, d_v, d_g, tmp, step: OptimizerStep, g: GroupStep) -> None:
         """The optimizer's own map on the counterfactual moments (δm already advanced; δg is consumed)."""
         bc1, bc2 = 1 - g.beta1**g.step, 1 - g.beta2**g.step
-        m, v = step.exp_avg[g.region], step.exp_avg_sq[g.region]
+        m, v = columns(step.exp_avg, g.region), columns(step.exp_avg_sq, g.region)
         # counterfactual v' = β2 v'_prev + (1-β2)(ĝ+δĝ)²  ⇒  δv gains (1-β2)(2ĝ+δĝ)δĝ
         torch.add(d_g, self._consumed_gradient(step, g), alpha=2, out=tmp)
         d_v.mul_(g.beta2).addcmul_(tmp, d_g, value=1 - g.beta2)
@@ -89,10 +94,10 @@ class AdamJacobian(OptimizerJacobian):
         # root so that the division fuses into one addcdiv. The factual term is computed by the same
         # operations, so that it cancels exactly where δ = 0 (a sample not yet seen keeps exactly 0).
         coef, eps_scaled = g.lr * math.sqrt(bc2) / bc1, g.eps * math.sqrt(bc2)
-        factual_denom = v.clamp(min=0).sqrt().add_(eps_scaled)
+        factual_denom = v.clamp(min=0).sqrt_().add_(eps_scaled)
         torch.add(d_v, v, out=tmp).clamp_(min=0).sqrt_().add_(eps_scaled)
         torch.add(d_m, m, out=d_g)
-        d_th.addcdiv_(d_g, tmp, value=-coef).addcdiv_(m.expand_as(d_g), factual_denom.expand_as(d_g), value=coef)
+        d_th.addcdiv_(d_g, tmp, value=-coef).addcdiv_(m, factual_denom, value=coef)  # [r] operands broadcast
 
     def transpose(self, adjoint, step):
         assert step.exp_avg is not None and step.exp_avg_sq is not None

@@ -117,6 +117,14 @@ class OptimizerJacobian:
         return self.apply(step, pre_state)[0]
 
 
+def columns(t: torch.Tensor, region: slice) -> torch.Tensor:
+    """``t[..., region]`` (``t``: ``Tensor[p]`` or ``Tensor[c, p]``), or ``t`` itself when the region is all of it:
+    at small k the per-step maps cost what their torch calls cost, and one group usually covers every parameter."""
+    if region.start == 0 and region.stop == t.shape[-1]:
+        return t
+    return t[..., region]
+
+
 def is_empty(region: slice) -> bool:
     """True for the region of a group with nothing tracked."""
     return region.start == region.stop

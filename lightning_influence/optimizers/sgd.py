@@ -14,7 +14,14 @@ from __future__ import annotations
 
 import torch
 
-from lightning_influence.optimizers.base import FlatState, GroupStep, OptimizerJacobian, OptimizerStep, is_empty
+from lightning_influence.optimizers.base import (
+    FlatState,
+    GroupStep,
+    OptimizerJacobian,
+    OptimizerStep,
+    columns,
+    is_empty,
+)
 
 
 class SGDJacobian(OptimizerJacobian):
@@ -29,14 +36,13 @@ class SGDJacobian(OptimizerJacobian):
         return bool(self.momentum and g.momentum)
 
     def advance(self, states, delta_g, step, exact):
-        d_theta = states["theta"]
         for g in step.groups:
             r = g.region
-            d_grad = delta_g[:, r]
+            d_grad, d_theta = columns(delta_g, r), columns(states["theta"], r)
             if g.weight_decay:
-                d_grad.add_(d_theta[:, r], alpha=g.weight_decay)
+                d_grad.add_(d_theta, alpha=g.weight_decay)
             if self._uses_buffer(g):
-                d_buf = states["buf"][:, r]
+                d_buf = columns(states["buf"], r)
                 if g.first_momentum_step:
                     d_buf.copy_(d_grad)
                 else:
@@ -44,7 +50,7 @@ class SGDJacobian(OptimizerJacobian):
                 direction = d_grad.add_(d_buf, alpha=g.momentum) if g.nesterov else d_buf
             else:
                 direction = d_grad
-            d_theta[:, r].sub_(direction, alpha=g.lr)
+            d_theta.sub_(direction, alpha=g.lr)
 
     def transpose(self, adjoint, step):
         lam_theta = adjoint["theta"]
