@@ -1,10 +1,10 @@
 """Booking that Ctrl+C cannot cut in half: SIGINT is held back while a step is booked, then delivered.
 
-Installing a signal handler costs two system calls, about 30 µs per step inside a training step
-(``benchmarks/step_breakdown.py``), so the guard installs its handler once, at the first booking, and leaves
-it in place between steps. Outside a booking the handler passes SIGINT straight on to the handler it replaced,
-so Ctrl+C behaves as it did; :meth:`InterruptGuard.release` puts that handler back at the end of the fit.
-Only the main thread can own signal handlers; elsewhere bookings run unprotected. Nothing here knows Lightning.
+Installing a signal handler and putting the old one back costs two system calls, on every step if done per
+booking, so the guard installs its handler once, at the first booking, and leaves it in place between steps.
+Outside a booking the handler passes SIGINT straight on to the handler it replaced, so Ctrl+C behaves as it
+did; :meth:`InterruptGuard.release` puts that handler back at the end of the fit. Only the main thread can own
+signal handlers; elsewhere bookings run unprotected. Nothing here knows Lightning.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ class InterruptGuard:
 
     def __init__(self) -> None:
         self._handler = self._on_sigint  # one bound method, so that ``getsignal(...) is self._handler`` holds
-        self._previous: Any = None  # the handler ours replaced; None while ours is not installed
+        self._installed = False
+        self._previous: Any = None  # the handler ours replaced
         self._booking = False
         self._delivering = False
         self._received: tuple[int, Any] | None = None
@@ -32,7 +33,7 @@ class InterruptGuard:
             yield
             return
         if signal.getsignal(signal.SIGINT) is not self._handler:  # the first booking, or another handler took over
-            self._previous = signal.signal(signal.SIGINT, self._handler)
+            self._previous, self._installed = signal.signal(signal.SIGINT, self._handler), True
         self._booking, self._received = True, None
         try:
             yield
@@ -44,10 +45,9 @@ class InterruptGuard:
 
     def release(self) -> None:
         """Put back the handler that ours replaced (when ours is still the one installed)."""
-        if self._previous is not None and threading.current_thread() is threading.main_thread():
-            if signal.getsignal(signal.SIGINT) is self._handler:
-                signal.signal(signal.SIGINT, self._previous)
-        self._previous = None
+        if self._installed and signal.getsignal(signal.SIGINT) is self._handler:
+            signal.signal(signal.SIGINT, self._previous)
+        self._installed, self._previous = False, None
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
         if self._booking:
