@@ -24,6 +24,11 @@ Rows of the table (µs per step, mean over the timed steps):
 
 ``beyond the floor`` = ``hooks`` − ``floor in step``: what the tracker costs beyond the method's own HVP.
 
+Under the table: one ``LightningModule.log`` call, and the aten operators dispatched per step, counted with
+``torch.profiler`` over 20 steps of a separate, untimed run, bare and tracked, and for one call of the floor as
+the tracker applies it (an operator called by another one is not counted again). At small k the tracker's cost
+is mostly this dispatch count; on a GPU each dispatch is at least one kernel launch.
+
 Run:  python benchmarks/step_breakdown.py                 (logreg, MLP, CNN at k = 1; about 10 s)
       python benchmarks/step_breakdown.py --k 256 --steps 200
       python benchmarks/step_breakdown.py --k 2048 --steps 200 --models logreg
@@ -121,11 +126,68 @@ class StartTiming(pl.Callback):
         self.clock.on = trainer.global_step >= self.warmup
 
 
+class OpCounter(pl.Callback):
+    """Profiles the steps ``[start, stop)`` (``torch.profiler``) and counts the aten operators called from outside
+    another aten operator: the operator dispatches per step, each one or more kernel launches on a GPU."""
+
+    def __init__(self, start: int, stop: int) -> None:
+        self.start, self.stop, self.dispatches = start, stop, 0
+        self._profile: torch.profiler.profile | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.start:
+            self._profile = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            self._profile.__enter__()
+        elif trainer.global_step == self.stop and self._profile is not None:
+            self._profile.__exit__(None, None, None)
+            self.dispatches = top_level_aten(self._profile)
+
+
+def top_level_aten(profile: torch.profiler.profile) -> int:
+    """Aten operators called from outside another aten operator (one dispatch each)."""
+    return sum(
+        e.name.startswith("aten::") and not (e.cpu_parent and e.cpu_parent.name.startswith("aten::"))
+        for e in profile.events()
+    )
+
+
+def dispatches_per_step(kind: str, k: int, opt_name: str, warmup: int) -> tuple[float, float, int]:
+    """Aten operators dispatched per training step, bare and with the tracker (20 profiled steps each), and by
+    the floor alone: the step's gradient graph and its HVP, as the tracker applies it, on one batch."""
+    x, y = synthetic(4096, 64, 10) if kind == "logreg" else digits()
+    counts = []
+    for tracker in (None, InfluenceTracker(track=tracked(x, k), write_artifacts=False)):
+        torch.manual_seed(0)
+        counter = OpCounter(warmup, warmup + 20)
+        fit(make_net(kind, x.shape[1], int(y.max()) + 1), make_optimizer(opt_name), x, y, warmup + 21, tracker, 0,
+            extra_callbacks=[counter])  # fmt: skip
+        counts.append(counter.dispatches / 20)
+    engine, ids = tracker.engine, torch.arange(32)
+    loss, choice = engine.loss, engine.hvp_choice
+    named = dict(loss.module.named_parameters())
+    theta = loss.layout.flatten([named[n].detach() for n in loss.layout.names])
+
+    def floor() -> None:
+        hvp = loss.linearize(theta, [(x[ids], y[ids], ids)], method=choice.method)[1]
+        for start in range(0, k, choice.rows):
+            hvp(engine.theta[start : start + choice.rows])
+
+    with torch.enable_grad():
+        floor()  # the first call may take other paths (caches)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            floor()
+    return counts[0], counts[1], top_level_aten(profile)
+
+
+def tracked(x: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.randperm(len(x), generator=torch.Generator().manual_seed(1))[:k].sort().values
+
+
 def one_case(kind: str, k: int, opt_name: str, steps: int, warmup: int) -> dict[str, float]:
     x, y = synthetic(4096, 64, 10) if kind == "logreg" else digits()
     torch.manual_seed(0)
     net = make_net(kind, x.shape[1], int(y.max()) + 1)
-    track = torch.randperm(len(x), generator=torch.Generator().manual_seed(1))[:k].sort().values
+    track = tracked(x, k)
     clock = Clock()
     tracker = InfluenceTracker(track=track, write_artifacts=False)  # nothing to write: no query, no window
     with patched(clock):
@@ -135,7 +197,9 @@ def one_case(kind: str, k: int, opt_name: str, steps: int, warmup: int) -> dict[
     beyond = per_step["hooks"] - per_step["floor in step"]
     choice = tracker.engine.hvp_choice
     log_call = clock.seconds["progress bar"] / max(clock.calls["progress bar"], 1) * 1e6
+    bare_ops, tracked_ops, floor_ops = dispatches_per_step(kind, k, opt_name, warmup)
     return {
+        "ops": f"{bare_ops:.0f} / {tracked_ops - bare_ops:.0f} / {floor_ops}",
         **per_step,
         "beyond the floor": beyond,
         "rest": beyond - named,
@@ -165,6 +229,8 @@ def main() -> None:
         print(f"| {row} | " + " | ".join(f"{results[kind][row]:.0f}" for kind in kinds) + " |")
     calls = ", ".join(f"{kind} {results[kind]['log call']:.0f}" for kind in kinds)
     print(f"\n# one LightningModule.log call of tracker_ms (µs): {calls}")
+    ops = ", ".join(f"{kind} {results[kind]['ops']}" for kind in kinds)
+    print(f"# aten operators dispatched per step, bare training step / added by the tracker / the floor: {ops}")
 
 
 if __name__ == "__main__":

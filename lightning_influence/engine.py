@@ -130,10 +130,12 @@ class InfluenceEngine(Estimator):
             self.loss.check_batch_size(part.batch_size, part_losses.shape[0])
         source_rows, source = self._sources(parts, theta_t, frozen)
         exact = self.name == "acc"
+        whole = self.hvp_choice.rows >= self.num_tracked  # one call: no slicing (at small k, every op counts)
         for start in range(0, self.num_tracked, self.hvp_choice.rows):
             stop = min(start + self.hvp_choice.rows, self.num_tracked)
-            chunk = {b: s[start:stop] for b, s in self.states.items()}
-            delta_g = hvp(chunk["theta"].to(theta_t.dtype)).to(self._dtype)
+            chunk = self.states if whole else {b: s[start:stop] for b, s in self.states.items()}
+            delta_g = hvp(_as(chunk["theta"], theta_t.dtype))
+            delta_g = _as(delta_g, self._dtype)
             if source is not None:  # most steps at small k hold no tracked sample
                 self._subtract_sources(delta_g, source_rows, source, start, stop)
             delta_g = reduce(delta_g)
@@ -209,6 +211,11 @@ class InfluenceEngine(Estimator):
             raise ValueError("The saved influence states have other blocks or shapes than this engine's.")
         for b, s in saved.items():
             self.states[b].copy_(s)
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``, without a dispatch when it already is."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,8 @@ class TrackedParameters:
 
     def theta(self) -> torch.Tensor:
         """θ now: a flat ``Tensor[p]`` copy."""
-        return self.layout.flatten([p.detach() for p in self.flat])
+        with torch.no_grad():  # no graph, and no detach per parameter (one dispatch each, every step)
+            return self.layout.flatten(self.flat)
 
     def frozen(self) -> dict[str, torch.Tensor]:
         """Copies of the untracked trainable parameters' values ``{name: Tensor}``."""
@@ -58,7 +59,8 @@ class TrackedParameters:
                     f"Parameter {name!r} received no gradient at step {step}, so the optimizer skipped it."
                     " Exclude parameters the loss does not use (params=...)."
                 )
-        return self.layout.flatten([p.grad.detach() for p in self.flat])
+        with torch.no_grad():
+            return self.layout.flatten([p.grad for p in self.flat])
 
     def other_grad_sq_norm(self, optimizer: torch.optim.Optimizer) -> float:
         """Squared norm of the gradients of the optimizer's untracked parameters (they enter a global clip norm)."""

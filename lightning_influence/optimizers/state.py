@@ -122,6 +122,7 @@ def flat_optimizer_state(
         if all(t is None for t in parts):
             out[key] = None
             continue
-        flat = [torch.zeros_like(p) if t is None else t.detach() for p, t in zip(tracked_params, parts)]
-        out[key] = torch.cat([t.reshape(-1) for t in flat])  # cat copies: later steps do not change it
+        flat = [torch.zeros_like(p) if t is None else t for p, t in zip(tracked_params, parts)]
+        with torch.no_grad():  # cat copies: later steps do not change it
+            out[key] = torch.cat([t.reshape(-1) for t in flat])
     return out
