@@ -29,7 +29,7 @@ Under the table: one ``LightningModule.log`` call, and the aten operators dispat
 the tracker applies it (an operator called by another one is not counted again). At small k the tracker's cost
 is mostly this dispatch count; on a GPU each dispatch is at least one kernel launch.
 
-Run:  python benchmarks/step_breakdown.py                 (logreg, MLP, CNN at k = 1; about 10 s)
+Run:  python benchmarks/step_breakdown.py                 (logreg, MLP, CNN at k = 1; about 15 s)
       python benchmarks/step_breakdown.py --k 256 --steps 200
       python benchmarks/step_breakdown.py --k 2048 --steps 200 --models logreg
 """
@@ -151,10 +151,15 @@ def top_level_aten(profile: torch.profiler.profile) -> int:
     )
 
 
+def problem(kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """overhead.py's data for ``kind``: synthetic data for logistic regression, the digits for the MLP and CNN."""
+    return synthetic(4096, 64, 10) if kind == "logreg" else digits()
+
+
 def dispatches_per_step(kind: str, k: int, opt_name: str, warmup: int) -> tuple[float, float, int]:
     """Aten operators dispatched per training step, bare and with the tracker (20 profiled steps each), and by
     the floor alone: the step's gradient graph and its HVP, as the tracker applies it, on one batch."""
-    x, y = synthetic(4096, 64, 10) if kind == "logreg" else digits()
+    x, y = problem(kind)
     counts = []
     for tracker in (None, InfluenceTracker(track=tracked(x, k), write_artifacts=False)):
         torch.manual_seed(0)
@@ -184,7 +189,7 @@ def tracked(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def one_case(kind: str, k: int, opt_name: str, steps: int, warmup: int) -> dict[str, float]:
-    x, y = synthetic(4096, 64, 10) if kind == "logreg" else digits()
+    x, y = problem(kind)
     torch.manual_seed(0)
     net = make_net(kind, x.shape[1], int(y.max()) + 1)
     track = tracked(x, k)
