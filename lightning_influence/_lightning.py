@@ -229,9 +229,6 @@ def expected_steps(trainer: pl.Trainer) -> int | None:
     return int(steps) if steps != float("inf") else None
 
 
-PROGRESS_STEPS = 50  # booked steps between two updates of the progress bar's tracker_ms
-
-
 def cost_message(seconds_per_step: float, total_steps: int | None, done: int) -> str:
     """The measured cost, its projection over the fit, and the cheaper settings."""
     remaining = None if total_steps is None else seconds_per_step * max(total_steps - done, 0)

@@ -242,11 +242,10 @@ class InfluenceTracker(Callback, TrackerAnswers):
         if trainer.global_step == fit.state.global_step:
             return  # accumulating: no optimizer step was taken on this batch
         fit.complete_step(trainer.optimizers[0], trainer.global_step, lit.loss_scale(trainer))
-        booked = fit.state.steps_booked  # self.log costs ~0.5 ms a call: the bar shows a mean per PROGRESS_STEPS
-        if fit.last_booking_seconds is not None and (booked == 3 or booked % lit.PROGRESS_STEPS == 0):
-            pl_module.log("tracker_ms", fit.booking_ms(), prog_bar=True, logger=False)
-            if booked == 3:
-                rank_zero_info(lit.cost_message(fit.last_booking_seconds, lit.expected_steps(trainer), 3))
+        if (tracker_ms := fit.clock.progress_ms(fit.state.steps_booked)) is not None:
+            pl_module.log("tracker_ms", tracker_ms, prog_bar=True, logger=False)
+            if fit.state.steps_booked == 3:
+                rank_zero_info(lit.cost_message(fit.clock.last, lit.expected_steps(trainer), 3))
         if fit.schedule.closes_after_step(trainer.global_step):
             fit.close_windows(trainer.global_step, trainer.current_epoch)
 

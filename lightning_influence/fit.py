@@ -28,6 +28,7 @@ from lightning_influence.data import RowIndex, SampleIdError, validate_sample_id
 from lightning_influence.errors import explain_torch_func_error
 from lightning_influence.estimators import Estimator, Reduce
 from lightning_influence.fit_state import (
+    BookingClock,
     FitCheckpoint,
     FitContext,
     FitParts,
@@ -72,8 +73,7 @@ class TrackedFit:
         self.schedule = config.window_schedule
         self.recorder = WindowRecorder(tracked_ids, start_step)
         self.state = FitCheckpoint(tracked_ids.numel(), start_step)
-        self.last_booking_seconds: float | None = None
-        self._interval = [0.0, 0]  # tracker seconds and booked steps since the last booking_ms()
+        self.clock = BookingClock()
         self.watch = ParameterWatch()
         self.interrupts = InterruptGuard()
         self._micro: list[MicroBatchRecord] = []
@@ -197,9 +197,7 @@ class TrackedFit:
             if explained is None:
                 raise
             raise explained from err
-        self.last_booking_seconds = time.perf_counter() - started
-        self._interval[0] += self.last_booking_seconds
-        self._interval[1] += 1
+        self.clock.add(time.perf_counter() - started)
         if self.parts.self_check.wants(self.state.steps_booked):
             if recomputed is None:
                 recomputed = self.parts.recompute_gradient(record)
@@ -211,12 +209,6 @@ class TrackedFit:
         if self.parts.recorder is not None:
             self.parts.recorder.record(record, record.pre_state)
         self.state.steps_booked += 1
-
-    def booking_ms(self) -> float:
-        """Mean milliseconds of tracker work per booked step since the last call (the progress bar's ``tracker_ms``)."""
-        seconds, steps = self._interval
-        self._interval = [0.0, 0]
-        return seconds / max(steps, 1) * 1e3
 
     def _tracked_rows(self, micro: MicroBatchRecord) -> MicroBatch:
         state_rows, batch_rows = self._rows.rows(micro.sample_ids)

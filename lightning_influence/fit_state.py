@@ -171,6 +171,33 @@ def upgrade(state: dict[str, Any]) -> dict[str, Any]:
     raise ValueError(f"Unknown InfluenceTracker checkpoint state version {version!r}.")
 
 
+class BookingClock:
+    """The tracker's own time per booked step (``Estimator.book``): the last step's, and what the progress bar shows.
+
+    Lightning's ``self.log`` costs about 0.5 ms a call (``benchmarks/step_breakdown.py``), more than the tracker's
+    own work per step at small k, so the progress bar's ``tracker_ms`` is updated at the third booked step (that
+    step's own time: the first ones also choose the HVP's method and run the self-checks) and then once every
+    ``every`` booked steps, with their mean.
+    """
+
+    def __init__(self, every: int = 50) -> None:
+        self.every = every
+        self.last: float | None = None  # seconds of the last booked step
+        self._seconds, self._steps = 0.0, 0  # since the last progress update
+
+    def add(self, seconds: float) -> None:
+        self.last = seconds
+        self._seconds += seconds
+        self._steps += 1
+
+    def progress_ms(self, steps_booked: int) -> float | None:
+        """``tracker_ms`` when an update is due after ``steps_booked`` booked steps, else None."""
+        if not self._steps or not (steps_booked == 3 or steps_booked % self.every == 0):
+            return None
+        mean, self._seconds, self._steps = self._seconds / self._steps, 0.0, 0
+        return (self.last if steps_booked == 3 else mean) * 1e3
+
+
 SIDE_FORMAT = "lightning-influence/states"
 
 

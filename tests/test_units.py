@@ -21,6 +21,7 @@ from lightning_influence import (
 )
 from lightning_influence.data import PYTHON_ROWS, RowIndex, validate_sample_ids
 from lightning_influence.engine import InfluenceEngine, MicroBatch, chunk_rows_for_budget
+from lightning_influence.fit_state import BookingClock
 from lightning_influence.functional import FlatParameters, FunctionalLoss, check_per_sample_losses
 from lightning_influence.optimizers import (
     AdamJacobian,
@@ -181,6 +182,17 @@ def test_row_index_finds_every_tracked_sample_of_a_batch(size, num_tracked):
     expected = [(r, b) for b, i in enumerate(batch.tolist()) for r, t in enumerate(tracked.tolist()) if t == i]
     assert list(zip(state_rows.tolist(), batch_rows.tolist())) == expected
     assert state_rows.dtype == batch_rows.dtype == torch.long
+
+
+def test_booking_clock_updates_the_progress_bar_at_step_3_then_with_the_mean_of_each_interval():
+    clock = BookingClock(every=4)
+    shown = {}
+    for booked, seconds in enumerate([9.0, 5.0, 0.003, 0.001, 0.002, 0.004, 0.006, 0.008], start=1):
+        clock.add(seconds)
+        shown[booked] = clock.progress_ms(booked)
+    # step 3 alone (steps 1-2 pay the HVP's tuning), then the mean of steps 4 (after 3) and of 5-8
+    assert shown == pytest.approx({1: None, 2: None, 3: 3.0, 4: 1.0, 5: None, 6: None, 7: None, 8: 5.0})
+    assert clock.last == 0.008 and clock.progress_ms(8) is None  # a skipped step at the same count: no new update
 
 
 # ========================================================================== flat parameters
