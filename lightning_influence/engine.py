@@ -165,18 +165,20 @@ class InfluenceEngine(Estimator):
         for part in parts:
             if not part.state_rows.numel():
                 continue
-            b_rows = part.batch_rows.to(theta_t.device)
+            b_rows = _on(part.batch_rows, theta_t.device)
             if self.name == "acc":
-                own = self.theta[part.state_rows.to(self._device)].to(theta_t.dtype)
+                own = _as(self.theta[_on(part.state_rows, self._device)], theta_t.dtype)
                 g_j, h_j = self.loss.sample_gradients_and_hvps(
                     theta_t, part.batch, b_rows, part.batch_size, own, frozen
                 )
-                source = g_j + h_j
+                source = g_j.add_(h_j)  # fresh tensors: in place saves a [m, p] allocation per term
             else:
                 source = self.loss.sample_gradients(theta_t, part.batch, b_rows, part.batch_size, frozen)
             rows.extend(part.state_rows.tolist())
-            sources.append((source * (part.weight / part.batch_size)).to(self._dtype))
-        return rows, torch.cat(sources) if sources else None
+            sources.append(_as(source.mul_(part.weight / part.batch_size), self._dtype))
+        if len(sources) > 1:
+            return rows, torch.cat(sources)
+        return rows, sources[0] if sources else None
 
     def answer(self, probe: QueryProbe, per_example: bool = False) -> torch.Tensor:
         """⟨∇q, δθ_j⟩ for every tracked sample (``Tensor[k]``, or ``Tensor[k, n]`` per query example)."""
@@ -214,8 +216,13 @@ class InfluenceEngine(Estimator):
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t`` in ``dtype``, without a dispatch when it already is."""
+    """``t`` in ``dtype``, without a dispatch when it already is (at small k, every op of the step counts)."""
     return t if t.dtype == dtype else t.to(dtype)
+
+
+def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``, without a dispatch when it already is."""
+    return t if t.device == device else t.to(device)
 
 
 @dataclass(frozen=True)
