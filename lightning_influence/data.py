@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from lightning_influence.records import MicroBatch, MicroBatchRecord
+
 SAMPLE_ID_KEY = "sample_id"
 
 
@@ -157,6 +159,11 @@ class RowIndex:
         rows = self._row_of[sample_ids.numpy()]
         present = np.flatnonzero(rows >= 0)
         return torch.from_numpy(rows[present]), torch.from_numpy(present)
+
+    def part(self, micro: MicroBatchRecord) -> MicroBatch:
+        """The tracked rows of one micro-batch, as the estimators consume them."""
+        state_rows, batch_rows = self.rows(micro.sample_ids)
+        return MicroBatch(micro.batch, micro.batch_size, state_rows, batch_rows, micro.weight)
 
 
 SampleIdsFn = Callable[[Any], torch.Tensor]

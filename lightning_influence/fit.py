@@ -211,10 +211,10 @@ class TrackedFit:
         self.state.steps_booked += 1
 
     def _tracked_rows(self, micro: MicroBatchRecord) -> MicroBatch:
-        state_rows, batch_rows = self._rows.rows(micro.sample_ids)
-        if state_rows.numel():
-            self.state.seen[state_rows] = True
-        return MicroBatch(micro.batch, micro.batch_size, state_rows, batch_rows, micro.weight)
+        part = self._rows.part(micro)
+        if part.state_rows.numel():
+            self.state.seen[part.state_rows] = True
+        return part
 
     # ------------------------------------------------------------------ windows
     def close_windows(self, end_step: int, epoch: int) -> None:

@@ -17,7 +17,7 @@ from lightning_influence.audit import AuditReport, audit_report
 from lightning_influence.data import RowIndex
 from lightning_influence.estimators import QueryProbe, Reduce
 from lightning_influence.exact import ExactEngine
-from lightning_influence.records import MicroBatch, MicroBatchRecord, StepRecord
+from lightning_influence.records import StepRecord
 from lightning_influence.windows import WindowRecorder, WindowSnapshot
 
 AuditSink = Callable[[AuditReport], None]
@@ -72,14 +72,10 @@ class FitAudit:
 
     def book(self, record: StepRecord, reduce: Reduce | None) -> None:
         """Advance the exact states over one booked step."""
-        parts = [self._rows(m) for m in record.micro_batches]
+        parts = [self._row_index.part(m) for m in record.micro_batches]
         with torch.enable_grad():
             self.engine.book(record, parts, reduce)
         self.engine.check_finite(record.step, self.audit_ids)
-
-    def _rows(self, micro: MicroBatchRecord) -> MicroBatch:
-        state_rows, batch_rows = self._row_index.rows(micro.sample_ids)
-        return MicroBatch(micro.batch, micro.batch_size, state_rows, batch_rows, micro.weight)
 
     def close(self, name: str, end_step: int, epoch: int, probe: QueryProbe, window_scores: torch.Tensor) -> None:
         """Compare the window that just closed: ``window_scores: Tensor[k]`` are the main estimator's."""
