@@ -17,9 +17,10 @@ BCE with logits), 400 training / 400 validation samples, batch 100, plain SGD wi
    ``InfluenceTracker(track=all 400, queries={"val": ...}, estimator="acc")``. Our time is the tracked fit minus the
    bare fit (least of ``--repeats`` each), plus ``tracker.influence("val")``.
 
-Signs: the truth and the official ACC scores are ``f(θ_-i) − f(θ)``, which is also our score (SPEC §2; negative =
-harmful), so no sign is flipped; the script checks that each side correlates positively with the truth.
-Both sides run on one thread (``torch.set_num_threads(1)``, and OMP/MKL threads = 1 for the official code).
+Signs: the truth and the official ACC scores are ``f(θ_-i) − f(θ)``, which is also our score ([concepts.md: The
+counterfactual run]; negative = harmful), so no sign is flipped; the script checks that each side correlates positively
+with the truth. Both sides run on one thread (``torch.set_num_threads(1)``, and OMP/MKL threads = 1 for the official
+code).
 
 The official code hard-codes ``device = 'cuda:%d'`` and imports torchvision. The script copies ``experiment/Sec71``
 to a temporary folder, replaces that device line by ``'cpu'`` there, and runs it through a small runner that puts
@@ -203,7 +204,7 @@ def ours(prob: dict, repeats: int) -> dict:
         result = tracker.influence("val")
         tracked.append(seconds + time.perf_counter() - t0)
     scores = torch.zeros(len(prob["x"]), dtype=torch.float64)
-    scores[result.sample_ids] = result.scores.double()  # SPEC §2 sign, as the truth's: no flip
+    scores[result.sample_ids] = result.scores.double()  # the sign of the truth: no flip
     return {"scores": scores, "bare": min(bare), "work": min(tracked) - min(bare), "final": flat(net),
             "floor": hvp_floor(tracker, prob)}  # fmt: skip
 

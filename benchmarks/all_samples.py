@@ -1,4 +1,5 @@
-"""The cost of all-sample influence: recording overhead on training, and one replayed query (SPEC §7).
+"""The cost of all-sample influence: recording overhead on training, and one replayed query ([concepts.md: Every sample
+at once]).
 
 For each model (float32, one training run of a few epochs):
 
@@ -39,12 +40,12 @@ from contextlib import contextmanager
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning_influence.functional import FunctionalLoss
+from lightning_influence.replay import TrajectoryReplay
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_influence import IndexedDataset, InfluenceTracker, load_trajectory
-from lightning_influence.functional import FunctionalLoss
-from lightning_influence.replay import TrajectoryReplay
 
 
 # ----------------------------------------------------------------------------- models and data

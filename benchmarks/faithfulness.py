@@ -1,4 +1,4 @@
-"""Faithfulness of the influence estimators to exact leave-one-out retraining (SPEC §6).
+"""Faithfulness of the influence estimators to exact leave-one-out retraining (docs/benchmarks.md).
 
 For each small float64 setup and seed, the script
 1. draws data, an initial network and a fixed batch schedule (``random_schedule``);
@@ -8,7 +8,7 @@ For each small float64 setup and seed, the script
 3. trains the same network on the same schedule through a Lightning ``Trainer`` with an
    ``InfluenceTracker`` per estimator and reads ``tracker.influence("q").scores``; the ``"first-order"``
    run also records its trajectory, and the row "all samples (replay)" scores every sample from it by
-   the adjoint replay (SPEC §7);
+   the adjoint replay ([concepts.md: Every sample at once]);
 4. compares the two with Spearman, Kendall τ and Pearson correlations (torchmetrics) and the
    relative RMSE ``‖s − loo‖ / ‖loo‖``.
 

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_influence.functional import FlatParameters, FunctionalLoss
-from lightning_influence.hvp_plan import choose_hvp
+from lightning_influence.autodiff.functional import FlatParameters, FunctionalLoss
+from lightning_influence.autodiff.hvp_plan import choose_hvp
 
 
 def cross_entropy(module: nn.Module, batch) -> torch.Tensor:

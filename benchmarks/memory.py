@@ -21,7 +21,7 @@ inputs. The data are random (memory does not depend on the values). No logger, n
 checkpoint except in the row that says so (the estimate there is the figure for saving a checkpoint).
 
 Run:  python benchmarks/memory.py            (all cases, both workers: about 3 minutes on 2 CPU cores)
-      python benchmarks/memory.py --quick    (the cases of tests/test_memory_estimate.py, pinned only: ~20 s)
+      python benchmarks/memory.py --quick    (the cases of tests/core/test_memory_estimate.py, pinned only: ~20 s)
       python benchmarks/memory.py --json     (one JSON object per case instead of the table)
 """
 

@@ -45,7 +45,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_influence import IndexedDataset, InfluenceTracker
-from lightning_influence.engine import MicroBatch
+from lightning_influence.estimators.engine import MicroBatch
 from lightning_influence.optimizers import OptimizerStep, read_group_step
 from lightning_influence.testing import TinyClassifier, lightning_trainer
 
@@ -228,8 +228,10 @@ def one_case(kind, x, y, k, opt_name, steps, warmup, reps, repeats, seed=0):
         groups.append(read_group_step(group, region, int(st.get("step", 0)), st.get("momentum_buffer") is None))
     step = OptimizerStep(groups, theta, grad)
     if opt_name == "adamw":
-        step.exp_avg = layout.flatten([opt.state[p]["exp_avg"] for p in params]).clone()
-        step.exp_avg_sq = layout.flatten([opt.state[p]["exp_avg_sq"] for p in params]).clone()
+        step = step.with_moments(
+            layout.flatten([opt.state[p]["exp_avg"] for p in params]).clone(),
+            layout.flatten([opt.state[p]["exp_avg_sq"] for p in params]).clone(),
+        )
     jac = engine.jacobian
     delta_g = torch.randn_like(V) * 1e-4
     work = {b: s.clone() for b, s in states.items()}

@@ -11,7 +11,7 @@ this script imports. Bare and tracked Lightning runs alternate ``--repeats`` tim
 ``on_train_batch_start``; the median step after the warm-up steps is taken and the smallest median of each kept;
 the tracker's overhead is tracked minus bare. The *HVP floor* is the cheapest way the tracker can do its core
 work: build the step's gradient graph and apply the HVP to the k state rows, in the way (``"vmap"`` over c rows
-or ``"loop"``) that ``lightning_influence.hvp_plan.choose_hvp`` measures cheapest, with the same row cap as the
+or ``"loop"``) that ``lightning_influence.autodiff.hvp_plan.choose_hvp`` measures cheapest, with the same row cap as the
 tracker (its ``chunk_size``), at the trained parameters, on a training batch, with the tracker's real states.
 
 **Memory**: a worker process imports torch and Lightning once and forks a fresh child per run; a child reads
@@ -49,8 +49,8 @@ from torch import nn
 
 from lightning_influence import InfluenceTracker
 from lightning_influence import build as tracker_build
-from lightning_influence.engine import MemoryPlan
-from lightning_influence.hvp_plan import choose_hvp
+from lightning_influence.autodiff.hvp_plan import choose_hvp
+from lightning_influence.estimators.engine import MemoryPlan
 
 N, D, C, H = 8192, 64, 10, 32
 KS, KS_QUICK = (1, 4, 16, 64, 256, 1024, 4096), (1, 64, 1024)

@@ -48,13 +48,13 @@ import lightning.pytorch as pl
 import torch
 from overhead import digits, fit, make_net, make_optimizer, synthetic  # benchmarks/ is the script's directory
 
-from lightning_influence import InfluenceTracker, data
-from lightning_influence import fit as fit_module
-from lightning_influence.engine import InfluenceEngine
-from lightning_influence.functional import FunctionalLoss
-from lightning_influence.hvp_plan import StepHvp
+from lightning_influence import InfluenceTracker, sample_ids
+from lightning_influence.autodiff.functional import FunctionalLoss
+from lightning_influence.autodiff.hvp_plan import StepHvp
+from lightning_influence.autodiff.parameters import TrackedParameters
+from lightning_influence.core import fit as fit_module
+from lightning_influence.estimators.engine import InfluenceEngine
 from lightning_influence.optimizers import adam, sgd
-from lightning_influence.parameters import TrackedParameters
 
 # (owner, attribute, row); a function reached through a module is patched where the caller looks it up
 PIECES = [
@@ -72,7 +72,7 @@ PIECES = [
     (fit_module, "flat_optimizer_state", "read θ, grad, optimizer"),
     (fit_module, "read_step_groups", "read θ, grad, optimizer"),
     (fit_module, "validate_sample_ids", "ids"),
-    (data.RowIndex, "rows", "ids"),
+    (sample_ids.RowIndex, "rows", "ids"),
     (InfluenceEngine, "check_finite", "finite check"),
     (pl.LightningModule, "log", "progress bar"),
 ]

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.functional.classification import binary_auroc
 
 from lightning_influence import IndexedDataset, InfluenceResult, InfluenceTracker
-from lightning_influence.reporting import log_window
+from lightning_influence.reporting.windows import log_window
 
 
 class DigitsCNN(pl.LightningModule):

@@ -196,7 +196,7 @@ def run_seed(seed: int, args) -> dict:
         "acc, full run": by_id(full.sample_ids, full.scores, n),
         "tracin, full run": by_id(tracin_result.sample_ids, tracin_result.scores, n),
     }
-    # the windows telescope to the full-run score (SPEC §4): a cheap consistency check
+    # the windows telescope to the full-run score ([concepts.md: Time windows]): a cheap consistency check
     summed = by_id(windows[0].sample_ids, torch.stack([w.scores for w in windows]).sum(0), n)
     telescope_err = float((summed - scores["acc, full run"]).abs().max() / scores["acc, full run"].abs().max())
 

@@ -2,60 +2,99 @@
 
 Sign convention everywhere: a score is the predicted change of the query, f(θ_-j) − f(θ), when
 training sample j is removed. Negative = harmful, positive = helpful.
+
+The names below are the public API. The package's rooms (``callbacks``, ``reporting``, ``core``,
+``estimators``, ``autodiff``, ``optimizers``, ``trajectory``, ``results``, ``io``) are described in
+``docs/architecture.md``.
 """
 
-from lightning_influence.artifacts import load_final_scores, load_snapshots
-from lightning_influence.callback import InfluenceTracker
-from lightning_influence.config import TrackerConfig
-from lightning_influence.data import IndexedDataset, SampleIdError, default_sample_ids
-from lightning_influence.engine import InfluenceEngine
-from lightning_influence.errors import InfluenceConfigurationError, NonFiniteInfluenceError, SelfCheckError
-from lightning_influence.exclusion import ExcludeSamples
-from lightning_influence.offline import OfflineSelection, most_harmful_ids, offline_selection
-from lightning_influence.optimizers import AdamJacobian, AdamWJacobian, SGDJacobian, UnsupportedOptimizerError
-from lightning_influence.patterns import InfluencePatterns, classify_patterns
-from lightning_influence.replay import ReplayMismatchError, TrajectoryReplay
-from lightning_influence.result import InfluenceResult
-from lightning_influence.selection import SelectionDecision, SelectionPolicy
-from lightning_influence.selection_io import load_selection
-from lightning_influence.selector import InfluenceDataSelector
-from lightning_influence.tracin import TracInAccumulator
-from lightning_influence.trajectory import Trajectory, load_trajectory
-from lightning_influence.windows import WindowSnapshot
+from __future__ import annotations
+
+import importlib
+import warnings
+from typing import Any
+
+from lightning_influence.callbacks.exclusion import ExcludeSamples
+from lightning_influence.callbacks.offline import OfflineSelection, most_harmful_ids, offline_selection
+from lightning_influence.callbacks.selector import InfluenceDataSelector
+from lightning_influence.callbacks.tracker import InfluenceTracker
+from lightning_influence.core.config import TrackerConfig
+from lightning_influence.errors import (
+    InfluenceConfigurationError,
+    InfluenceError,
+    NonFiniteInfluenceError,
+    ReplayMismatchError,
+    SampleIdError,
+    SelfCheckError,
+    UnsupportedOptimizerError,
+)
+from lightning_influence.io.artifacts_reader import load_final_scores, load_snapshots
+from lightning_influence.io.audit import load_audit
+from lightning_influence.io.selection import load_selection
+from lightning_influence.results.audit import AuditReport
+from lightning_influence.results.patterns import InfluencePatterns, classify_patterns
+from lightning_influence.results.result import InfluenceResult
+from lightning_influence.results.selection import SelectionDecision, SelectionPolicy
+from lightning_influence.results.windows import WindowSnapshot
+from lightning_influence.sample_ids import IndexedDataset, default_sample_ids
+from lightning_influence.trajectory.reader import Trajectory, load_trajectory
+from lightning_influence.trajectory.replay import TrajectoryReplay
 
 __version__ = "0.1.0"
 
+_MOVED = {
+    "InfluenceEngine": "lightning_influence.estimators.engine",
+    "TracInAccumulator": "lightning_influence.estimators.tracin",
+    "AdamJacobian": "lightning_influence.optimizers",
+    "AdamWJacobian": "lightning_influence.optimizers",
+    "SGDJacobian": "lightning_influence.optimizers",
+}
+"""Internal classes that 0.1.0 exported at the top level: still importable from here for one release, with a
+``DeprecationWarning`` that names their room."""
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        module = _MOVED[name]
+        warnings.warn(
+            f"lightning_influence.{name} is internal and will leave the top level in the next release;"
+            f" import it from {module} instead.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(importlib.import_module(module), name)
+    raise AttributeError(f"module 'lightning_influence' has no attribute {name!r}")
+
+
 __all__ = [
-    "AdamJacobian",
-    "AdamWJacobian",
+    "AuditReport",
     "ExcludeSamples",
     "IndexedDataset",
-    "InfluenceDataSelector",
-    "InfluencePatterns",
     "InfluenceConfigurationError",
-    "InfluenceEngine",
+    "InfluenceDataSelector",
+    "InfluenceError",
+    "InfluencePatterns",
     "InfluenceResult",
     "InfluenceTracker",
     "NonFiniteInfluenceError",
     "OfflineSelection",
-    "SGDJacobian",
-    "SampleIdError",
     "ReplayMismatchError",
+    "SampleIdError",
     "SelectionDecision",
     "SelectionPolicy",
     "SelfCheckError",
-    "TrajectoryReplay",
-    "TracInAccumulator",
     "TrackerConfig",
+    "Trajectory",
+    "TrajectoryReplay",
     "UnsupportedOptimizerError",
     "WindowSnapshot",
     "classify_patterns",
     "default_sample_ids",
+    "load_audit",
     "load_final_scores",
     "load_selection",
-    "most_harmful_ids",
-    "offline_selection",
     "load_snapshots",
     "load_trajectory",
-    "Trajectory",
+    "most_harmful_ids",
+    "offline_selection",
 ]

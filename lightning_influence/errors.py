@@ -1,18 +1,37 @@
-"""The errors the tracker raises for what it cannot model or what does not add up (besides
-:class:`~lightning_influence.data.SampleIdError` and
-:class:`~lightning_influence.optimizers.UnsupportedOptimizerError`). Each message names the problem and the fix."""
+"""Every error the package raises for what it cannot model or what does not add up, under one base class.
+
+Catch :class:`InfluenceError` for all of them. Each also derives from the built-in error it was before the
+base class existed (``ValueError``, ``RuntimeError``, ``FloatingPointError``), so older ``except`` clauses
+still catch it. Each message names the problem and the fix.
+"""
 
 
-class InfluenceConfigurationError(RuntimeError):
+class InfluenceError(Exception):
+    """Base class of every error of lightning-influence."""
+
+
+class InfluenceConfigurationError(InfluenceError, RuntimeError):
     """The Trainer, module or optimizer is set up in a way the tracker cannot model exactly."""
 
 
-class SelfCheckError(RuntimeError):
+class SelfCheckError(InfluenceError, RuntimeError):
     """The tracker's model of the step does not reproduce what really happened."""
 
 
-class NonFiniteInfluenceError(FloatingPointError):
+class NonFiniteInfluenceError(InfluenceError, FloatingPointError):
     """NaN or inf appeared in the influence states."""
+
+
+class SampleIdError(InfluenceError, ValueError):
+    """A training batch whose sample ids are missing, malformed, out of range or repeated."""
+
+
+class UnsupportedOptimizerError(InfluenceError, ValueError):
+    """The optimizer, or one of its options, cannot be modelled exactly."""
+
+
+class ReplayMismatchError(InfluenceError, RuntimeError):
+    """A replayed step does not reproduce the recorded one (its parameters or its gradient)."""
 
 
 def explain_torch_func_error(err: RuntimeError) -> Exception | None:

@@ -2,20 +2,21 @@
 
 The callback builds one :class:`StepRecord` per optimizer step from what it sees in Lightning's hooks:
 the micro-batches with their sample ids and weights, θ_t and the gradient just before the step, the
-per-group hyper-parameters after schedulers, the clip and the scaler's verdict. The consumers (the
-forward state engine, the TracIn accumulator, the window recorder) receive it and know nothing of
-Lightning. Nothing here knows Lightning either.
+per-group hyper-parameters after schedulers, the clip and the scaler's verdict. It is built once the
+optimizer has stepped, complete, and never changes afterwards. The fit hands it, as a :class:`BookedStep`,
+to its step consumers (:class:`StepConsumer`: the estimator, the self-check, the audit, the trajectory
+recorder), which know nothing of Lightning. Nothing here knows Lightning either.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Protocol
 
 import torch
 
-from lightning_influence.clipping import GradientClip
 from lightning_influence.optimizers import OptimizerStep
+from lightning_influence.optimizers.clipping import GradientClip
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class MicroBatch:
     weight: float = 1.0
 
 
-@dataclass
+@dataclass(frozen=True)
 class StepRecord:
     """One real optimizer step t, moving θ_t to θ_{t+1}.
 
@@ -60,7 +61,7 @@ class StepRecord:
         step: the global step index t (Lightning's ``global_step`` before the update).
         epoch: the training epoch the step belongs to.
         optimizer: per-group hyper-parameters, ``theta`` (θ_t, ``Tensor[p]``), the gradient the optimizer
-            consumed (after clipping) and, once the step ran, Adam's post-step moments.
+            consumed (after clipping) and Adam's post-step moments.
         raw_grad: the unclipped gradient ``Tensor[p]`` (all processes' contributions summed).
         micro_batches: this process's micro-batches of the step, in training order.
         clip: the step's gradient clipping bound to ``raw_grad`` (None: no clipping).
@@ -75,7 +76,7 @@ class StepRecord:
     epoch: int
     optimizer: OptimizerStep
     raw_grad: torch.Tensor
-    micro_batches: list[MicroBatchRecord] = field(default_factory=list)
+    micro_batches: tuple[MicroBatchRecord, ...] = ()
     clip: GradientClip | None = None
     frozen: dict[str, torch.Tensor] = field(default_factory=dict)
     loss_scale: float | None = None
@@ -86,12 +87,32 @@ class StepRecord:
         """θ_t: ``Tensor[p]``."""
         return self.optimizer.theta
 
-    def skipped_by_scaler(self, scale_after: float | None) -> bool:
-        """Whether a GradScaler skipped this step: a non-finite gradient, or a scale that ``update()``
-        lowered after it (it does so after every skip, also when the inf/NaN appeared after the
-        gradient was read)."""
-        if self.loss_scale is None:
-            return False
-        if not bool(torch.isfinite(self.raw_grad).all()):
-            return True
-        return scale_after is not None and scale_after < self.loss_scale
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+"""Sums a tensor over the data-parallel processes (None where there is one process)."""
+
+
+@dataclass(frozen=True)
+class BookedStep:
+    """One optimizer step as a fit books it, handed to each of its step consumers in turn.
+
+    Attributes:
+        record: what the optimizer consumed.
+        after: θ_{t+1} (``Tensor[p]``), the tracked parameters once the optimizer stepped.
+        index: how many steps the fit booked before this one (0 for its first).
+        tracked: the fit's forward-tracked rows of each micro-batch of ``record``, in the same order.
+        reduce: sums a tensor over data-parallel processes (None: one process).
+    """
+
+    record: StepRecord
+    after: torch.Tensor
+    index: int
+    tracked: tuple[MicroBatch, ...] = ()
+    reduce: Reduce | None = None
+
+
+class StepConsumer(Protocol):
+    """Anything a fit hands its booked steps to, in the order of its list (a failure stops the booking)."""
+
+    def book(self, step: BookedStep) -> None:
+        """Consume one booked optimizer step."""

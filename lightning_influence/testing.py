@@ -3,8 +3,8 @@
 ``retrain`` replays a training run in plain PyTorch with per-sample weights (w_j = 0 removes
 sample j, w_j = 1 ± ε gives finite-difference derivatives), with the same initial weights, the
 same batches in the same order, the same optimizer and scheduler, and the batch denominator kept
-(SPEC §2). ``TinyClassifier`` + ``FixedBatches`` run the very same schedule through a Lightning
-``Trainer``, so a tracked Lightning run and its counterfactuals share every batch.
+([concepts.md: The counterfactual run]). ``TinyClassifier`` + ``FixedBatches`` run the very same schedule through a
+Lightning ``Trainer``, so a tracked Lightning run and its counterfactuals share every batch.
 Tests and benchmarks use these; users can too, to check the tracker on their own small problems.
 """
 
@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 from torchmetrics.functional import kendall_rank_corrcoef, pearson_corrcoef, spearman_corrcoef
 
-from lightning_influence.data import IndexedDataset
+from lightning_influence.sample_ids import IndexedDataset
 
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]

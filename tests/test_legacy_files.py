@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_influence import InfluenceTracker, load_final_scores, load_snapshots, load_trajectory
+from lightning_influence import InfluenceTracker, load_audit, load_final_scores, load_snapshots, load_trajectory
 from lightning_influence.testing import lightning_trainer
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
@@ -43,8 +43,6 @@ def test_release_0_1_0_artifacts_load_and_match_the_current_run(current):
 
 
 def test_release_0_1_0_audit_loads_and_matches_the_current_run(current):
-    from lightning_influence.audit import load_audit
-
     old, new = load_audit(FIXTURE / "artifacts"), load_audit(current[1])
     assert len(old) == len(new) > 0
     for a, b in zip(old, new):

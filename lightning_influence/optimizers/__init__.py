@@ -3,8 +3,8 @@
 Each model advances stacked per-sample perturbations of the optimizer state (``δθ``, ``δbuf``,
 ``δm``, ``δv``; each ``Tensor[c, p]``, one row per tracked sample) given the perturbation of the
 gradient the optimizer received ``δg: Tensor[c, p]``, written exactly as PyTorch implements the step
-(SPEC §3); transposes the linear part of that map for the adjoint sweep (SPEC §7); and replays the
-factual step (``apply``).
+([concepts.md: One step]); transposes the linear part of that map for the adjoint sweep ([concepts.md: Every sample at
+once]); and replays the factual step (``apply``).
 
 ``exact=False`` is the fully linear recursion (SGD-influence / AdamW-influence, estimator
 ``"first-order"``); ``exact=True`` applies the optimizer's own elementwise map to the
@@ -14,8 +14,9 @@ Nothing here knows Lightning: a step is described by plain :class:`GroupStep` re
 optimizer is read by :func:`read_step_groups` and :func:`flat_optimizer_state`.
 """
 
+from lightning_influence.errors import UnsupportedOptimizerError
 from lightning_influence.optimizers.adam import AdamJacobian, AdamWJacobian
-from lightning_influence.optimizers.base import GroupStep, OptimizerJacobian, OptimizerStep, UnsupportedOptimizerError
+from lightning_influence.optimizers.base import GroupStep, OptimizerJacobian, OptimizerStep
 from lightning_influence.optimizers.sgd import SGDJacobian
 from lightning_influence.optimizers.state import (
     STATE_KEYS,

@@ -1,4 +1,4 @@
-"""``torch.optim.Adam`` (coupled L2 weight decay) and ``AdamW`` (decoupled), SPEC §3.
+"""``torch.optim.Adam`` (coupled L2 weight decay) and ``AdamW`` (decoupled), [concepts.md: One step].
 
 Per group, with the factual post-step moments m, v, the step count c₀ after the update, bias
 corrections bc1 = 1 − β1^c₀, bc2 = 1 − β2^c₀, m̂ = m/bc1, v̂ = v/bc2, D = √v̂ + ε, and ĝ the gradient

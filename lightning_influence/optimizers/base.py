@@ -1,25 +1,21 @@
 """Plain records of one optimizer step, and the interface every optimizer model implements.
 
-A model knows three maps of one real step of its optimizer (SPEC §3):
+A model knows three maps of one real step of its optimizer ([concepts.md: One step]):
 
 - ``apply``: the factual step, θ_t and the pre-step optimizer state → θ_{t+1} and the post-step state,
   computed as PyTorch computes it (replay, self-check);
 - ``advance``: the forward map of stacked per-sample perturbations of the state
   (``exact=False``: its Jacobian, estimator ``"first-order"``);
-- ``transpose``: the transpose of the linear forward map, for the adjoint sweep (SPEC §7).
+- ``transpose``: the transpose of the linear forward map, for the adjoint sweep ([concepts.md: Every sample at once]).
 
 Nothing here knows Lightning.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
-
-
-class UnsupportedOptimizerError(ValueError):
-    """The optimizer, or one of its options, cannot be modelled exactly."""
 
 
 @dataclass
@@ -27,7 +23,7 @@ class GroupStep:
     """Hyper-parameters of one param group at one optimizer step, read as the optimizer used them.
 
     ``region`` is the group's slice of the flat tracked-parameter vector (empty when the group has no
-    tracked parameter). For Adam(W), ``step`` is the step count *after* the update (c₀ in SPEC §3;
+    tracked parameter). For Adam(W), ``step`` is the step count *after* the update (c₀ in [concepts.md: One step];
     1 means the optimizer state was just created). For SGD with momentum, ``first_momentum_step``
     says that the momentum buffer did not exist before this step.
     """
@@ -45,7 +41,7 @@ class GroupStep:
     step: int = 1
 
 
-@dataclass
+@dataclass(frozen=True)
 class OptimizerStep:
     """One real optimizer step: per-group hyper-parameters and the factual flat tensors (``Tensor[p]``).
 
@@ -58,6 +54,10 @@ class OptimizerStep:
     grad: torch.Tensor
     exp_avg: torch.Tensor | None = None
     exp_avg_sq: torch.Tensor | None = None
+
+    def with_moments(self, exp_avg: torch.Tensor | None, exp_avg_sq: torch.Tensor | None) -> OptimizerStep:
+        """The same step with Adam's post-step moments, once the optimizer has stepped."""
+        return replace(self, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
 
     def lr_vector(self) -> torch.Tensor:
         """``Tensor[p]``: the learning rate that applies to each coordinate."""

@@ -1,4 +1,4 @@
-"""``torch.optim.SGD``: coupled weight decay, momentum with dampening, nesterov (SPEC §3).
+"""``torch.optim.SGD``: coupled weight decay, momentum with dampening, nesterov ([concepts.md: One step]).
 
 The step is linear in (θ, buf, g), so the perturbation's forward map is the same for ``exact`` and
 not, and its transpose is exact. Per group, with η the learning rate, λ the weight decay, μ the

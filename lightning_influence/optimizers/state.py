@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lightning_influence.optimizers.adam import AdamJacobian, AdamWJacobian
-from lightning_influence.optimizers.base import GroupStep, OptimizerJacobian, UnsupportedOptimizerError
-from lightning_influence.optimizers.sgd import SGDJacobian
+from lightning_influence.errors import UnsupportedOptimizerError
+from lightning_influence.optimizers.base import GroupStep, OptimizerJacobian
+from lightning_influence.optimizers.registry import jacobian_for_kind
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "momentum_buffer")
 
@@ -44,9 +44,9 @@ def model_optimizer(optimizer: torch.optim.Optimizer, optimizer_model: str = "au
             f"{kind.__name__}(maximize=True) is not supported: the tracker assumes the optimizer descends the loss."
         )
     if optimizer_model == "sgd":
-        return OptimizerSpec(SGDJacobian(momentum=False), "sgd-approx", [f"{kind.__name__} modelled as plain SGD"])
+        return OptimizerSpec(jacobian_for_kind("sgd-approx"), "sgd-approx", [f"{kind.__name__} modelled as plain SGD"])
     if kind is torch.optim.SGD:
-        return OptimizerSpec(SGDJacobian(momentum=any(g.get("momentum", 0) for g in groups)), "sgd")
+        return OptimizerSpec(jacobian_for_kind("sgd", any(g.get("momentum", 0) for g in groups)), "sgd")
     if kind in (torch.optim.Adam, torch.optim.AdamW):
         return _model_adam(kind, groups)
     raise UnsupportedOptimizerError(
@@ -66,9 +66,8 @@ def _model_adam(kind: type, groups: list[dict]) -> OptimizerSpec:
     for g in groups:
         if isinstance(g.get("betas", (0, 0))[0], torch.Tensor) and g["betas"][0].requires_grad:
             raise UnsupportedOptimizerError("Differentiable (tensor) betas are not supported.")
-    if decoupled[0]:
-        return OptimizerSpec(AdamWJacobian(), "adamw")
-    return OptimizerSpec(AdamJacobian(decoupled=False), "adam")
+    name = "adamw" if decoupled[0] else "adam"
+    return OptimizerSpec(jacobian_for_kind(name), name)
 
 
 def read_group_step(group: dict, region: slice, step_count: int, first_momentum_step: bool) -> GroupStep:

@@ -1,0 +1,327 @@
+"""``InfluenceTracker``: the Lightning adapter over one :class:`~lightning_influence.core.fit.TrackedFit` per fit.
+
+Each hook translates Lightning into a call on the fit's core: the configuration is validated once at
+construction (:mod:`~lightning_influence.core.config`), the Trainer is probed in
+:mod:`~lightning_influence.callbacks.trainer_probe`, and the per-fit state, the step record, the estimators and the
+windows live in :mod:`~lightning_influence.core.fit` and the modules it uses.
+
+Lifecycle: a fit is created when training starts (from a checkpoint's state when this very fit resumed
+from one, or continuing the previous fit when the same Trainer goes on training the same weights);
+state restored outside a fit (``trainer.test(ckpt_path=...)``, a tuner) is dropped at the next fit's
+setup; a fit with nothing to train leaves the previous results in place; training hooks that run
+outside a fit this tracker started (e.g. inside a learning-rate finder) are ignored.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+from typing_extensions import override
+
+from lightning_influence.autodiff.functional import PerSampleLossFn, RegularizerFn
+from lightning_influence.callbacks import trainer_probe as lit
+from lightning_influence.callbacks.outputs import attach_outputs
+from lightning_influence.core.answers import TrackerAnswers
+from lightning_influence.core.build import build_fit
+from lightning_influence.core.config import GIB, TrackerConfig
+from lightning_influence.core.fit import FitContext, TrackedFit
+from lightning_influence.errors import InfluenceConfigurationError, SelfCheckError
+from lightning_influence.results.audit import poor_agreement_message
+from lightning_influence.results.windows import WindowSink
+from lightning_influence.sample_ids import SampleIdsFn, default_sample_ids
+
+__all__ = ["InfluenceConfigurationError", "InfluenceTracker", "SelfCheckError"]
+
+
+class InfluenceTracker(Callback, TrackerAnswers):
+    """Track accumulative, optimizer-aware influence of training samples while the model trains.
+
+    Args:
+        track: ``None`` for every sample of the training set, or a sequence of training-set ids.
+        loss_fn: ``(pl_module, batch) -> Tensor[B]`` of per-sample losses whose mean (plus
+            ``regularizer``) is the training loss; default ``pl_module.per_sample_loss(batch)``.
+        sample_ids: ``(batch) -> LongTensor[B]``; default: the :class:`IndexedDataset` convention.
+        estimator: ``"acc"`` (leave-k-out transition, exact optimizer map; default),
+            ``"first-order"`` (fully linear SGD-influence / AdamW-influence), ``"exact"`` (the counterfactual
+            run itself: true gradient differences, queries evaluated at θ + δθ_j) or ``"tracin"``
+            (no propagation; registered ``queries`` only).
+        optimizer_model: ``"auto"`` (the real optimizer's Jacobian) or ``"sgd"`` (model any
+            optimizer as plain SGD: the classic optimizer-mismatch approximation).
+        queries: ``{"name": batch or DataLoader}``, evaluated at every window boundary;
+            ``influence("name")`` and ``windows("name")`` answer for them, and ``"tracin"``
+            accumulates on them during training.
+        window_every_n_steps, window_every_n_epochs: close a DIT time window after every n optimizer
+            steps, or at the end of every n-th epoch (at most one); the end of fit closes the last
+            window. With neither, the whole run is one window.
+        dirpath: where window snapshots and final scores are written (``windows.jsonl``,
+            ``final_scores.json``); default ``<trainer.log_dir>/influence`` (next to the logger's logs).
+        write_artifacts: write the files above (rank zero only) when queries are registered.
+        log_top_k: how many most harmful / helpful sample ids the TensorBoard text table lists.
+        log_figure_every_n_windows: draw the influence figure every n-th window and at the end (tens of ms each).
+        curvature: ``"exact"``: Hessian-vector products of the real batch loss (the only option).
+        params: which parameters to track: ``None`` (all trainable ones), or a sequence of name
+            prefixes and/or ``nn.Module`` objects. Untracked parameters are held fixed in the
+            counterfactual (see the docs' limitations page).
+        regularizer: ``(pl_module) -> scalar`` sample-independent term R(θ) that the training loss
+            adds to the mean per-sample loss (e.g. an explicit L2 penalty).
+        num_samples: size of the training set, when ``len(train_dataloader.dataset)`` is unknown.
+        max_memory_bytes: refuse configurations whose states and HVP workspace exceed this.
+        hvp_chunk_size: rows per vectorised HVP call; default: derived from ``hvp_memory_bytes``.
+        hvp_memory_bytes: working-memory budget of one vectorised HVP call.
+        self_check_steps: number of first optimizer steps on which the tracker checks that the
+            per-sample losses reproduce the optimizer's gradient and that its optimizer model
+            reproduces the observed update (0 disables; not recommended).
+        record_trajectory: record the run (sample ids, hyper-parameters, checkpoints) under
+            ``<artifact dir>/trajectory`` so that ``influence(..., all_samples=True)`` scores every training
+            sample by an adjoint replay after fit; ``track=()`` then records without forward states.
+        checkpoint_every_n_steps: store the parameters and optimizer state every n steps (default ≈ √T).
+        record_batches: also store each step's batches, for data that cannot be read again identically.
+        audit, audit_seed, audit_ids: track ``audit`` tracked samples drawn with ``audit_seed`` (or ``audit_ids``)
+            with ``estimator="exact"`` next to the main estimator, and compare the two at every window and
+            for any query (``tracker.audit(query)``): a measurement of faithfulness on this very run.
+        name: tag prefix and artifact folder of this tracker (default ``influence``; ``influence_<i>`` for several).
+        sample_preview: images of each window's most harmful / helpful samples in TensorBoard: ``"auto"``
+            (image tensors), None, or ``(dataset, ids) -> Tensor[N, C, H, W]``.
+        states_in_checkpoint: False keeps the states (k × p × blocks) out of checkpoints, in ``states.pt`` next to
+            the artifacts, overwritten at each save: only the last checkpoint can be resumed (exactly).
+
+    Sign convention: every score is the predicted ``f(θ_-j) − f(θ)`` when sample j is removed;
+    negative = harmful to the query, positive = helpful.
+    """
+
+    def __init__(
+        self,
+        track: Sequence[int] | torch.Tensor | None = None,
+        loss_fn: PerSampleLossFn | None = None,
+        sample_ids: SampleIdsFn | None = None,
+        estimator: str = "acc",
+        optimizer_model: str = "auto",
+        queries: Mapping[str, Any] | None = None,
+        window_every_n_steps: int | None = None,
+        window_every_n_epochs: int | None = None,
+        dirpath: Any = None,
+        write_artifacts: bool = True,
+        log_top_k: int = 10,
+        log_figure_every_n_windows: int = 10,
+        curvature: str = "exact",
+        params: Sequence[str | nn.Module] | None = None,
+        regularizer: RegularizerFn | None = None,
+        num_samples: int | None = None,
+        max_memory_bytes: int = 4 * GIB,
+        hvp_chunk_size: int | None = None,
+        hvp_memory_bytes: int = GIB // 4,
+        self_check_steps: int = 2,
+        record_trajectory: bool = False,
+        checkpoint_every_n_steps: int | None = None,
+        record_batches: bool = False,
+        audit: int = 0,
+        audit_seed: int = 0,
+        audit_ids: Sequence[int] | None = None,
+        name: str | None = None,
+        sample_preview: Any = "auto",
+        states_in_checkpoint: bool = True,
+    ) -> None:
+        arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        self.config = TrackerConfig(**arguments)
+        # Lightning reads state_key several times per step: build it once
+        self._state_key = self._generate_state_key(**self.config.state_key_fields())
+        self._fit: TrackedFit | None = None  # the fit whose results this tracker answers for
+        self._fit_started = False  # on_fit_start ran for the fit in progress (its training hooks are ours)
+        self._training = False  # on_train_start ran for the fit in progress
+        self._namespace = "influence"
+        self._artifact_dir: str | None = None
+        self._checkpoint_step: int | None = None
+        self._restored: tuple[dict[str, Any], int | None] | None = None  # (state, the checkpoint's global_step)
+        self._window_sinks: list[WindowSink] = []  # added by other callbacks (the data selector), every process
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._state_key
+
+    def add_window_sink(self, sink: WindowSink) -> None:
+        """Hand every window this tracker closes to ``sink`` as well, on every process, from the next fit on.
+
+        ``sink.window(snapshot, recorder)`` runs as soon as the window closes, after the loggers and files;
+        ``sink.final(results, metadata)`` at the end of fit. The data selector acts this way.
+        """
+        if all(s is not sink for s in self._window_sinks):
+            self._window_sinks.append(sink)
+
+    # ------------------------------------------------------------------ lifecycle
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":  # state restored before this fit (by test(ckpt_path=...), a tuner...) is not this fit's
+            self._restored, self._fit_started, self._training = None, False, False
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        lit.check_trainer(trainer, pl_module, restored=self._restored is not None)
+        self._fit_started = True
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._fit_started:
+            return  # training run by another callback outside this fit (e.g. a learning-rate finder's trial steps)
+        if self._training:
+            raise InfluenceConfigurationError(
+                "Training started twice within one fit (a callback ran trial steps after the tracker's on_fit_start)."
+                " Run such trials before fit, e.g. Tuner(trainer).lr_find(model)."
+            )
+        self._training = True
+        lit.refuse_batch_coupled_layers(pl_module)
+        previous, fit = self._fit, self._new_fit(trainer, pl_module)
+        resumed, continued = self._restored is not None, False
+        if resumed:
+            state, step = self._restored
+            fit.load_state_dict(state, step if step is not None else trainer.global_step)
+        elif continued := fit.continues(previous, trainer.global_step):
+            fit.load_state_dict(previous.state_dict(), trainer.global_step)
+        self._restored, self._fit = None, fit
+        if fit.parts.recorder is not None:
+            fit.parts.recorder.start(fit.state.global_step if resumed or continued else None)
+        if self.config.queries and trainer.is_global_zero:  # loggers and files: rank zero
+            dirpath = self._artifact_dir if self.config.write_artifacts else None
+            attach_outputs(trainer, fit, self._namespace, dirpath, keep=resumed or continued)
+        fit.context.sinks.extend(self._window_sinks)
+        fit.close_missed_windows(trainer.current_epoch)  # a boundary a resumed run passed: closed before any batch
+
+    def _new_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> TrackedFit:
+        self._namespace = lit.namespace(trainer, self)
+        config = self.config
+        needs_dir = (
+            config.record_trajectory or not config.states_in_checkpoint or (config.queries and config.write_artifacts)
+        )
+        # trainer.log_dir is a collective call under DDP: every rank asks
+        self._artifact_dir = lit.artifact_dir(trainer, self.config.dirpath, self._namespace) if needs_dir else None
+        dataset, collate_fn = lit.training_data(trainer)
+        context = FitContext(
+            micro_batch_weight=lit.micro_batch_weight(trainer),
+            reduce=lit.reducer(trainer),
+            mixed_precision=lit.is_mixed_precision(trainer),
+            expect_indexed=lit.expects_indexed_batches(trainer, self.config.sample_ids),
+            trajectory_dir=None if self._artifact_dir is None else os.path.join(self._artifact_dir, "trajectory"),
+            expected_steps=lit.expected_steps(trainer),
+            gather_ids=lit.id_gatherer(trainer),
+            writes_files=trainer.is_global_zero,
+            world_size=trainer.world_size,
+            train_dataset=dataset,
+            collate_fn=collate_fn,
+            states_file=None if config.states_in_checkpoint else os.path.join(self._artifact_dir, "states.pt"),
+            train_batch_size=lit.train_batch_size(pl_module),
+        )
+        num_samples = lit.training_set_size(trainer, self.config.num_samples)
+        move, optimizer = lit.batch_mover(trainer, next(p for p in pl_module.parameters())), trainer.optimizers[0]
+        return build_fit(
+            self.config, pl_module, optimizer, num_samples, trainer.global_step, context, move, rank_zero_info
+        )
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._fit_started = False
+
+    # ------------------------------------------------------------------ every step
+    def _active(self) -> TrackedFit | None:
+        return self._fit if self._fit_started else None
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if (fit := self._active()) is not None:
+            fit.add_micro_batch(batch)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if (fit := self._active()) is not None:
+            fit.read_step(
+                optimizer,
+                trainer.global_step,
+                trainer.current_epoch,
+                lit.gradient_clip(trainer),
+                lit.loss_scale(trainer),
+            )
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if (fit := self._active()) is None:
+            return
+        if not outputs:
+            fit.drop_micro_batch()  # training_step returned None: this micro-batch added no gradient
+        if trainer.global_step == fit.state.global_step:
+            return  # accumulating: no optimizer step was taken on this batch
+        fit.complete_step(trainer.optimizers[0], trainer.global_step, lit.loss_scale(trainer))
+        if (tracker_ms := fit.clock.progress_ms(fit.state.steps_booked)) is not None:
+            pl_module.log("tracker_ms", tracker_ms, prog_bar=True, logger=False)
+            if fit.state.steps_booked == 3:
+                rank_zero_info(lit.cost_message(fit.clock.last, lit.expected_steps(trainer), 3))
+        if fit.schedule.closes_after_step(trainer.global_step):
+            fit.close_windows(trainer.global_step, trainer.current_epoch)
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if (fit := self._active()) is not None:
+            default_ids = self.config.sample_ids is default_sample_ids
+            lit.check_same_training_set(trainer, fit.context.train_dataset, default_ids)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if (fit := self._active()) is not None and fit.schedule.closes_after_epoch(trainer.current_epoch):
+            fit.close_windows(trainer.global_step, trainer.current_epoch)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if (fit := self._active()) is None:
+            return
+        fit.finish(lit.reducer(trainer))
+        if fit.parts.audit is not None:  # the whole run, per registered query: warn when agreement is poor
+            for name in self.config.queries:
+                report = fit.audit(name)
+                if report.is_poor():
+                    rank_zero_warn(poor_agreement_message(report))
+        unseen = fit.unseen_ids
+        if unseen.numel():
+            rank_zero_warn(
+                f"InfluenceTracker: {unseen.numel()} tracked sample(s) never appeared in an optimizer step (e.g. ids"
+                f" {unseen[:10].tolist()}): their influence is 0. `tracker.unseen_ids` lists them all; check track="
+                " against the training set and the sampler (drop_last, limit_train_batches)."
+            )
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # runs before checkpoint callbacks' on_exception (Lightning orders those last): a step the optimizer took
+        # but the batch-end hook never saw is booked now, so that a checkpoint saved on the exception is consistent
+        if (fit := self._active()) is not None and trainer.optimizers:
+            fit.complete_interrupted_step(trainer.optimizers[0], trainer.global_step, lit.loss_scale(trainer))
+
+    # ------------------------------------------------------------------ checkpoints
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs: the states (k × p × blocks floats), the windows and the step count."""
+        return {} if self._fit is None else self._fit.state_dict()
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self._checkpoint_step = checkpoint.get("global_step")
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Lightning restores callbacks before training starts, when no fit exists yet: applied at train start
+        if state_dict:
+            if state_dict.get("version") not in (1, 2):
+                raise ValueError(f"Unknown InfluenceTracker checkpoint state version {state_dict.get('version')!r}.")
+            self._restored = (state_dict, self._checkpoint_step)

@@ -1,0 +1,213 @@
+"""The tracker's answers after (or during) a fit: influence on any query, windows, patterns, bookkeeping.
+
+:class:`TrackerAnswers` reads one :class:`~lightning_influence.core.fit.TrackedFit` (the current or last fit)
+and the configuration; the Lightning callback inherits it. Sign of every score: f(θ_-j) − f(θ),
+negative = harmful. Nothing here knows Lightning.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils.data import default_collate
+
+from lightning_influence.core.config import TrackerConfig
+from lightning_influence.core.fit import TrackedFit
+from lightning_influence.estimators.base import Estimator
+from lightning_influence.results.audit import AuditReport
+from lightning_influence.results.patterns import InfluencePatterns, classify_patterns
+from lightning_influence.results.result import InfluenceResult
+from lightning_influence.results.windows import WindowSnapshot
+from lightning_influence.trajectory.reader import load_trajectory
+from lightning_influence.trajectory.replay import TrajectoryReplay
+
+
+class TrackerAnswers:
+    """Query methods over ``self._fit`` (a :class:`TrackedFit` or None) and ``self.config``."""
+
+    config: TrackerConfig
+    _fit: TrackedFit | None
+
+    def __getattr__(self, name: str) -> Any:
+        # the constructor's arguments read back as given (tracker.estimator, tracker.queries, tracker.dirpath)
+        config = self.__dict__.get("config")
+        if config is not None and name in TrackerConfig.__dataclass_fields__:
+            return getattr(config, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def _finished(self) -> TrackedFit:
+        fit = self._fit
+        if fit is None or fit.final is None:
+            why = "" if fit is None or fit.state.broken is None else f" (the last fit failed: {fit.state.broken})"
+            raise RuntimeError(f"influence() is available after trainer.fit(...) has run with this tracker{why}.")
+        return fit
+
+    def _check_registered(self, query: str) -> None:
+        if query not in self.config.queries:
+            raise KeyError(f"No registered query named {query!r}; registered: {sorted(self.config.queries)}.")
+
+    def influence(self, query: Any, per_example: bool = False, all_samples: bool = False) -> InfluenceResult:
+        """Influence of every tracked training sample on ``query``.
+
+        Args:
+            query: a batch or a DataLoader (f = mean per-sample loss over it), a callable
+                ``f(pl_module) -> scalar``, or the name of a registered query.
+            per_example: also return ``per_example: Tensor[k, n]``, the scores on each query example.
+            all_samples: score every training sample that took part in a booked step, by an adjoint replay
+                of the recorded trajectory (``record_trajectory=True``); always the ``"first-order"`` numbers.
+
+        Returns:
+            :class:`InfluenceResult` with ``scores[j]`` ≈ f(θ_-j(T)) − f(θ(T)): negative = harmful.
+            "Harmful" reads f as a loss (lower is better): for a callable such as a logit or an
+            accuracy proxy, where higher is better, negate it (``lambda m: -m(x)[0, c]``).
+        """
+        if isinstance(query, str):
+            self._check_registered(query)
+        fit = self._finished()
+        if all_samples:
+            return self.replay().influence(fit.parts.queries.resolve(query), per_example)
+        return fit.influence(query, per_example)
+
+    def self_influence(self, chunk_size: int = 64) -> InfluenceResult:
+        """Each tracked sample's influence on its own loss at the end of fit: ℓ_j(θ_-j(T)) − ℓ_j(θ(T)), predicted
+        as ⟨∇ℓ_j(θ_T), δθ_j(T)⟩ (with ``"exact"``: the difference itself). The samples are read back from the
+        training set by id, ``chunk_size`` at a time.
+
+        Removing a sample usually raises its own loss, so scores are mostly positive; an unusually large one
+        means the model bends to fit that sample alone, the classic sign of a mislabelled sample: rank with
+        ``result.most_helpful(n)`` (largest first). The sign convention is the one of every score.
+        """
+        fit = self._finished()
+        if not self.config.keeps_states:
+            raise ValueError("self_influence() needs per-sample states; estimator='tracin' keeps none.")
+        dataset, collate = fit.context.train_dataset, fit.context.collate_fn or default_collate
+        if dataset is None:
+            raise RuntimeError("self_influence() reads the tracked samples from the training set, which is unknown.")
+        theta, frozen = fit.final
+        device = fit.parts.params.device
+        theta, frozen = theta.to(device), {n: t.to(device) for n, t in frozen.items()}
+        parts = []
+        for start in range(0, fit.tracked_ids.numel(), chunk_size):
+            ids = fit.tracked_ids[start : start + chunk_size]
+            probe = fit.parts.queries.probe(collate([dataset[int(i)] for i in ids]), theta, frozen)
+            deltas = fit.estimator.theta[start : start + chunk_size]
+            if fit.estimator.name == "exact":  # the loss of each sample at its own counterfactual parameters
+                parts.append(probe.differences(deltas, per_example=True).diagonal())
+            else:
+                parts.append((deltas * probe.example_gradients().to(deltas)).sum(dim=1))
+        scores = torch.cat(parts).detach().cpu() if parts else torch.zeros(0)
+        return InfluenceResult(fit.tracked_ids.clone(), scores, None, self.config.estimator)
+
+    def windows(self, query: str, all_samples: bool = False) -> list[WindowSnapshot]:
+        """The DIT window snapshots of registered query ``query``, in time order.
+
+        Each :class:`WindowSnapshot` carries ``start_step``, ``end_step``, ``sample_ids: LongTensor[k]``
+        and ``scores: Tensor[k]`` = I(end) − I(start) (negative = harmful over that window). The
+        windows telescope: their scores sum to ``influence(query).scores``.
+        Available during training (windows closed so far) and after fit. With ``all_samples=True`` (after
+        fit, ``record_trajectory=True``), the same windows over every training sample, by the adjoint replay.
+        """
+        self._check_registered(query)
+        if not all_samples:
+            return [] if self._fit is None else self._fit.windows(query)
+        fit = self._finished()
+        boundaries = [w.end_step for w in fit.windows(query)]
+        return self.replay().windows(query, fit.parts.queries.resolve(query), boundaries)
+
+    def audit(self, query: Any) -> AuditReport:
+        """The faithfulness audit (``audit=N``) of the whole run on ``query`` (a registered name, a batch, a
+        DataLoader or a callable): the main estimator's scores of the audited samples against their exact
+        counterfactual scores f(θ_T + δθ_j) − f(θ_T). Per-window reports: :meth:`audit_windows`."""
+        if isinstance(query, str):
+            self._check_registered(query)
+        return self._finished().audit(query)
+
+    def audit_windows(self, query: str) -> list[AuditReport]:
+        """The audit's report of every window of registered query ``query`` so far, in time order."""
+        self._check_registered(query)
+        audit = None if self._fit is None else self._fit.parts.audit
+        return [] if audit is None else list(audit.reports.get(query, []))
+
+    @property
+    def artifact_dir(self) -> str | None:
+        """The folder of this tracker's files (windows, scores, audit, trajectory) in the current or last fit;
+        None before fit or when it writes none."""
+        return self.__dict__.get("_artifact_dir")
+
+    @property
+    def namespace(self) -> str:
+        """The first part of this tracker's logger tags (``name``, else ``influence`` / ``influence_<i>``)."""
+        return self.__dict__.get("_namespace", "influence")
+
+    @property
+    def trajectory_path(self) -> str | None:
+        """The folder of the recorded trajectory (``record_trajectory=True``; None otherwise or before fit)."""
+        fit = self._fit
+        return None if fit is None or fit.parts.recorder is None else str(fit.parts.recorder.dirpath)
+
+    def replay(self, progress: bool = True) -> TrajectoryReplay:
+        """The adjoint replay over this fit's recorded trajectory (what ``all_samples=True`` uses)."""
+        fit = self._finished()
+        if fit.parts.recorder is None:
+            raise RuntimeError(
+                "all_samples=True replays the recorded trajectory: pass record_trajectory=True to InfluenceTracker"
+                " (track=() records without forward states)."
+            )
+        loss = fit.parts.queries.loss
+        return TrajectoryReplay(
+            load_trajectory(fit.parts.recorder.dirpath),
+            loss.module,
+            fit.context.train_dataset,
+            loss_fn=loss.loss_fn,
+            regularizer=loss.regularizer,
+            collate_fn=fit.context.collate_fn,
+            move=fit.parts.queries.move,
+            progress=progress,
+        )
+
+    def patterns(self, query: str, **thresholds: float) -> InfluencePatterns:
+        """Classify tracked samples as stable / early / late / fluctuating from their window scores
+        on ``query`` ([concepts.md: Time windows]); ``thresholds`` go to
+        :func:`~lightning_influence.results.patterns.classify_patterns`."""
+        self._check_registered(query)
+        if self._fit is None or not self._fit.windows(query):
+            raise RuntimeError(
+                f"No window of {query!r} has closed yet: patterns() needs the window snapshots of a fit."
+            )
+        return classify_patterns(self._fit.recorder.window_matrix(query), self._fit.tracked_ids, **thresholds)
+
+    def _current(self, what: str) -> TrackedFit:
+        if self._fit is None:
+            raise RuntimeError(f"{what} is available once trainer.fit(...) has started with this tracker.")
+        return self._fit
+
+    @property
+    def engine(self) -> Estimator:
+        """The estimator of the current (or last) fit: its states (``engine.states``) or running scores."""
+        return self._current("engine").estimator
+
+    @property
+    def tracked_ids(self) -> torch.Tensor:
+        """``LongTensor[k]``: the tracked training-set ids, in state-row order."""
+        return self._current("tracked_ids").tracked_ids
+
+    @property
+    def unseen_ids(self) -> torch.Tensor:
+        """``LongTensor``: tracked ids that no optimizer step of the fit consumed (influence 0)."""
+        return self._current("unseen_ids").unseen_ids
+
+    @property
+    def samples_seen(self) -> torch.Tensor:
+        """``BoolTensor[k]``: which tracked samples a booked optimizer step consumed."""
+        return self._current("samples_seen").state.seen.clone()
+
+    @property
+    def steps_booked(self) -> int:
+        """Optimizer steps booked into the states (GradScaler-skipped steps are not booked)."""
+        return self._current("steps_booked").state.steps_booked
+
+    @property
+    def global_step(self) -> int:
+        """The Trainer's step count after the last optimizer step the tracker handled."""
+        return self._current("global_step").state.global_step

@@ -1,0 +1,214 @@
+"""Assemble one :class:`~lightning_influence.core.fit.TrackedFit` from a module, its optimizer and the configuration.
+
+Here the tracked parameters are chosen, the per-sample loss resolved, the optimizer modelled, the
+memory planned (measured on a training batch by :mod:`~lightning_influence.core.memory`; refused when over
+budget) and the estimator created. Nothing here knows Lightning.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_influence.autodiff.functional import FunctionalLoss, PerSampleLossFn
+from lightning_influence.autodiff.hvp_plan import HvpChoice
+from lightning_influence.autodiff.parameters import TrackedParameters, select_parameters
+from lightning_influence.autodiff.queries import MoveFn, QueryEvaluator
+from lightning_influence.core.audit import FitAudit, choose_audit_ids
+from lightning_influence.core.config import GIB, TrackerConfig
+from lightning_influence.core.fit import FitContext, FitParts, TrackedFit
+from lightning_influence.core.memory import plan_fit_memory
+from lightning_influence.core.selfcheck import StepSelfCheck
+from lightning_influence.errors import InfluenceConfigurationError
+from lightning_influence.estimators.base import NoStates
+from lightning_influence.estimators.engine import MemoryPlan, plan_memory
+from lightning_influence.estimators.exact import ExactEngine
+from lightning_influence.estimators.registry import EstimatorInputs
+from lightning_influence.optimizers import OptimizerSpec, model_optimizer
+from lightning_influence.records import StepRecord
+from lightning_influence.trajectory.reader import default_checkpoint_every
+from lightning_influence.trajectory.recorder import TrajectoryRecorder, trajectory_meta
+
+
+def check_tracked_ids(track: torch.Tensor | None, num_samples: int) -> torch.Tensor:
+    """The tracked ids (``None``: every sample), checked against the training set's size."""
+    ids = torch.arange(num_samples) if track is None else track
+    if ids.numel() and int(ids.max()) >= num_samples:
+        raise ValueError(f"track holds ids >= {num_samples}, the training set's size.")
+    return ids
+
+
+def resolve_loss_fn(config: TrackerConfig, module: nn.Module) -> PerSampleLossFn:
+    """``config.loss_fn``, or the module's ``per_sample_loss`` method."""
+    if config.loss_fn is not None:
+        return config.loss_fn
+    if not callable(getattr(module, "per_sample_loss", None)):
+        raise InfluenceConfigurationError(
+            f"{type(module).__name__} has no `per_sample_loss(batch)` method. Either add one returning"
+            " Tensor[B] of per-sample losses whose mean is the training loss, or pass"
+            " `loss_fn=lambda module, batch: ...` to InfluenceTracker."
+        )
+    return type(module).per_sample_loss
+
+
+def describe_plan(config: TrackerConfig, spec: OptimizerSpec, plan: MemoryPlan, hvp: HvpChoice | None = None) -> str:
+    """The one-line cost estimate printed at fit start (``hvp``: the HVP method chosen on the probe batch)."""
+    k, chunk = plan.num_tracked, min(plan.num_tracked, plan.chunk_rows)
+    how = "measured on a training batch" if plan.measured else "parameter vectors only, activations not measured"
+    saving = plan.state_bytes + plan.checkpoint_bytes
+    return (
+        f"InfluenceTracker: estimator={config.estimator!r}, optimizer model={spec.kind}, k={k} tracked samples,"
+        f" p={plan.num_params} tracked parameters, state blocks={plan.blocks}; memory ≈"
+        f" {plan.state_bytes / GIB:.3f} GiB of states + {plan.work_bytes / GIB:.3f} GiB HVP workspace ({how}):"
+        f" peak ≈ {plan.total_bytes / GIB:.3f} GiB above training (≈ {saving / GIB:.3f} GiB while a checkpoint is"
+        f" saved); per step: {plan.hvp_calls} HVP call(s) of ≤{chunk} rows ({_method(hvp)}, ≈ {k if plan.blocks else 0}"
+        " HVPs) plus per-sample gradients of the tracked samples in the batch."
+    )
+
+
+def _method(hvp: HvpChoice | None) -> str:
+    if hvp is None:
+        return "vmap over each call's rows"
+    return "vmap over each call's rows" if hvp.method == "vmap" else "a loop of single backwards, measured cheaper here"
+
+
+def check_plan(config: TrackerConfig, plan: MemoryPlan) -> None:
+    """Refuse a configuration over ``max_memory_bytes``, saying what to reduce."""
+    if plan.total_bytes > config.max_memory_bytes:
+        raise InfluenceConfigurationError(
+            f"InfluenceTracker needs ≈ {plan.total_bytes / GIB:.2f} GiB (k={plan.num_tracked} samples ×"
+            f" p={plan.num_params} parameters × {len(plan.blocks)} state block(s) × {plan.itemsize} bytes, plus the"
+            f" HVP workspace), over max_memory_bytes={config.max_memory_bytes / GIB:.2f} GiB. Track fewer samples"
+            " (track=[...]), fewer parameters (params=['head']), lower hvp_memory_bytes, or raise max_memory_bytes."
+        )
+
+
+def _step_gradient(loss: FunctionalLoss, context: FitContext):
+    """The step gradient as the tracker differentiates it (for estimators that do not compute it themselves)."""
+
+    def recompute(record: StepRecord) -> torch.Tensor:
+        batches = [m.batch for m in record.micro_batches]
+        weights = [m.weight for m in record.micro_batches]
+        with torch.enable_grad():
+            grad, losses = torch.func.grad(loss.step_loss_and_losses, has_aux=True)(
+                record.theta, batches, weights, record.frozen
+            )
+        for micro, part_losses in zip(record.micro_batches, losses):
+            loss.check_batch_size(micro.batch_size, part_losses.shape[0])
+        return grad if context.reduce is None else context.reduce(grad)
+
+    return recompute
+
+
+def make_recorder(
+    config: TrackerConfig,
+    module: nn.Module,
+    params: TrackedParameters,
+    optimizer: torch.optim.Optimizer,
+    num_samples: int,
+    context: FitContext,
+) -> TrajectoryRecorder | None:
+    """The trajectory recorder of ``record_trajectory=True`` (None otherwise)."""
+    if not config.record_trajectory:
+        return None
+    # the replay re-runs every trainable parameter's update: with params= the recorder reads them all itself
+    recorded = select_parameters(module, optimizer, None) if params.untracked else params
+    if context.mixed_precision:
+        raise InfluenceConfigurationError(
+            "record_trajectory=True under bf16-mixed/16-mixed: the replay recomputes each step's gradient in the"
+            " parameters' precision and cannot reproduce autocast's, so its fingerprints would not match. Record"
+            " with precision='32-true' (or '64-true')."
+        )
+    if config.record_batches and context.world_size > 1:
+        raise InfluenceConfigurationError(
+            "record_batches=True stores rank zero's batches only; under DDP the replay reads the other ranks'"
+            " samples from the dataset. Drop record_batches, or record on a single device."
+        )
+    spec = model_optimizer(optimizer, "auto")  # the replay re-runs the real update, whatever the estimator models
+    every = config.checkpoint_every_n_steps or default_checkpoint_every(context.expected_steps)
+    meta = trajectory_meta(
+        recorded.layout,
+        spec.kind,
+        bool(getattr(spec.jacobian, "momentum", False)),
+        recorded.dtype,
+        num_samples,
+        checkpoint_every_n_steps=every,
+        world_size=context.world_size,
+        record_batches=config.record_batches,
+        windows={"every_n_steps": config.window_every_n_steps, "every_n_epochs": config.window_every_n_epochs},
+    )
+    assert context.trajectory_dir is not None
+    return TrajectoryRecorder(
+        context.trajectory_dir,
+        meta,
+        every,
+        config.record_batches,
+        context.gather_ids,
+        context.writes_files,
+        params=recorded if params.untracked else None,
+    )
+
+
+def make_audit(
+    config: TrackerConfig,
+    loss: FunctionalLoss,
+    params: TrackedParameters,
+    optimizer: torch.optim.Optimizer,
+    tracked_ids: torch.Tensor,
+    num_samples: int,
+    start_step: int,
+) -> FitAudit | None:
+    """The faithfulness audit of ``audit=N`` / ``audit_ids=`` (None otherwise): exact states for a few tracked ids."""
+    if not config.audits:
+        return None
+    ids = choose_audit_ids(tracked_ids, config.audit, config.audit_seed, config.audit_ids)
+    spec = model_optimizer(optimizer, "auto")  # the exact run follows the real optimizer, whatever the main one models
+    plan = plan_memory(
+        ids.numel(), loss.layout.numel, spec.jacobian.blocks, params.dtype, config.hvp_memory_bytes, None
+    )
+    engine = ExactEngine(loss, spec.jacobian, ids.numel(), plan.chunk_rows, params.dtype, params.device)
+    return FitAudit(engine, ids, tracked_ids, num_samples, start_step, config.estimator)
+
+
+def build_fit(
+    config: TrackerConfig,
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    num_samples: int,
+    start_step: int,
+    context: FitContext,
+    move: MoveFn,
+    announce: Any = print,
+) -> TrackedFit:
+    """A ready :class:`TrackedFit` whose first step is ``start_step``; ``announce(text)`` receives the cost estimate."""
+    params = select_parameters(module, optimizer, config.params)
+    loss = FunctionalLoss(module, resolve_loss_fn(config, module), params.layout, config.regularizer)
+    # TracIn needs only the learning rates, so any descending optimizer will do
+    spec = model_optimizer(optimizer, "sgd" if not config.keeps_states else config.optimizer_model)
+    tracked_ids = check_tracked_ids(config.track, num_samples)
+    k, dtype = tracked_ids.numel(), params.dtype
+    blocks = spec.jacobian.blocks if config.keeps_states else ()
+    plan, hvp = plan_fit_memory(config, blocks, loss, params, k, context, move)
+    announce(describe_plan(config, spec, plan, hvp))
+    check_plan(config, plan)
+    queries = QueryEvaluator(loss, config.queries, move)
+    inputs = EstimatorInputs(
+        loss, spec.jacobian, k, plan.chunk_rows, dtype, params.device, queries.registered_gradients,
+        hvp_choice=hvp, tune_hvp=config.hvp_chunk_size is None,  # a chunk size the user set is kept
+    )  # fmt: skip
+    estimator = NoStates(dtype) if k == 0 else config.estimator_spec.build(inputs)
+    parts = FitParts(
+        params=params,
+        estimator=estimator,
+        queries=queries,
+        self_check=StepSelfCheck(config.self_check_steps, spec, context.mixed_precision),
+        optimizer_kind=spec.kind,
+        recompute_gradient=_step_gradient(loss, context),
+        recorder=make_recorder(config, module, params, optimizer, num_samples, context),
+        audit=make_audit(config, loss, params, optimizer, tracked_ids, num_samples, start_step),
+    )
+    context.metadata.setdefault("estimator", config.estimator)
+    context.metadata.setdefault("optimizer_model", spec.kind)
+    return TrackedFit(config, parts, tracked_ids, num_samples, start_step, context)

@@ -1,0 +1,97 @@
+"""Every closed window to the Trainer's loggers: scalars, histogram and tables at each window, the figure every n
+windows, previews of the most harmful and helpful samples (TensorBoard). Rank zero; the callback attaches it."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Union
+
+import torch
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
+
+from lightning_influence.reporting.windows import (
+    add_custom_scalars,
+    as_loggers,
+    log_window,
+    metric_key,
+    window_figure_image,
+)
+from lightning_influence.results.previews import PreviewFn, preview_images
+from lightning_influence.results.windows import WindowSnapshot
+
+
+def logger_step(end_step: int) -> int:
+    """Where a window ending at ``end_step`` goes on the loggers' step axis: the step of its last optimizer step,
+    at which Lightning logs that step's training loss, so influence and training curves line up."""
+    return max(int(end_step) - 1, 0)
+
+
+class LoggerSink:
+    """:class:`~lightning_influence.results.windows.WindowSink` that reports every closed window to the Trainer's
+    loggers.
+
+    Args:
+        loggers: ``trainer.loggers``.
+        top_k: rows of each table in the ``top_samples`` text.
+        namespace: the first part of every tag.
+    """
+
+    def __init__(
+        self,
+        loggers: Union[Logger, Iterable[Logger], None],
+        top_k: int,
+        namespace: str,
+        figure_every: int = 10,
+        preview: PreviewFn | None = None,
+        dataset: Any = None,
+    ) -> None:
+        self.loggers = as_loggers(loggers)
+        self.top_k = top_k
+        self.namespace = namespace
+        self.figure_every = figure_every
+        self.preview, self.dataset = preview, dataset
+        self._undrawn: dict[str, tuple[WindowSnapshot, torch.Tensor, list[int]]] = {}  # query -> last window
+        self._laid_out: set[str] = set()
+        self._last: dict[str, tuple[WindowSnapshot, torch.Tensor, list[int]]] = {}
+
+    def window(self, snapshot: WindowSnapshot, recorder: Any) -> None:
+        """Every window's scalars, histogram and table; the figure every ``figure_every``-th window only."""
+        history = recorder.window_matrix(snapshot.query)
+        end_steps = [s.end_step for s in recorder.windows(snapshot.query)]
+        if snapshot.query not in self._laid_out:  # TensorBoard's Custom Scalars tab opens on the influence charts
+            self._laid_out.add(snapshot.query)
+            add_custom_scalars(self.loggers, snapshot.query, self.namespace)
+        figure = (snapshot.index + 1) % self.figure_every == 0
+        step = logger_step(snapshot.end_step)
+        log_window(self.loggers, snapshot, history, self.top_k, end_steps, self.namespace, figure=figure, step=step)
+        if figure:
+            self._undrawn.pop(snapshot.query, None)
+        else:
+            self._undrawn[snapshot.query] = (snapshot, history, end_steps)
+        self._last[snapshot.query] = (snapshot, history, end_steps)
+        self._log_samples(snapshot, snapshot.scores, "samples")
+
+    def _log_samples(self, snapshot: WindowSnapshot, scores: torch.Tensor, what: str) -> None:
+        """Images of the most harmful and most helpful samples by ``scores`` (TensorBoard, with a preview)."""
+        boards = [logger for logger in self.loggers if isinstance(logger, TensorBoardLogger)]
+        if not boards or self.preview is None or not scores.numel():
+            return
+        order = torch.argsort(scores.detach().cpu())
+        n = min(8, scores.numel())
+        for name, rows in ((f"most_harmful_{what}", order[:n]), (f"most_helpful_{what}", order.flip(0)[:n])):
+            images = preview_images(self.preview, self.dataset, snapshot.sample_ids[rows].tolist())
+            for logger in boards if images is not None else ():
+                key = metric_key(snapshot.query, name, self.namespace)
+                step = logger_step(snapshot.end_step)
+                logger.experiment.add_images(key, images, global_step=step, dataformats="NCHW")
+
+    def final(self, results: Any, metadata: Any) -> None:
+        """The end of fit: the figure of each query's last window, if it was not drawn when it closed."""
+        boards = [logger for logger in self.loggers if isinstance(logger, TensorBoardLogger)]
+        for snapshot, history, _ in self._last.values():  # the whole run's most harmful / helpful samples
+            self._log_samples(snapshot, history.to(torch.float64).sum(0), "samples_overall")
+        for snapshot, history, end_steps in self._undrawn.values():
+            image = window_figure_image(snapshot, history, end_steps)
+            for logger in boards if image is not None else ():
+                key = metric_key(snapshot.query, "strongest_over_windows", self.namespace)
+                logger.experiment.add_image(key, image, global_step=logger_step(snapshot.end_step), dataformats="CHW")
+        self._undrawn.clear()

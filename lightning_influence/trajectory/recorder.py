@@ -1,0 +1,180 @@
+"""Recording the trajectory of a fit while it trains: one consumer of the step record ([concepts.md: Every sample at
+once]).
+
+Per booked optimizer step, :class:`TrajectoryRecorder` appends a
+:class:`~lightning_influence.trajectory.reader.StepEntry` (the step's micro-batches as sample ids and
+weights, every process's; per-group hyper-parameters; the clip; fingerprints of θ_t and of the
+gradient), and every ``checkpoint_every`` steps it stores the pre-step parameters and optimizer
+state. The format is described in :mod:`lightning_influence.trajectory.reader`; the replay that scores every
+sample from it is :mod:`lightning_influence.trajectory.replay`. Nothing here knows Lightning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from lightning_influence.autodiff.functional import FlatParameters
+from lightning_influence.autodiff.parameters import TrackedParameters
+from lightning_influence.optimizers import flat_optimizer_state, read_step_groups
+from lightning_influence.optimizers.clipping import GradientClip, NormClip, ValueClip
+from lightning_influence.records import BookedStep
+from lightning_influence.trajectory.reader import StepEntry, TrajectoryWriter, fingerprint
+
+FINGERPRINT_SEED = 20250101
+FINGERPRINT_SIZE = 4
+
+GatherIds = Callable[[torch.Tensor], list[torch.Tensor]]
+"""Every process's copy of a 1-D id tensor, in rank order (a single process: ``[ids]``)."""
+
+
+def trajectory_meta(
+    layout: FlatParameters, optimizer_kind: str, momentum: bool, dtype: torch.dtype, num_samples: int, **more: Any
+) -> dict[str, Any]:
+    """The ``meta.json`` of a recorded run (see :mod:`lightning_influence.trajectory.reader`)."""
+    return {
+        "layout": {
+            "names": list(layout.names),
+            "shapes": [list(s) for s in layout.shapes],
+            "group_slices": [[s.start, s.stop] for s in layout.group_slices],
+        },
+        "optimizer": {"kind": optimizer_kind, "momentum": bool(momentum)},
+        "dtype": str(dtype).replace("torch.", ""),
+        "num_samples": int(num_samples),
+        "fingerprint": {"seed": FINGERPRINT_SEED, "size": FINGERPRINT_SIZE},
+        **more,
+    }
+
+
+def clip_entry(clip: GradientClip | None, all_parameters: bool = False) -> dict[str, Any] | None:
+    """The clip of a step as the trajectory stores it (``all_parameters``: the recorded layout holds every
+    parameter the optimizer clips, so no gradient norm is left outside it)."""
+    if isinstance(clip, NormClip):
+        other = 0.0 if all_parameters else clip.other_sq_norm
+        return {"kind": "norm", "max_norm": clip.max_norm, "other_sq_norm": other}
+    if isinstance(clip, ValueClip):
+        return {"kind": "value", "clip_value": clip.clip_value}
+    return None
+
+
+class TrajectoryRecorder:
+    """Writes one fit's trajectory (rank zero writes; every process contributes its sample ids).
+
+    Args:
+        dirpath: the trajectory folder.
+        meta: from :func:`trajectory_meta`.
+        checkpoint_every: store the pre-step state every this many steps (and at the first step recorded).
+        record_batches: also store each step's collated batches (needed when the dataset cannot be re-read).
+        gather: collects the processes' ids of one micro-batch.
+        writes: this process writes the files (rank zero).
+        resume_from_step: the step a resumed fit starts at (the trajectory is cut back to it).
+    """
+
+    def __init__(
+        self,
+        dirpath: str | Path,
+        meta: dict[str, Any],
+        checkpoint_every: int,
+        record_batches: bool = False,
+        gather: GatherIds | None = None,
+        writes: bool = True,
+        params: TrackedParameters | None = None,
+    ) -> None:
+        self.dirpath = Path(dirpath)
+        self.meta = meta
+        self.checkpoint_every = checkpoint_every
+        self.record_batches = record_batches
+        self.gather = gather or (lambda ids: [ids])
+        self.writes = writes
+        self._writer: TrajectoryWriter | None = None
+        self._checkpointed = False  # this session wrote a checkpoint (a resumed one must start with one)
+        # files are written by one background thread, in submission order, so that checkpoint writes (a
+        # torch.save and an fsync) do not stall training; a failure surfaces at the next call
+        self._io: ThreadPoolExecutor | None = None
+        self._pending: list[Future] = []
+        # params= tracks a subset: the trajectory still holds every trainable parameter, read here
+        self.params = params
+        self._full: tuple[torch.Tensor, torch.Tensor, list, dict | None] | None = None
+
+    def start(self, resume_from_step: int | None) -> None:
+        """Open the trajectory: fresh (``None``), or continuing a fit that resumes at ``resume_from_step``."""
+        if self.writes:
+            self._writer = TrajectoryWriter(self.dirpath, self.meta, resume_from_step=resume_from_step)
+            self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightning-influence-trajectory")
+
+    def _submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        done = [f for f in self._pending if f.done()]
+        self._pending = [f for f in self._pending if not f.done()]
+        for future in done:
+            future.result()  # re-raises a failed write here, in the training thread
+        assert self._io is not None
+        self._pending.append(self._io.submit(fn, *args))
+
+    def read(self, optimizer: torch.optim.Optimizer, step: int) -> None:
+        """Just before optimizer step ``step``, when ``params`` is a wider set than the tracked one: its θ_t,
+        gradient, per-group hyper-parameters and (when a checkpoint is due) optimizer state."""
+        if self.params is None:
+            return
+        grad = self.params.grad(step)
+        if grad is None:
+            self._full = None
+            return
+        groups = read_step_groups(optimizer, [list(g) for g in self.params.groups], self.params.layout.group_slices)
+        state = flat_optimizer_state(optimizer, self.params.flat) if self.wants_checkpoint(step) else None
+        self._full = (self.params.theta(), grad, groups, state)
+
+    def wants_checkpoint(self, step: int) -> bool:
+        """Whether step ``step``'s pre-step state is stored (the caller reads the optimizer state for it)."""
+        return not self._checkpointed or step % self.checkpoint_every == 0
+
+    def book(self, step: BookedStep) -> None:
+        """Append one booked step (a step consumer); the record's ``pre_state`` is the optimizer state before it,
+        read when a checkpoint is due."""
+        record, pre_state = step.record, step.record.pre_state
+        micro = []
+        for m in record.micro_batches:  # every process's micro-batches, rank-major (a collective call)
+            micro.append([(ids, m.weight) for ids in self.gather(m.sample_ids)])
+        due, self._checkpointed = self.wants_checkpoint(record.step), True
+        if not self.writes or self._writer is None:
+            return
+        theta, raw_grad, group_steps, pre_state = (
+            (record.theta, record.raw_grad, record.optimizer.groups, pre_state) if self._full is None else self._full
+        )
+        if due:  # θ_t and the flat optimizer state are fresh copies: the writing thread owns them
+            state = {k: None if v is None else v.detach() for k, v in (pre_state or {}).items()}
+            self._submit(self._writer.write_checkpoint, record.step, theta, state, {})
+        groups = [{k: v for k, v in dataclasses.asdict(g).items() if k != "region"} for g in group_steps]
+        seed, size = FINGERPRINT_SEED, FINGERPRINT_SIZE
+        entry = StepEntry(
+            step=record.step,
+            epoch=record.epoch,
+            groups=groups,
+            micro_batches=[(ids.tolist(), float(w)) for rank_major in zip(*micro) for ids, w in rank_major],
+            clip=clip_entry(record.clip, all_parameters=self.params is not None),
+            fingerprint={"theta": fingerprint(theta, seed, size), "grad": fingerprint(raw_grad, seed, size)},
+        )
+        batches = [m.batch for m in record.micro_batches] if self.record_batches else None
+        self._submit(self._writer.write_step, entry, batches)
+
+    def finish(self, step: int, theta: torch.Tensor) -> None:
+        """The end of fit: θ_T after ``step`` steps; waits until every file is written; the trajectory is complete."""
+        if self.params is not None:
+            theta = self.params.theta()
+        if self._writer is not None:
+            self._submit(self._writer.write_final, step, theta, {})
+            self._submit(self._writer.close)
+            self._writer = None
+            self.flush()
+
+    def flush(self) -> None:
+        """Wait for the files submitted so far (re-raising a failed write)."""
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
+        if self._writer is None and self._io is not None:
+            self._io.shutdown(wait=True)
+            self._io = None
