@@ -14,6 +14,7 @@ import importlib
 import warnings
 from typing import Any
 
+from lightning_influence import _legacy_modules
 from lightning_influence.callbacks.exclusion import ExcludeSamples
 from lightning_influence.callbacks.offline import OfflineSelection, most_harmful_ids, offline_selection
 from lightning_influence.callbacks.selector import InfluenceDataSelector
@@ -41,6 +42,8 @@ from lightning_influence.trajectory.reader import Trajectory, load_trajectory
 from lightning_influence.trajectory.replay import TrajectoryReplay
 
 __version__ = "0.1.0"
+
+_legacy_modules.install()  # 0.1.0's flat module paths (lightning_influence.engine, ...) still import, with a warning
 
 _MOVED = {
     "InfluenceEngine": "lightning_influence.estimators.engine",

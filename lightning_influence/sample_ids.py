@@ -8,8 +8,8 @@ Users who carry ids themselves pass their own ``sample_ids(batch) -> LongTensor[
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any, Callable
+from collections.abc import Mapping, Sequence, Sized
+from typing import Any, Callable, cast
 
 import numpy as np
 import torch
@@ -41,7 +41,7 @@ class IndexedDataset(Dataset):
         self.dataset = dataset
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(cast(Sized, self.dataset))  # checked in __init__: Dataset itself declares no __len__
 
     def __getitem__(self, index: int) -> Any:
         item = self.dataset[index]
@@ -125,8 +125,8 @@ def _range_and_repeats(ids: torch.Tensor, num_samples: int) -> tuple[bool, bool]
     if ids.numel() <= PYTHON_ROWS:
         values = ids.tolist()
         return min(values) < 0 or max(values) >= num_samples, len(set(values)) != len(values)
-    values = np.sort(ids.numpy())
-    return bool(values[0] < 0 or values[-1] >= num_samples), bool((values[1:] == values[:-1]).any())
+    ordered = np.sort(ids.numpy())
+    return bool(ordered[0] < 0 or ordered[-1] >= num_samples), bool((ordered[1:] == ordered[:-1]).any())
 
 
 class RowIndex:

@@ -15,6 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lightning_influence"
 
 RANKS = {
     "errors": 0,
+    "_legacy_modules": 0,  # 0.1.0's module paths, resolved at import time: it imports nothing of the package itself
     "results": 1,
     "io": 2,
     "optimizers": 2,

@@ -9,7 +9,7 @@ gradients, Hessian-vector products and per-sample gradients of it. Nothing here 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, overload
 
 import torch
 from torch import nn
@@ -17,7 +17,7 @@ from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_map
 
-from lightning_influence.autodiff.hvp_plan import StepHvp
+from lightning_influence.autodiff.hvp_plan import HvpMethod, StepHvp
 from lightning_influence.errors import SampleIdError
 
 PerSampleLossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -179,12 +179,14 @@ class FunctionalLoss:
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """``(Σ_m w_m L_m(θ), (per-sample losses Tensor[B_m] of each micro-batch, ...))``: the losses come
         back as data (``has_aux``) so that callers can check one loss per sample id."""
-        total, per_batch = None, []
+        total: torch.Tensor | None = None
+        per_batch: list[torch.Tensor] = []
         for batch, weight in zip(batches, weights):
             loss, losses = self._batch_loss_and_losses(theta, batch, frozen)
             per_batch.append(losses)
             loss = loss if weight == 1 else loss * weight  # one op fewer in the graph and its double backward
             total = loss if total is None else total + loss
+        assert total is not None  # a step has at least one micro-batch
         return total, tuple(per_batch)
 
     def weighted_step_loss(
@@ -199,13 +201,14 @@ class FunctionalLoss:
         ``sample_weights[m]: Tensor[B_m]`` (0 removes a sample; the denominator |B_m| is kept, [concepts.md: The
         counterfactual run]).
         """
-        total = None
+        total: torch.Tensor | None = None
         for batch, weight, s in zip(batches, weights, sample_weights):
             losses = self.per_sample_losses(theta, batch, frozen)
             loss = (losses * s.to(losses)).sum() / losses.shape[0]
             if self.regularizer is not None:
                 loss = loss + self.call(theta, self.regularizer, frozen=frozen)
             total = loss * weight if total is None else total + loss * weight
+        assert total is not None  # a step has at least one micro-batch
         return total
 
     def linearize(
@@ -214,7 +217,7 @@ class FunctionalLoss:
         batches: Sequence[Any],
         frozen: dict | None = None,
         weights: Sequence[float] | None = None,
-        method: str = "vmap",
+        method: HvpMethod = "vmap",
     ) -> tuple[torch.Tensor, StepHvp, tuple[torch.Tensor, ...]]:
         """Return ``(∇L(θ), hvp, losses)`` for the step loss ``L = Σ_m w_m L_m`` over ``batches`` (weights
         default to 1): ``hvp(V: Tensor[c, p]) -> Tensor[c, p]`` is ``V ∇²L(θ)`` (a :class:`StepHvp` for
@@ -234,7 +237,8 @@ class FunctionalLoss:
         def gradient(t: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
             return grad(self.step_loss_and_losses, has_aux=True)(t, batches, weights, frozen)
 
-        g, vjp_fn, losses = vjp(gradient, theta, has_aux=True)
+        # torch.func.vjp is typed as returning 2 or 3 values whatever has_aux is (no overload on has_aux)
+        g, vjp_fn, losses = vjp(gradient, theta, has_aux=True)  # type: ignore[misc]
         return g.detach(), StepHvp("vmap", vjp_fn=vjp_fn), tuple(x.detach() for x in losses)
 
     def hvp_and_directional(
@@ -281,6 +285,7 @@ class FunctionalLoss:
         all rows when None: the Jacobian of the batch's per-sample losses)."""
         if rows is None:
             return jacrev(lambda t: self.per_sample_losses(t, batch, frozen))(theta)
+        assert batch_size is not None  # selecting rows needs the batch dimension's size
         sub, in_dims = _rows(batch, rows, batch_size)
         return self._per_row(theta, sub, in_dims, rows.numel(), None, frozen)[0]
 
@@ -298,6 +303,16 @@ class FunctionalLoss:
         symmetric, so the VJP of the gradient is the HVP)."""
         sub, in_dims = _rows(batch, rows, batch_size)
         return self._per_row(theta, sub, in_dims, rows.numel(), vectors, frozen)
+
+    @overload
+    def _per_row(
+        self, theta: torch.Tensor, sub: Any, in_dims: Any, m: int, vectors: torch.Tensor, frozen: dict | None
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    @overload
+    def _per_row(
+        self, theta: torch.Tensor, sub: Any, in_dims: Any, m: int, vectors: None, frozen: dict | None
+    ) -> tuple[torch.Tensor, None]: ...
 
     def _per_row(
         self, theta: torch.Tensor, sub: Any, in_dims: Any, m: int, vectors: torch.Tensor | None, frozen: dict | None

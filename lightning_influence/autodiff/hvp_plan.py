@@ -14,13 +14,14 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 from torch.func import vmap
 
+HvpMethod = Literal["vmap", "loop"]
 Hvp = Callable[[torch.Tensor], torch.Tensor]  # V: Tensor[c, p] -> V ∇²L: Tensor[c, p]
-Build = Callable[[str], Hvp]  # method -> the step's HVP, its graph built for that method
+Build = Callable[[HvpMethod], Hvp]  # method -> the step's HVP, its graph built for that method
 TIE = 0.1  # relative difference in cost per row below which the wider vmap call is taken
 
 
@@ -40,12 +41,18 @@ class StepHvp:
 
     METHODS = ("vmap", "loop")
 
-    def __init__(self, method: str, vjp_fn: Callable | None = None, graph: tuple | None = None) -> None:
+    def __init__(
+        self,
+        method: HvpMethod,
+        vjp_fn: Callable | None = None,
+        graph: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
         self.method, self._vjp, self._graph = method, vjp_fn, graph
 
     def __call__(self, vectors: torch.Tensor) -> torch.Tensor:
         if self._vjp is not None:
             return vmap(self._vjp)(vectors)[0]
+        assert self._graph is not None  # built for "loop": the gradient and its leaf
         gradient, theta = self._graph
         if not gradient.requires_grad:  # a loss linear in θ: no curvature
             return torch.zeros_like(vectors)
@@ -58,7 +65,7 @@ class HvpChoice:
     """``method`` (``"vmap"`` | ``"loop"``) and ``rows`` per call; ``seconds``: what was measured
     (``{"loop build": s, "loop/row": s, "vmap build": s, "vmap×4/row": s, ...}``; empty when not measured)."""
 
-    method: str
+    method: HvpMethod
     rows: int
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -85,7 +92,11 @@ def _vmap_rows(hvp: Hvp, states: torch.Tensor, max_rows: int, budget: float, clo
     k = states.shape[0]  # the rows available to measure on
     rows, best_rows, previous = min(2, max_rows, k), 0, float("inf")
     while True:
-        per_row = _best_of(lambda r=rows: hvp(states[:r]), clock) / rows
+
+        def call(r: int = rows) -> torch.Tensor:
+            return hvp(states[:r])
+
+        per_row = _best_of(call, clock) / rows
         seconds[f"vmap×{rows}/row"] = per_row
         if best_rows == 0 or per_row <= (1 + TIE) * seconds[f"vmap×{best_rows}/row"]:
             best_rows = rows

@@ -53,14 +53,16 @@ class TrackedParameters:
         """The flat gradient ``Tensor[p]``; None when no tracked parameter has one (the step is skipped)."""
         if all(p.grad is None for p in self.flat):
             return None
+        grads: list[torch.Tensor] = []
         for name, p in zip(self.layout.names, self.flat):
             if p.grad is None:
                 raise InfluenceConfigurationError(
                     f"Parameter {name!r} received no gradient at step {step}, so the optimizer skipped it."
                     " Exclude parameters the loss does not use (params=...)."
                 )
+            grads.append(p.grad)
         with torch.no_grad():
-            return self.layout.flatten([p.grad for p in self.flat])
+            return self.layout.flatten(grads)
 
     def other_grad_sq_norm(self, optimizer: torch.optim.Optimizer) -> float:
         """Squared norm of the gradients of the optimizer's untracked parameters (they enter a global clip norm)."""

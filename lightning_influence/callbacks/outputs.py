@@ -17,6 +17,7 @@ from lightning_influence.io.artifacts import SnapshotWriter
 from lightning_influence.io.audit import AuditWriter
 from lightning_influence.reporting.audit import log_audit
 from lightning_influence.reporting.window_sink import LoggerSink, logger_step
+from lightning_influence.results.audit import AuditReport
 from lightning_influence.results.previews import image_preview
 
 
@@ -39,7 +40,11 @@ def attach_outputs(trainer: pl.Trainer, fit: TrackedFit, namespace: str, dirpath
 
 
 def _attach_audit(trainer: pl.Trainer, audit: FitAudit, namespace: str, dirpath: str | None, keep: bool) -> None:
-    audit.sinks.append(lambda report: log_audit(trainer.loggers, report, namespace, logger_step(report.end_step)))
+    def log(report: AuditReport) -> None:
+        assert report.end_step is not None  # a window's report: the window has an end
+        log_audit(trainer.loggers, report, namespace, logger_step(report.end_step))
+
+    audit.sinks.append(log)
     if dirpath is not None:
         writer = AuditWriter(dirpath)
         writer.start(audit.num_windows if keep else None)

@@ -11,7 +11,7 @@ happened: a removed sample's rows are no longer in the batches it books, and its
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 import lightning.pytorch as pl
 import torch
@@ -62,8 +62,8 @@ class InfluenceDataSelector(ExcludeSamples):
         fraction: float | None = 0.02,
         threshold: float | None = None,
         max_fraction: float = 0.1,
-        mode: str = "remove",
-        by: str = "window",
+        mode: Literal["remove"] = "remove",
+        by: Literal["window", "cumulative"] = "window",
         filter_batch: FilterBatchFn | None = None,
         dirpath: Any = None,
         log_top_k: int = 20,
@@ -109,7 +109,7 @@ class InfluenceDataSelector(ExcludeSamples):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if all(c is not self.tracker for c in trainer.callbacks):
+        if all(c is not self.tracker for c in lit.trainer_callbacks(trainer)):
             raise InfluenceConfigurationError(
                 "The selector's tracker is not among the Trainer's callbacks: pass both,"
                 " Trainer(callbacks=[tracker, selector])."

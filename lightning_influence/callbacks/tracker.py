@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -33,7 +33,10 @@ from lightning_influence.core.build import build_fit
 from lightning_influence.core.config import GIB, TrackerConfig
 from lightning_influence.core.fit import FitContext, TrackedFit
 from lightning_influence.errors import InfluenceConfigurationError, SelfCheckError
+from lightning_influence.estimators.registry import EstimatorName
+from lightning_influence.optimizers.state import OptimizerModelName
 from lightning_influence.results.audit import poor_agreement_message
+from lightning_influence.results.previews import PreviewFn
 from lightning_influence.results.windows import WindowSink
 from lightning_influence.sample_ids import SampleIdsFn, default_sample_ids
 
@@ -101,8 +104,8 @@ class InfluenceTracker(Callback, TrackerAnswers):
         track: Sequence[int] | torch.Tensor | None = None,
         loss_fn: PerSampleLossFn | None = None,
         sample_ids: SampleIdsFn | None = None,
-        estimator: str = "acc",
-        optimizer_model: str = "auto",
+        estimator: EstimatorName = "acc",
+        optimizer_model: OptimizerModelName = "auto",
         queries: Mapping[str, Any] | None = None,
         window_every_n_steps: int | None = None,
         window_every_n_epochs: int | None = None,
@@ -110,7 +113,7 @@ class InfluenceTracker(Callback, TrackerAnswers):
         write_artifacts: bool = True,
         log_top_k: int = 10,
         log_figure_every_n_windows: int = 10,
-        curvature: str = "exact",
+        curvature: Literal["exact"] = "exact",
         params: Sequence[str | nn.Module] | None = None,
         regularizer: RegularizerFn | None = None,
         num_samples: int | None = None,
@@ -125,7 +128,7 @@ class InfluenceTracker(Callback, TrackerAnswers):
         audit_seed: int = 0,
         audit_ids: Sequence[int] | None = None,
         name: str | None = None,
-        sample_preview: Any = "auto",
+        sample_preview: Literal["auto"] | PreviewFn | None = "auto",
         states_in_checkpoint: bool = True,
     ) -> None:
         arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
@@ -179,10 +182,11 @@ class InfluenceTracker(Callback, TrackerAnswers):
         lit.refuse_batch_coupled_layers(pl_module)
         previous, fit = self._fit, self._new_fit(trainer, pl_module)
         resumed, continued = self._restored is not None, False
-        if resumed:
+        if self._restored is not None:  # resumed
             state, step = self._restored
             fit.load_state_dict(state, step if step is not None else trainer.global_step)
         elif continued := fit.continues(previous, trainer.global_step):
+            assert previous is not None  # continues() is False without a previous fit
             fit.load_state_dict(previous.state_dict(), trainer.global_step)
         self._restored, self._fit = None, fit
         if fit.parts.recorder is not None:
@@ -202,6 +206,10 @@ class InfluenceTracker(Callback, TrackerAnswers):
         # trainer.log_dir is a collective call under DDP: every rank asks
         self._artifact_dir = lit.artifact_dir(trainer, self.config.dirpath, self._namespace) if needs_dir else None
         dataset, collate_fn = lit.training_data(trainer)
+        states_file = None
+        if not config.states_in_checkpoint:
+            assert self._artifact_dir is not None  # needs_dir: the states go next to the artifacts
+            states_file = os.path.join(self._artifact_dir, "states.pt")
         context = FitContext(
             micro_batch_weight=lit.micro_batch_weight(trainer),
             reduce=lit.reducer(trainer),
@@ -214,7 +222,7 @@ class InfluenceTracker(Callback, TrackerAnswers):
             world_size=trainer.world_size,
             train_dataset=dataset,
             collate_fn=collate_fn,
-            states_file=None if config.states_in_checkpoint else os.path.join(self._artifact_dir, "states.pt"),
+            states_file=states_file,
             train_batch_size=lit.train_batch_size(pl_module),
         )
         num_samples = lit.training_set_size(trainer, self.config.num_samples)
@@ -266,6 +274,7 @@ class InfluenceTracker(Callback, TrackerAnswers):
         if (tracker_ms := fit.clock.progress_ms(fit.state.steps_booked)) is not None:
             pl_module.log("tracker_ms", tracker_ms, prog_bar=True, logger=False)
             if fit.state.steps_booked == 3:
+                assert fit.clock.last is not None  # progress_ms() answered: a step was booked
                 rank_zero_info(lit.cost_message(fit.clock.last, lit.expected_steps(trainer), 3))
         if fit.schedule.closes_after_step(trainer.global_step):
             fit.close_windows(trainer.global_step, trainer.current_epoch)

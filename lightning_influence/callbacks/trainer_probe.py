@@ -48,10 +48,16 @@ def check_strategy(trainer: pl.Trainer) -> None:
         )
 
 
+def trainer_callbacks(trainer: pl.Trainer) -> list[lcb.Callback]:
+    """``trainer.callbacks``, the Trainer's callbacks."""
+    # Lightning assigns Trainer.callbacks from its CallbackConnector without declaring it on Trainer
+    return trainer.callbacks  # type: ignore[attr-defined]
+
+
 def check_callbacks(trainer: pl.Trainer) -> None:
     """Callbacks that change the parameters outside the optimizer, or which parameters it trains."""
     averaging = tuple(getattr(lcb, n) for n in ("StochasticWeightAveraging", "WeightAveraging") if hasattr(lcb, n))
-    for callback in trainer.callbacks:
+    for callback in trainer_callbacks(trainer):
         if isinstance(callback, averaging):
             _refuse(
                 f"{type(callback).__name__}: the model ends with (or is evaluated at) averaged weights that no"
@@ -207,7 +213,7 @@ def namespace(trainer: pl.Trainer, tracker: Any) -> str:
     the Trainer."""
     if tracker.config.name is not None:
         return tracker.config.name
-    trackers = [c for c in trainer.callbacks if isinstance(c, type(tracker)) and c.config.queries]
+    trackers = [c for c in trainer_callbacks(trainer) if isinstance(c, type(tracker)) and c.config.queries]
     return "influence" if len(trackers) <= 1 or tracker not in trackers else f"influence_{trackers.index(tracker)}"
 
 
@@ -277,7 +283,8 @@ def train_batch_size(pl_module: nn.Module) -> int | None:
     """The training DataLoader's batch size (under a batch sampler: its mean batch, rounded up), for the memory
     probe at train start; None when the module has no Trainer or its loader does not tell."""
     try:
-        loader = pl_module.trainer.train_dataloader
+        trainer: Any = pl_module.trainer  # a LightningModule's Trainer, if any (read as a plain module's attribute)
+        loader = trainer.train_dataloader
     except (AttributeError, RuntimeError):  # a plain module, or one not attached to a Trainer
         return None
     if getattr(loader, "batch_size", None):

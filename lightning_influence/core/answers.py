@@ -7,7 +7,7 @@ negative = harmful. Nothing here knows Lightning.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.utils.data import default_collate
@@ -15,6 +15,7 @@ from torch.utils.data import default_collate
 from lightning_influence.core.config import TrackerConfig
 from lightning_influence.core.fit import TrackedFit
 from lightning_influence.estimators.base import Estimator
+from lightning_influence.estimators.engine import InfluenceEngine
 from lightning_influence.results.audit import AuditReport
 from lightning_influence.results.patterns import InfluencePatterns, classify_patterns
 from lightning_influence.results.result import InfluenceResult
@@ -84,14 +85,17 @@ class TrackerAnswers:
         dataset, collate = fit.context.train_dataset, fit.context.collate_fn or default_collate
         if dataset is None:
             raise RuntimeError("self_influence() reads the tracked samples from the training set, which is unknown.")
+        assert fit.final is not None  # _finished() checked it
         theta, frozen = fit.final
         device = fit.parts.params.device
         theta, frozen = theta.to(device), {n: t.to(device) for n, t in frozen.items()}
+        # keeps_states: an InfluenceEngine (NoStates only when nothing is tracked, and then no chunk reads it)
+        engine = cast(InfluenceEngine, fit.estimator)
         parts = []
         for start in range(0, fit.tracked_ids.numel(), chunk_size):
             ids = fit.tracked_ids[start : start + chunk_size]
             probe = fit.parts.queries.probe(collate([dataset[int(i)] for i in ids]), theta, frozen)
-            deltas = fit.estimator.theta[start : start + chunk_size]
+            deltas = engine.theta[start : start + chunk_size]
             if fit.estimator.name == "exact":  # the loss of each sample at its own counterfactual parameters
                 parts.append(probe.differences(deltas, per_example=True).diagonal())
             else:

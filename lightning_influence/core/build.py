@@ -50,7 +50,8 @@ def resolve_loss_fn(config: TrackerConfig, module: nn.Module) -> PerSampleLossFn
             " Tensor[B] of per-sample losses whose mean is the training loss, or pass"
             " `loss_fn=lambda module, batch: ...` to InfluenceTracker."
         )
-    return type(module).per_sample_loss
+    # the user's method, checked above: nn.Module does not declare it, so it is looked up by name
+    return getattr(type(module), "per_sample_loss")  # noqa: B009
 
 
 def describe_plan(config: TrackerConfig, spec: OptimizerSpec, plan: MemoryPlan, hvp: HvpChoice | None = None) -> str:

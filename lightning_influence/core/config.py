@@ -11,13 +11,15 @@ import hashlib
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, Optional, cast
 
 import torch
 from torch import nn
 
 from lightning_influence.autodiff.functional import PerSampleLossFn, RegularizerFn
-from lightning_influence.estimators.registry import EstimatorSpec, estimator_spec
+from lightning_influence.estimators.registry import EstimatorName, EstimatorSpec, estimator_spec
+from lightning_influence.optimizers.state import OptimizerModelName
+from lightning_influence.results.previews import PreviewFn
 from lightning_influence.results.windows import WindowSchedule
 from lightning_influence.sample_ids import SampleIdsFn, default_sample_ids
 
@@ -63,8 +65,8 @@ class TrackerConfig:
     track: torch.Tensor | None = None
     loss_fn: PerSampleLossFn | None = None
     sample_ids: SampleIdsFn = default_sample_ids
-    estimator: str = "acc"
-    optimizer_model: str = "auto"
+    estimator: EstimatorName = "acc"
+    optimizer_model: OptimizerModelName = "auto"
     queries: Mapping[str, Any] = field(default_factory=dict)
     window_every_n_steps: int | None = None
     window_every_n_epochs: int | None = None
@@ -72,7 +74,7 @@ class TrackerConfig:
     write_artifacts: bool = True
     log_top_k: int = 10
     log_figure_every_n_windows: int = 10
-    curvature: str = "exact"
+    curvature: Literal["exact"] = "exact"
     params: Sequence[str | nn.Module] | str | nn.Module | None = None
     regularizer: RegularizerFn | None = None
     num_samples: int | None = None
@@ -85,16 +87,17 @@ class TrackerConfig:
     record_batches: bool = False
     audit: int = 0
     audit_seed: int = 0
-    audit_ids: Sequence[int] | torch.Tensor | None = None
+    audit_ids: torch.Tensor | None = None  # given as a sequence of ids, kept as a LongTensor (like ``track``)
     name: str | None = None
-    sample_preview: Any = "auto"
+    sample_preview: Literal["auto"] | PreviewFn | None = "auto"
     states_in_checkpoint: bool = True
 
     def __post_init__(self) -> None:
         fix = object.__setattr__  # a frozen dataclass normalises its own fields here only
         fix(self, "track", _check_track(self.track, allow_empty=bool(self.record_trajectory)))
         fix(self, "queries", dict(self.queries or {}))
-        fix(self, "sample_ids", self.sample_ids or default_sample_ids)
+        # None (the tracker's default) stands for default_sample_ids
+        fix(self, "sample_ids", cast(Optional[SampleIdsFn], self.sample_ids) or default_sample_ids)
         self._check_names()
         self._check_queries()
         _check_positive("log_top_k", self.log_top_k)

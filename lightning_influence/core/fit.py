@@ -320,6 +320,7 @@ class TrackedFit:
         if self.parts.audit is None:
             raise RuntimeError("No audit runs: pass audit=N (or audit_ids=[...]) to InfluenceTracker.")
         main = self.influence(query).scores
+        assert self.final is not None  # influence() above raises before the end of fit
         theta, frozen = self.final
         device = self.parts.params.device
         probe = self.parts.queries.probe(query, theta.to(device), {n: t.to(device) for n, t in frozen.items()})

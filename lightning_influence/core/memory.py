@@ -23,7 +23,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.data import default_collate
 
 from lightning_influence.autodiff.functional import FunctionalLoss
-from lightning_influence.autodiff.hvp_plan import HvpChoice, choose_hvp
+from lightning_influence.autodiff.hvp_plan import HvpChoice, HvpMethod, StepHvp, choose_hvp
 from lightning_influence.autodiff.parameters import TrackedParameters
 from lightning_influence.autodiff.queries import MoveFn
 from lightning_influence.core.config import TrackerConfig
@@ -82,7 +82,7 @@ def probe_batch(context: FitContext, batch_size: int | None, move: MoveFn) -> An
         np.random.set_state(kept[1])
 
 
-def _hvp_cost(loss: FunctionalLoss, theta, frozen, batches, weights, vectors, live: LiveBytes) -> tuple[int, float]:
+def _hvp_cost(loss: FunctionalLoss, theta, frozen, batches, weights, vectors, live: LiveBytes) -> tuple[float, float]:
     """``(bytes beside the rows, bytes per row)`` of the step's vectorised HVP (its graph included), from 2 and 4
     rows."""
     _, hvp, _ = loss.linearize(theta, batches, frozen, weights)
@@ -111,6 +111,7 @@ def _measure(
     """``(hvp_fixed, hvp_row, source_row, batch rows)``: what the step's HVP allocates beside and per row, and what
     one tracked sample's per-sample gradient (and HVP) does, measured once per model, loss and batch layout."""
     leaves = tuple((tuple(t.shape), t.dtype, str(t.device)) for t in tree_leaves(batches) if torch.is_tensor(t))
+    key: tuple[Any, ...]  # grows below
     key = (_name(type(loss.module)), repr(loss.module), _name(loss.loss_fn), _name(loss.regularizer), estimator.name)
     key += (leaves, tuple(weights), params.layout.names, params.layout.shapes, params.dtype)
     if key not in _MEASURED:
@@ -179,7 +180,7 @@ def _choose(config: TrackerConfig, loss, params, batches, weights, k: int, plan:
     theta, frozen = params.theta(), params.frozen() or None
     rows = torch.full((min(k, plan.chunk_rows), theta.numel()), 1e-3, dtype=theta.dtype, device=theta.device)
 
-    def build(method: str):
+    def build(method: HvpMethod) -> StepHvp:
         return loss.linearize(theta, batches, frozen, weights, method)[1]
 
     with torch.enable_grad():

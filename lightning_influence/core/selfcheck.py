@@ -105,6 +105,7 @@ class ParameterWatch:
         if expected is None or torch.equal(theta, expected):
             return
         moved = float((theta - expected).abs().max())
+        assert self._after_step is not None  # set by expect() together with the expected parameters
         raise SelfCheckError(
             f"The tracked parameters changed outside the optimizer between the end of optimizer step"
             f" {self._after_step - 1} and {where} (max abs change {moved:.2e}). Usual causes: {_CULPRITS}. The"

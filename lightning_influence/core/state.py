@@ -195,6 +195,7 @@ class BookingClock:
         if not self._steps or not (steps_booked == 3 or steps_booked % self.every == 0):
             return None
         mean, self._seconds, self._steps = self._seconds / self._steps, 0.0, 0
+        assert self.last is not None  # set by add(), which counted the steps
         return (self.last if steps_booked == 3 else mean) * 1e3
 
 

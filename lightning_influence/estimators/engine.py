@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import torch
 
 from lightning_influence.autodiff.functional import FunctionalLoss
-from lightning_influence.autodiff.hvp_plan import HvpChoice, StepHvp, choose_hvp
+from lightning_influence.autodiff.hvp_plan import HvpChoice, HvpMethod, StepHvp, choose_hvp
 from lightning_influence.errors import NonFiniteInfluenceError
 from lightning_influence.estimators.base import Estimator, QueryProbe, Reduce
 from lightning_influence.optimizers import OptimizerJacobian, OptimizerStep
@@ -121,7 +121,7 @@ class InfluenceEngine(Estimator):
         batches, weights = [p.batch for p in parts], [p.weight for p in parts]
         if self.hvp_choice is None:  # measured once, at the first step's parameters and batch
 
-            def build(method: str) -> StepHvp:
+            def build(method: HvpMethod) -> StepHvp:
                 return self.loss.linearize(theta_t, batches, frozen, weights, method)[1]
 
             self.hvp_choice = choose_hvp(build, self.theta.to(theta_t.dtype), self.chunk_size)

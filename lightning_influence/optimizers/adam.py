@@ -32,6 +32,7 @@ from lightning_influence.optimizers.base import (
 
 def _linear_coefficients(step: OptimizerStep, g: GroupStep) -> tuple[torch.Tensor, torch.Tensor]:
     """``(1/(bc1 D), c_v)``, each ``Tensor[r]`` over the group's region: the factors of δm' and δv' in δθ'."""
+    assert step.exp_avg is not None and step.exp_avg_sq is not None  # an Adam step carries its moments
     bc1, bc2 = 1 - g.beta1**g.step, 1 - g.beta2**g.step
     m, v = step.exp_avg[g.region], step.exp_avg_sq[g.region]
     sqrt_v_hat = (v / bc2).sqrt()
@@ -76,6 +77,7 @@ class AdamJacobian(OptimizerJacobian):
             if self.decoupled and g.weight_decay:
                 d_th.mul_(1 - g.lr * g.weight_decay)
             if exact:
+                assert scratch is not None  # allocated above for the exact map
                 self._advance_exact(d_th, d_m, d_v, d_g, columns(scratch, r), step, g)
             else:  # the [r] coefficients broadcast over the c rows
                 inv_denom, coef_v = _linear_coefficients(step, g)
@@ -85,6 +87,7 @@ class AdamJacobian(OptimizerJacobian):
 
     def _advance_exact(self, d_th, d_m, d_v, d_g, tmp, step: OptimizerStep, g: GroupStep) -> None:
         """The optimizer's own map on the counterfactual moments (δm already advanced; δg is consumed)."""
+        assert step.exp_avg is not None and step.exp_avg_sq is not None  # checked by advance()
         bc1, bc2 = 1 - g.beta1**g.step, 1 - g.beta2**g.step
         m, v = columns(step.exp_avg, g.region), columns(step.exp_avg_sq, g.region)
         # counterfactual v' = β2 v'_prev + (1-β2)(ĝ+δĝ)²  ⇒  δv gains (1-β2)(2ĝ+δĝ)δĝ
@@ -128,9 +131,14 @@ class AdamJacobian(OptimizerJacobian):
 
     def _scratch_like(self, like: torch.Tensor) -> torch.Tensor:
         """A reusable ``Tensor[c, p]`` work buffer (kept across steps, grown when needed)."""
-        buf = getattr(self, "_scratch", None)
-        stale = buf is None or buf.shape[0] < like.shape[0] or buf.shape[1:] != like.shape[1:]
-        if stale or buf.dtype != like.dtype or buf.device != like.device:
+        buf: torch.Tensor | None = getattr(self, "_scratch", None)
+        if (
+            buf is None
+            or buf.shape[0] < like.shape[0]
+            or buf.shape[1:] != like.shape[1:]
+            or buf.dtype != like.dtype
+            or buf.device != like.device
+        ):
             buf = self._scratch = torch.empty_like(like)
         return buf[: like.shape[0]]
 
@@ -145,9 +153,10 @@ class AdamJacobian(OptimizerJacobian):
                 theta[r].mul_(1 - g.lr * g.weight_decay)
             elif g.weight_decay:
                 grad = grad.add(step.theta[r], alpha=g.weight_decay)
-            fresh = g.step == 1 or m_prev is None or v_prev is None
-            m = torch.zeros_like(grad) if fresh else m_prev[r].clone()
-            v = torch.zeros_like(grad) if fresh else v_prev[r].clone()
+            if g.step == 1 or m_prev is None or v_prev is None:  # fresh moments
+                m, v = torch.zeros_like(grad), torch.zeros_like(grad)
+            else:
+                m, v = m_prev[r].clone(), v_prev[r].clone()
             # the operations of torch.optim.Adam's single-tensor step, in its order
             m.lerp_(grad, 1 - g.beta1)
             v.mul_(g.beta2).addcmul_(grad, grad, value=1 - g.beta2)

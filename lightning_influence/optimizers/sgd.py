@@ -99,6 +99,7 @@ class SGDJacobian(OptimizerJacobian):
                     buf = d.clone()  # torch starts the buffer at the gradient, without dampening
                 else:
                     buf = buf_prev[r].mul(g.momentum).add_(d, alpha=1 - g.dampening)
+                assert buf_new is not None  # kept: this group uses the buffer
                 buf_new[r] = buf
                 d = d.add(buf, alpha=g.momentum) if g.nesterov else buf
             theta[r].add_(d, alpha=-g.lr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
@@ -13,6 +14,9 @@ from lightning_influence.optimizers.base import GroupStep, OptimizerJacobian
 from lightning_influence.optimizers.registry import jacobian_for_kind
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "momentum_buffer")
+
+OptimizerModelName = Literal["auto", "sgd"]
+"""``"auto"``: the real optimizer's Jacobian; ``"sgd"``: any optimizer modelled as plain SGD (the mismatch baseline)."""
 
 _HINT = (
     " Supported exactly: torch.optim.SGD, Adam and AdamW (plain classes, not subclasses)."
@@ -29,7 +33,7 @@ class OptimizerSpec:
     notes: list[str] = field(default_factory=list)
 
 
-def model_optimizer(optimizer: torch.optim.Optimizer, optimizer_model: str = "auto") -> OptimizerSpec:
+def model_optimizer(optimizer: torch.optim.Optimizer, optimizer_model: OptimizerModelName = "auto") -> OptimizerSpec:
     """Pick the optimizer model for ``optimizer`` or raise :class:`UnsupportedOptimizerError`.
 
     ``optimizer_model="sgd"`` models any optimizer as plain SGD (learning rate and coupled weight

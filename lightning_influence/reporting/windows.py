@@ -25,7 +25,7 @@ no figure is left open. Sign convention: negative = harmful to the query, positi
 from __future__ import annotations
 
 import warnings
-from typing import Any, Iterable, Sequence, Union
+from typing import Any, Iterable, Literal, Sequence, Union
 
 import numpy as np
 import torch
@@ -77,7 +77,7 @@ def top_samples_table(
     cumulative: torch.Tensor,
     top_k: int = 10,
     title: str | None = None,
-    by: str = "window",
+    by: Literal["window", "cumulative"] = "window",
 ) -> str:
     """Markdown: the ``top_k`` most harmful (negative) and ``top_k`` most helpful (positive) samples
     by window score (``by="window"``) or by cumulative score (``by="cumulative"``), each row

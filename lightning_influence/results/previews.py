@@ -40,7 +40,7 @@ def _as_image(x: torch.Tensor) -> torch.Tensor | None:
 
 def image_preview(dataset: Any, ids: Sequence[int]) -> torch.Tensor | None:
     """``Tensor[N, C, H, W]`` of the samples ``ids`` when the training items are images, else None."""
-    images = []
+    images: list[torch.Tensor] = []
     for i in ids:
         x = _first_tensor(dataset[int(i)])
         image = None if x is None else _as_image(x)

@@ -69,7 +69,7 @@ class InfluenceResult:
     def _rows(self, limit: int) -> list[tuple[int, float] | None]:
         """``(sample_id, score)`` rows to show, in stored order: all, or the first and last ``limit // 2``
         (``None`` marks the gap)."""
-        pairs = list(self)
+        pairs: list[tuple[int, float] | None] = list(self)
         if len(pairs) <= limit:
             return pairs
         half = limit // 2

@@ -138,7 +138,8 @@ def default_loss_fn(module: nn.Module) -> PerSampleLossFn:
             f"{type(module).__name__} has no `per_sample_loss(batch)` method. Pass the training loss as "
             "`loss_fn=lambda module, batch: ...` returning Tensor[B] of per-sample losses (reduction='none')."
         )
-    return type(module).per_sample_loss
+    # the user's method, checked above: nn.Module does not declare it, so it is looked up by name
+    return getattr(type(module), "per_sample_loss")  # noqa: B009
 
 
 def batch_caster(dtype: torch.dtype, device: torch.device) -> Callable[[Any], Any]:

@@ -28,14 +28,14 @@ def window_ends(
     """
     start = entries[0].step
     if boundaries is not None:
-        ends = sorted({int(b) for b in boundaries})
-        outside = [b for b in ends if not start < b <= final_step]
+        given = sorted({int(b) for b in boundaries})
+        outside = [b for b in given if not start < b <= final_step]
         if outside:
             raise ValueError(
                 f"Window boundaries {outside} lie outside ({start}, {final_step}]: a window ends after "
                 "the first recorded step and at the latest at the final step."
             )
-        return ends
+        return given
     schedule = schedule or {}
     ends = {final_step}
     every_steps, every_epochs = schedule.get("every_n_steps"), schedule.get("every_n_epochs")
