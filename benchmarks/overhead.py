@@ -228,9 +228,8 @@ def one_case(kind, x, y, k, opt_name, steps, warmup, reps, repeats, seed=0):
         groups.append(read_group_step(group, region, int(st.get("step", 0)), st.get("momentum_buffer") is None))
     step = OptimizerStep(groups, theta, grad)
     if opt_name == "adamw":
-        step = step.with_moments(
-            layout.flatten([opt.state[p]["exp_avg"] for p in params]).clone(),
-            layout.flatten([opt.state[p]["exp_avg_sq"] for p in params]).clone(),
+        step = step.with_post_state(
+            {key: layout.flatten([opt.state[p][key] for p in params]).clone() for key in ("exp_avg", "exp_avg_sq")}
         )
     jac = engine.jacobian
     delta_g = torch.randn_like(V) * 1e-4

@@ -91,6 +91,10 @@ class StepRecord:
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 """Sums a tensor over the data-parallel processes (None where there is one process)."""
 
+Agree = Callable[[Any], Any]
+"""Returns rank zero's value of a picklable object on every data-parallel process (None where there is one): what
+decides the collectives of a step (how many, what shapes) must be the same on every process."""
+
 
 @dataclass(frozen=True)
 class BookedStep:

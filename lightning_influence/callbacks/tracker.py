@@ -213,6 +213,7 @@ class InfluenceTracker(Callback, TrackerAnswers):
         context = FitContext(
             micro_batch_weight=lit.micro_batch_weight(trainer),
             reduce=lit.reducer(trainer),
+            agree=lit.agreement(trainer),
             mixed_precision=lit.is_mixed_precision(trainer),
             expect_indexed=lit.expects_indexed_batches(trainer, self.config.sample_ids),
             trajectory_dir=None if self._artifact_dir is None else os.path.join(self._artifact_dir, "trajectory"),

@@ -19,7 +19,7 @@ from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from torch import nn
 
 from lightning_influence.errors import InfluenceConfigurationError
-from lightning_influence.estimators.base import Reduce
+from lightning_influence.records import Agree, Reduce
 from lightning_influence.sample_ids import IndexedDataset, default_sample_ids
 
 SUPPORTED_PRECISION = ("32-true", "64-true", "32", "64", "bf16-mixed", "16-mixed")
@@ -177,6 +177,16 @@ def reducer(trainer: pl.Trainer) -> Reduce | None:
         return None
     strategy = trainer.strategy
     return lambda tensor: strategy.reduce(tensor.contiguous(), reduce_op="sum")
+
+
+def agreement(trainer: pl.Trainer) -> Agree | None:
+    """Gives every data-parallel process rank zero's value of a picklable object (None for one process): a choice
+    made by timing (the HVP's method and width) differs between processes, and the collectives that follow it must
+    not."""
+    if trainer.world_size <= 1:
+        return None
+    strategy = trainer.strategy
+    return lambda value: strategy.broadcast(value, src=0)
 
 
 def is_mixed_precision(trainer: pl.Trainer) -> bool:

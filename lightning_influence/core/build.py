@@ -192,12 +192,15 @@ def build_fit(
     k, dtype = tracked_ids.numel(), params.dtype
     blocks = spec.jacobian.blocks if config.keeps_states else ()
     plan, hvp = plan_fit_memory(config, blocks, loss, params, k, context, move)
+    if context.agree is not None:  # measured per process: every process must chunk (and all-reduce) alike
+        plan, hvp = context.agree((plan, hvp))
     announce(describe_plan(config, spec, plan, hvp))
     check_plan(config, plan)
     queries = QueryEvaluator(loss, config.queries, move)
     inputs = EstimatorInputs(
         loss, spec.jacobian, k, plan.chunk_rows, dtype, params.device, queries.registered_gradients,
         hvp_choice=hvp, tune_hvp=config.hvp_chunk_size is None,  # a chunk size the user set is kept
+        agree=context.agree,
     )  # fmt: skip
     estimator = NoStates(dtype) if k == 0 else config.estimator_spec.build(inputs)
     parts = FitParts(
@@ -206,6 +209,7 @@ def build_fit(
         queries=queries,
         self_check=StepSelfCheck(config.self_check_steps, spec, context.mixed_precision),
         optimizer_kind=spec.kind,
+        post_state_keys=spec.jacobian.post_state_keys,
         recompute_gradient=_step_gradient(loss, context),
         recorder=make_recorder(config, module, params, optimizer, num_samples, context),
         audit=make_audit(config, loss, params, optimizer, tracked_ids, num_samples, start_step),

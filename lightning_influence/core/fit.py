@@ -44,8 +44,6 @@ from lightning_influence.results.result import InfluenceResult
 from lightning_influence.results.windows import WindowRecorder, WindowSnapshot
 from lightning_influence.sample_ids import RowIndex, validate_sample_ids
 
-ADAM_POST_STATE = ("exp_avg", "exp_avg_sq")
-
 
 @dataclass(frozen=True)
 class _PendingStep:
@@ -220,10 +218,9 @@ class TrackedFit:
         self, pending: _PendingStep, micro: list[MicroBatchRecord], optimizer: torch.optim.Optimizer
     ) -> StepRecord:
         """The complete step record: what was read before the step, the micro-batches, Adam's post-step moments."""
-        opt_step = pending.optimizer
-        if self.parts.optimizer_kind in ("adam", "adamw"):
-            post = flat_optimizer_state(optimizer, self.parts.params.flat, ADAM_POST_STATE)
-            opt_step = opt_step.with_moments(post["exp_avg"], post["exp_avg_sq"])
+        opt_step, keys = pending.optimizer, self.parts.post_state_keys
+        if keys:
+            opt_step = opt_step.with_post_state(flat_optimizer_state(optimizer, self.parts.params.flat, keys))
         return StepRecord(
             step=pending.step,
             epoch=pending.epoch,

@@ -24,7 +24,7 @@ import torch
 from lightning_influence.errors import InfluenceConfigurationError
 from lightning_influence.estimators.base import Estimator, Reduce
 from lightning_influence.io.files import atomic_write
-from lightning_influence.records import StepRecord
+from lightning_influence.records import Agree, StepRecord
 from lightning_influence.results.windows import WindowRecorder, WindowSink
 
 if TYPE_CHECKING:  # the parts of a fit, named in annotations only
@@ -43,6 +43,7 @@ class FitContext:
 
     micro_batch_weight: float = 1.0  # w_m: 1 / (accumulate_grad_batches × world size)
     reduce: Reduce | None = None  # sums a tensor over data-parallel processes (None: one process)
+    agree: Agree | None = None  # rank zero's value of a choice, on every process (None: one process)
     mixed_precision: bool = False
     expect_indexed: bool = False  # default id reader, but the dataset is not an IndexedDataset
     sinks: list[WindowSink] = field(default_factory=list)  # where closed windows and final scores go
@@ -68,6 +69,7 @@ class FitParts:
     queries: QueryEvaluator
     self_check: StepSelfCheck
     optimizer_kind: str
+    post_state_keys: tuple[str, ...]  # the optimizer state its model reads after each step
     recompute_gradient: Callable[[StepRecord], torch.Tensor]  # for estimators that do not return it
     recorder: TrajectoryRecorder | None = None  # writes the trajectory for the all-sample replay
     audit: FitAudit | None = None  # exact states of a few samples, compared with the main estimator

@@ -29,7 +29,7 @@ from lightning_influence.errors import NonFiniteInfluenceError
 from lightning_influence.estimators.base import Estimator, QueryProbe, Reduce
 from lightning_influence.optimizers import OptimizerJacobian, OptimizerStep
 from lightning_influence.optimizers.clipping import GradientClip
-from lightning_influence.records import MicroBatch, StepRecord
+from lightning_influence.records import Agree, MicroBatch, StepRecord
 
 STATE_ESTIMATORS = ("acc", "first-order")
 
@@ -57,6 +57,8 @@ class InfluenceEngine(Estimator):
             within ``chunk_size`` rows per call) and keep the cheaper step (``hvp_choice``); False: vmap over
             ``chunk_size`` rows.
         hvp_choice: the method chosen already (by :mod:`~lightning_influence.core.memory`); overrides ``tune_hvp``.
+        agree: under data parallelism, gives every process rank zero's choice of the first step's timing (the
+            chunks decide the all-reduces, which must match on every process); None for one process.
     """
 
     def __init__(
@@ -70,6 +72,7 @@ class InfluenceEngine(Estimator):
         device: torch.device,
         tune_hvp: bool = False,
         hvp_choice: HvpChoice | None = None,
+        agree: Agree | None = None,
     ) -> None:
         if estimator not in STATE_ESTIMATORS:
             raise ValueError(f"estimator must be one of {STATE_ESTIMATORS}, got {estimator!r}.")
@@ -84,6 +87,7 @@ class InfluenceEngine(Estimator):
         self.states = dict(zip(jacobian.blocks, self._storage.unbind(0)))
         self._dtype, self._device = dtype, device
         self.hvp_choice = hvp_choice or (None if tune_hvp else HvpChoice("vmap", self.chunk_size))
+        self._agree = agree
 
     @property
     def theta(self) -> torch.Tensor:
@@ -124,7 +128,8 @@ class InfluenceEngine(Estimator):
             def build(method: HvpMethod) -> StepHvp:
                 return self.loss.linearize(theta_t, batches, frozen, weights, method)[1]
 
-            self.hvp_choice = choose_hvp(build, self.theta.to(theta_t.dtype), self.chunk_size)
+            choice = choose_hvp(build, self.theta.to(theta_t.dtype), self.chunk_size)
+            self.hvp_choice = choice if self._agree is None else self._agree(choice)
         grad_t, hvp, losses = self.loss.linearize(theta_t, batches, frozen, weights, self.hvp_choice.method)
         for part, part_losses in zip(parts, losses):
             self.loss.check_batch_size(part.batch_size, part_losses.shape[0])

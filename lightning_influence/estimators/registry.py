@@ -18,6 +18,7 @@ from lightning_influence.estimators.engine import InfluenceEngine
 from lightning_influence.estimators.exact import ExactEngine
 from lightning_influence.estimators.tracin import QueryGradients, TracInAccumulator
 from lightning_influence.optimizers import OptimizerJacobian
+from lightning_influence.records import Agree
 
 EstimatorName = Literal["acc", "first-order", "exact", "tracin"]
 
@@ -35,6 +36,7 @@ class EstimatorInputs:
     query_gradients: QueryGradients
     hvp_choice: HvpChoice | None = None
     tune_hvp: bool = True  # False when the user fixed the HVP chunk size
+    agree: Agree | None = None  # rank zero's choice on every data-parallel process (None: one process)
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,7 @@ def _engine(name: str) -> Callable[[EstimatorInputs], Estimator]:
     def build(i: EstimatorInputs) -> Estimator:
         return InfluenceEngine(
             i.loss, i.jacobian, i.num_tracked, name, i.chunk_rows, i.dtype, i.device,
-            hvp_choice=i.hvp_choice, tune_hvp=i.tune_hvp,
+            hvp_choice=i.hvp_choice, tune_hvp=i.tune_hvp, agree=i.agree,
         )  # fmt: skip
 
     return build

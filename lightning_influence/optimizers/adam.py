@@ -47,6 +47,7 @@ class AdamJacobian(OptimizerJacobian):
     """``torch.optim.Adam`` with coupled L2 weight decay (``decoupled=False``) or AdamW (``decoupled=True``)."""
 
     blocks = ("theta", "m", "v")
+    post_state_keys = ("exp_avg", "exp_avg_sq")
 
     def __init__(self, decoupled: bool) -> None:
         self.decoupled = decoupled

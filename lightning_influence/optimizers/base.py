@@ -13,7 +13,8 @@ Nothing here knows Lightning.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -46,7 +47,8 @@ class OptimizerStep:
     """One real optimizer step: per-group hyper-parameters and the factual flat tensors (``Tensor[p]``).
 
     ``theta`` are the pre-step parameters, ``grad`` the gradient the optimizer received (after any
-    clipping), ``exp_avg`` / ``exp_avg_sq`` Adam's moments *after* the step (None for SGD).
+    clipping), ``exp_avg`` / ``exp_avg_sq`` Adam's moments *after* the step (None for SGD), ``post_state`` every
+    flat post-step state tensor the model names in :attr:`OptimizerJacobian.post_state_keys`.
     """
 
     groups: list[GroupStep]
@@ -54,10 +56,13 @@ class OptimizerStep:
     grad: torch.Tensor
     exp_avg: torch.Tensor | None = None
     exp_avg_sq: torch.Tensor | None = None
+    post_state: Mapping[str, torch.Tensor | None] = field(default_factory=dict)
 
-    def with_moments(self, exp_avg: torch.Tensor | None, exp_avg_sq: torch.Tensor | None) -> OptimizerStep:
-        """The same step with Adam's post-step moments, once the optimizer has stepped."""
-        return replace(self, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
+    def with_post_state(self, state: Mapping[str, torch.Tensor | None]) -> OptimizerStep:
+        """The same step with the optimizer's flat post-step state (``{key: Tensor[p]}``), once it has stepped."""
+        return replace(
+            self, exp_avg=state.get("exp_avg"), exp_avg_sq=state.get("exp_avg_sq"), post_state=dict(state)
+        )
 
     def lr_vector(self) -> torch.Tensor:
         """``Tensor[p]``: the learning rate that applies to each coordinate."""
@@ -75,6 +80,9 @@ class OptimizerJacobian:
     are the factual step, the perturbation's forward map and the transpose of its linear part."""
 
     blocks: tuple[str, ...] = ("theta",)
+    post_state_keys: tuple[str, ...] = ()
+    """The optimizer state (keys of ``optimizer.state[p]``) that the maps read *after* the step, from
+    :attr:`OptimizerStep.post_state`."""
 
     def advance(self, states: dict[str, torch.Tensor], delta_g: torch.Tensor, step: OptimizerStep, exact: bool) -> None:
         """Advance every block of ``states`` (each ``Tensor[c, p]``, modified in place) by one step.

@@ -257,7 +257,7 @@ class TrajectoryReplay:
             clip = make_clip(entry.clip, raw)
             opt_step = OptimizerStep(group_steps(entry, self.layout), theta, raw if clip is None else clip.clipped)
             theta, opt_state = self.jacobian.apply(opt_step, opt_state)
-            opt_step = opt_step.with_moments(opt_state.get("exp_avg"), opt_state.get("exp_avg_sq"))
+            opt_step = opt_step.with_post_state(opt_state)
             out.append(ReplayedStep(entry, opt_step, micro, clip))
             bar.update()
         return out, theta

@@ -20,6 +20,7 @@ from lightning_influence import (
     default_sample_ids,
 )
 from lightning_influence.autodiff.functional import FlatParameters, FunctionalLoss, check_per_sample_losses
+from lightning_influence.autodiff.hvp_plan import HvpChoice
 from lightning_influence.core.state import BookingClock
 from lightning_influence.estimators.engine import InfluenceEngine, MicroBatch, chunk_rows_for_budget
 from lightning_influence.optimizers import (
@@ -685,6 +686,32 @@ def test_engine_result_does_not_depend_on_the_chunk_size(problem, estimator):
     torch.testing.assert_close(out[0], out[2], rtol=1e-13, atol=1e-16)
     # rows outside the batch only feel the batch Hessian; rows inside also their own source term
     assert not torch.allclose(out[0][1], init["theta"][1])
+
+
+def test_engine_takes_the_agreed_hvp_choice_so_every_process_reduces_the_same_chunks(problem):
+    """Under DDP each process times the HVP's methods on its own; the chunks decide the all-reduces, so every process
+    must use rank zero's choice (a per-process choice mismatched the collectives: issue 24's gloo crash)."""
+    net, layout, loss, batch, theta = problem
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    jac = model_optimizer(opt).jacobian
+    grad = loss.gradient_and_hvp(theta, [batch])[0]
+    groups = [read_group_step(opt.param_groups[0], layout.group_slices[0], 1, True)]
+    asked, reduced = [], []
+
+    def rank_zeros_choice(local: HvpChoice) -> HvpChoice:
+        asked.append(local)
+        return HvpChoice("loop", 2)
+
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        reduced.append(tuple(t.shape))
+        return t
+
+    engine = InfluenceEngine(loss, jac, 5, "acc", 4, DTYPE, torch.device("cpu"), tune_hvp=True, agree=rank_zeros_choice)
+    step = OptimizerStep(groups, theta, grad)
+    engine.step([MicroBatch(batch, 8, torch.tensor([1]), torch.tensor([6]))], step, reduce=reduce)
+    assert len(asked) == 1 and isinstance(asked[0], HvpChoice)
+    assert (engine.hvp_choice.method, engine.hvp_choice.rows) == ("loop", 2)
+    assert reduced[:3] == [(2, theta.numel()), (2, theta.numel()), (1, theta.numel())]  # the agreed chunks
 
 
 def test_engine_check_finite_names_step_and_samples(problem):
