@@ -44,7 +44,9 @@ def explain_torch_func_error(err: RuntimeError) -> Exception | None:
         )
     if "random" in str(err):
         return InfluenceConfigurationError(
-            "loss_fn calls a random operation (e.g. F.dropout, torch.rand): the tracker cannot replay the draws the"
-            " training step used, so its gradients and Hessians would differ. Make loss_fn deterministic."
+            "The loss draws random numbers outside a dropout layer (e.g. F.dropout or torch.rand in forward or"
+            " loss_fn): the tracker replays the draws of nn.Dropout modules, and cannot tell that this forward draws"
+            " too, so its gradients and Hessians would differ. Use an nn.Dropout module (it may sit anywhere in the"
+            " model), or make the loss deterministic."
         )
     return None

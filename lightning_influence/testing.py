@@ -298,3 +298,30 @@ def lightning_trainer(epochs: int, precision: str = "64-true", **kwargs) -> pl.T
     )
     opts.update(kwargs)
     return pl.Trainer(**opts)
+
+
+def seeded_fit(
+    net: nn.Module,
+    make_optimizer: OptimizerFactory,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    schedule: Schedule,
+    weights: torch.Tensor | None = None,
+    callbacks: Sequence[pl.Callback] = (),
+    seed: int = 11,
+) -> TinyClassifier:
+    """Train a copy of ``net`` with Lightning from ``pl.seed_everything(seed)``: the ground truth of a model that draws
+    (dropout). Runs with the same seed draw the same masks, so runs with per-sample ``weights`` (w_j = 1 ± ε, or 0)
+    are the counterfactuals of the run the tracker followed ([concepts.md: Random draws])."""
+    pl.seed_everything(seed, verbose=False)
+    module = TinyClassifier(copy.deepcopy(net), make_optimizer, weights=weights)
+    lightning_trainer(len(schedule), callbacks=list(callbacks)).fit(module, fixed_loader(x, y, schedule))
+    return module
+
+
+def eval_query_loss(module: TinyClassifier, query: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """The mean loss of ``query`` with the module in eval mode, as Lightning validates (and as queries are scored)."""
+    module.eval()
+    with torch.no_grad():
+        return float(module.per_sample_loss(query).mean())
+

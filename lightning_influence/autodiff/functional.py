@@ -8,8 +8,10 @@ gradients, Hessian-vector products and per-sample gradients of it. Nothing here 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence, overload
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -17,7 +19,9 @@ from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_map
 
+from lightning_influence.autodiff.draws import DrawnBatch
 from lightning_influence.autodiff.hvp_plan import HvpMethod, StepHvp
+from lightning_influence.autodiff.per_sample import batch_forward_terms, per_row_terms, rows_backward
 from lightning_influence.errors import SampleIdError
 
 PerSampleLossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -80,18 +84,6 @@ class _ModuleCall(nn.Module):
         return fn(self.module, *args)
 
 
-def _is_batched(t: Any, batch_size: int) -> bool:
-    return isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == batch_size
-
-
-def _rows(batch: Any, index: torch.Tensor, batch_size: int) -> tuple[Any, Any]:
-    """Rows ``index`` of every tensor of ``batch`` whose first dimension is the batch dimension, and the
-    matching ``vmap`` ``in_dims`` (0 for those tensors, None for everything else, kept whole)."""
-    sub = tree_map(lambda t: t[index] if _is_batched(t, batch_size) else t, batch)
-    in_dims = tree_map(lambda t: 0 if _is_batched(t, batch_size) else None, batch)
-    return sub, in_dims
-
-
 class FunctionalLoss:
     """The batch loss ``L(θ) = mean_i ℓ_i(θ) + R(θ)`` and per-sample losses as functions of a flat θ.
 
@@ -101,6 +93,10 @@ class FunctionalLoss:
         loss_fn: ``(module, batch) -> Tensor[B]`` of per-sample losses.
         layout: which parameters the flat vector holds.
         regularizer: optional sample-independent ``R(module) -> scalar`` added to the batch loss.
+        coupled: per-sample terms come from the batch's own forward (row r's loss as the batch computed it, with
+            its random draws), not from a forward of the row alone: for models whose rows are not independent
+            functions of θ (dropout masks drawn per batch). Batches wrapped in a
+            :class:`~lightning_influence.autodiff.draws.DrawnBatch` take this path whatever ``coupled`` says.
     """
 
     def __init__(
@@ -109,10 +105,12 @@ class FunctionalLoss:
         loss_fn: PerSampleLossFn,
         layout: FlatParameters,
         regularizer: RegularizerFn | None = None,
+        coupled: bool = False,
     ) -> None:
         self.layout = layout
         self.loss_fn = loss_fn
         self.regularizer = regularizer
+        self.coupled = coupled
         self._call = _ModuleCall(module)
 
     @property
@@ -145,8 +143,24 @@ class FunctionalLoss:
             return functional_call(self._call, self._params(theta, frozen), (fn, *args))
 
     def per_sample_losses(self, theta: torch.Tensor, batch: Any, frozen: dict | None = None) -> torch.Tensor:
-        """``Tensor[B]`` of per-sample losses at ``theta``; checked to be 1-D."""
+        """``Tensor[B]`` of per-sample losses at ``theta``; checked to be 1-D. A :class:`DrawnBatch` is evaluated
+        from the random draws of its training forward (the run's random stream is left as it was)."""
+        if isinstance(batch, DrawnBatch):
+            with batch.draws.replayed():
+                return check_per_sample_losses(self.call(theta, self.loss_fn, batch.batch, frozen=frozen))
         return check_per_sample_losses(self.call(theta, self.loss_fn, batch, frozen=frozen))
+
+    @contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """The model in eval mode (dropout off, running statistics used), as Lightning validates; each submodule's
+        mode is put back afterwards. Queries are evaluated this way."""
+        modes = [(m, m.training) for m in self.module.modules()]
+        self.module.eval()
+        try:
+            yield
+        finally:
+            for m, training in modes:
+                m.training = training
 
     def batch_loss(self, theta: torch.Tensor, batch: Any, frozen: dict | None = None) -> torch.Tensor:
         """Scalar ``mean_i ℓ_i(θ) + R(θ)``: the real training loss (all weights 1)."""
@@ -227,6 +241,10 @@ class FunctionalLoss:
         (reverse-over-reverse; ∇²L is symmetric, so the VJP is the HVP).
         """
         weights = [1.0] * len(batches) if weights is None else list(weights)
+        if any(isinstance(b, DrawnBatch) for b in batches):
+            # torch.func's transforms may draw differently from the training forward (attention's fused dropout
+            # does): a forward that draws is differentiated by plain autograd, which replays its draws exactly
+            method = "loop"
         if method == "loop":
             leaf = theta.detach().requires_grad_(True)
             with torch.enable_grad():
@@ -252,16 +270,44 @@ class FunctionalLoss:
         """For the step loss ``L = Σ_m w_m L_m`` and ``directions: Tensor[c, p]``, return ``(H U: Tensor[c, p],
         (⟨u_r, ∇ℓ_i(θ)⟩: Tensor[c, B_m] per micro-batch, ...))`` from one forward-over-reverse pass per direction,
         vectorised: the per-sample losses ride along the gradient's forward pass, so their directional
-        derivatives cost nothing extra and no gradient graph is kept."""
+        derivatives cost nothing extra and no gradient graph is kept. A kernel without forward-mode derivatives
+        (``nn.LSTM`` on the CPU) gets the same numbers by reverse-over-reverse
+        (:meth:`_hvp_and_directional_reverse`)."""
         weights = [1.0] * len(batches) if weights is None else list(weights)
+        try:
+            return self._hvp_and_directional_forward(theta, batches, directions, frozen, weights)
+        except (NotImplementedError, RuntimeError) as err:
+            if "forward AD" not in str(err) and "Batching rule not implemented" not in str(err):
+                raise
+            return self._hvp_and_directional_reverse(theta, batches, directions, frozen, weights)
 
+    def _hvp_and_directional_forward(
+        self, theta: torch.Tensor, batches: Sequence[Any], directions: torch.Tensor, frozen: dict | None, weights: list
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         def gradient_and_losses(t: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
             return grad(self.step_loss_and_losses, has_aux=True)(t, batches, weights, frozen)
 
         def one(v: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
             return jvp(gradient_and_losses, (theta,), (v,))[1]
 
-        return vmap(one)(directions)
+        return vmap(one, randomness="same")(directions)  # every direction replays the batch's own draws
+
+    def _hvp_and_directional_reverse(
+        self, theta: torch.Tensor, batches: Sequence[Any], directions: torch.Tensor, frozen: dict | None, weights: list
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """:meth:`hvp_and_directional` from one forward and backward passes only: H u_r = ∇⟨∇L, u_r⟩, and the
+        directional derivatives J u_r of the per-sample losses (J their Jacobian) as ∇_a ⟨∇⟨a, ℓ⟩, u_r⟩, the
+        transpose of the VJP a ↦ Jᵀa, which is linear in a."""
+        leaf = theta.detach().requires_grad_(True)
+        with torch.enable_grad():
+            loss, losses = self.step_loss_and_losses(leaf, batches, weights, frozen)
+            (g,) = torch.autograd.grad(loss, leaf, create_graph=True)
+            hu = rows_backward(g, leaf, directions.to(g), create_graph=False)
+            flat = torch.cat(losses)
+            a = torch.zeros_like(flat, requires_grad=True)
+            (jt_a,) = torch.autograd.grad(flat, leaf, a, create_graph=True)
+            ju = rows_backward(jt_a, a, directions.to(jt_a), create_graph=False)
+        return hu.detach(), tuple(ju.detach().split([x.shape[0] for x in losses], dim=1))
 
     def gradient_and_hvp(
         self,
@@ -281,13 +327,12 @@ class FunctionalLoss:
         batch_size: int | None = None,
         frozen: dict | None = None,
     ) -> torch.Tensor:
-        """Per-sample gradients ``Tensor[m, p]`` of the batch rows ``rows`` (``LongTensor[m]``, see :meth:`_per_row`;
-        all rows when None: the Jacobian of the batch's per-sample losses)."""
+        """Per-sample gradients ``Tensor[m, p]`` of the batch rows ``rows`` (``LongTensor[m]``, see
+        :mod:`~lightning_influence.autodiff.per_sample`; all rows when None: the Jacobian of the batch's per-sample
+        losses)."""
         if rows is None:
             return jacrev(lambda t: self.per_sample_losses(t, batch, frozen))(theta)
-        assert batch_size is not None  # selecting rows needs the batch dimension's size
-        sub, in_dims = _rows(batch, rows, batch_size)
-        return self._per_row(theta, sub, in_dims, rows.numel(), None, frozen)[0]
+        return self._terms(theta, batch, rows, batch_size, None, frozen)[0]
 
     def sample_gradients_and_hvps(
         self,
@@ -299,44 +344,32 @@ class FunctionalLoss:
         frozen: dict | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """For each batch row r in ``rows`` with its own vector v_r (``vectors: Tensor[m, p]``), return
-        ``(∇ℓ_r(θ), ∇²ℓ_r(θ) v_r)``, both ``Tensor[m, p]`` (:meth:`_per_row`; reverse-over-reverse: ∇²ℓ_r is
-        symmetric, so the VJP of the gradient is the HVP)."""
-        sub, in_dims = _rows(batch, rows, batch_size)
-        return self._per_row(theta, sub, in_dims, rows.numel(), vectors, frozen)
+        ``(∇ℓ_r(θ), ∇²ℓ_r(θ) v_r)``, both ``Tensor[m, p]`` (:mod:`~lightning_influence.autodiff.per_sample`;
+        reverse-over-reverse: ∇²ℓ_r is symmetric, so the VJP of the gradient is the HVP)."""
+        g, h = self._terms(theta, batch, rows, batch_size, vectors, frozen)
+        assert h is not None  # vectors given
+        return g, h
 
-    @overload
-    def _per_row(
-        self, theta: torch.Tensor, sub: Any, in_dims: Any, m: int, vectors: torch.Tensor, frozen: dict | None
-    ) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-    @overload
-    def _per_row(
-        self, theta: torch.Tensor, sub: Any, in_dims: Any, m: int, vectors: None, frozen: dict | None
-    ) -> tuple[torch.Tensor, None]: ...
-
-    def _per_row(
-        self, theta: torch.Tensor, sub: Any, in_dims: Any, m: int, vectors: torch.Tensor | None, frozen: dict | None
+    def _terms(
+        self,
+        theta: torch.Tensor,
+        batch: Any,
+        rows: torch.Tensor,
+        batch_size: int | None,
+        vectors: torch.Tensor | None,
+        frozen: dict | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(∇ℓ_r(θ): Tensor[m, p], ∇²ℓ_r(θ) v_r: Tensor[m, p] or None)`` for the m rows of ``sub`` (``vectors:
-        Tensor[m, p]``; None: the gradients alone).
+        def losses_of(t: torch.Tensor, b: Any) -> torch.Tensor:
+            return self.per_sample_losses(t, b, frozen)
 
-        Each row gets its own copy of θ (``Tensor[m, p]``), and row r's loss depends on copy r alone, so one
-        plain backward of the summed losses gives every row's gradient, and one more every row's HVP. Only the
-        forward is vmapped (over rows and copies): about 30% cheaper than ``vmap ∘ vjp ∘ grad``, and for one
-        row no transform at all."""
-        copies = theta.detach().expand(m, -1).clone().requires_grad_(True)
-        with torch.enable_grad():
-            if m == 1:
-                losses = self.per_sample_losses(copies[0], sub, frozen)
-            else:
-                losses = vmap(lambda t, s: self.sample_loss(t, s, in_dims, frozen), in_dims=(0, in_dims))(copies, sub)
-            (g,) = torch.autograd.grad(losses.sum(), copies, create_graph=vectors is not None)
-            if vectors is None:
-                return g.detach(), None
-            h = None  # stays None for a loss linear in θ (no curvature)
-            if g.requires_grad:
-                (h,) = torch.autograd.grad(g, copies, vectors.to(g), allow_unused=True)
-        return g.detach(), torch.zeros_like(vectors) if h is None else h
+        if self.coupled or isinstance(batch, DrawnBatch):
+            return batch_forward_terms(losses_of, theta, batch, rows, vectors)
+        assert batch_size is not None  # selecting rows needs the batch dimension's size
+
+        def sample_loss_of(t: torch.Tensor, sample: Any, in_dims: Any) -> torch.Tensor:
+            return self.sample_loss(t, sample, in_dims, frozen)
+
+        return per_row_terms(losses_of, sample_loss_of, theta, batch, rows, batch_size, vectors)
 
 
 def check_per_sample_losses(losses: Any) -> torch.Tensor:

@@ -116,14 +116,20 @@ def choose_hvp(
 ) -> HvpChoice:
     """Time both methods on rows of ``states`` (``Tensor[r, p]``) and return the one whose whole step over
     ``num_rows`` rows (default r) costs least: building its graph once, plus the rows at its measured cost per
-    row (vmap at its best row count ≤ ``max_rows``). The measurement costs a few HVP calls of the sizes tried."""
+    row (vmap at its best row count ≤ ``max_rows``). The measurement costs a few HVP calls of the sizes tried.
+    A model that vmap cannot batch (a kernel without a batching rule: ``nn.LSTM``, ``nn.GRU``) gets the loop."""
     k, seconds = num_rows or states.shape[0], {}
     loop = build("loop")
     seconds["loop build"] = _best_of(lambda: build("loop"), clock)
     seconds["loop/row"] = _best_of(lambda: loop(states[:1]), clock)
-    vmapped = build("vmap")
-    seconds["vmap build"] = _best_of(lambda: build("vmap"), clock)
-    rows = _vmap_rows(vmapped, states, max_rows, budget_seconds, clock, seconds)
+    try:
+        vmapped = build("vmap")
+        seconds["vmap build"] = _best_of(lambda: build("vmap"), clock)
+        rows = _vmap_rows(vmapped, states, max_rows, budget_seconds, clock, seconds)
+    except RuntimeError as err:
+        if "Batching rule not implemented" not in str(err) and "vmap" not in str(err):
+            raise
+        return HvpChoice("loop", max(1, min(max_rows, k)), seconds)
     per_step_loop = seconds["loop build"] + k * seconds["loop/row"]
     per_step_vmap = seconds["vmap build"] + math.ceil(k / rows) * rows * seconds[f"vmap×{rows}/row"]
     if per_step_loop <= per_step_vmap:

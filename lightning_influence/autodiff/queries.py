@@ -5,6 +5,8 @@ A query is one of
 - an iterable of batches (a DataLoader): f = mean per-sample loss over all its samples;
 - a callable ``f(module) -> scalar``: anything differentiable (a prediction, a margin, a metric).
 
+Batch and DataLoader queries are evaluated the way Lightning validates: the model in eval mode (dropout off,
+running statistics used); a callable decides for itself (it gets the model in whatever mode training left it).
 Scores use ⟨∇f(θ), δθ_j⟩, so only ∇f is needed. Nothing here knows Lightning.
 """
 
@@ -57,7 +59,8 @@ def query_gradient(
 
     total, count = torch.zeros_like(theta), 0
     for batch in _batches(query):
-        g, losses = grad(summed, has_aux=True)(theta, move(batch))  # one forward gives both
+        with loss.evaluating():
+            g, losses = grad(summed, has_aux=True)(theta, move(batch))  # one forward gives both
         total += g
         count += losses.shape[0]
     if count == 0:
@@ -71,7 +74,8 @@ def query_example_gradients(
     """Per-example gradients ``Tensor[n, p]`` of every sample of a batch / DataLoader query."""
     if _is_callable_query(query):
         return _callable_gradient(loss, theta, query, frozen).unsqueeze(0)
-    return torch.cat([loss.sample_gradients(theta, move(batch), frozen=frozen) for batch in _batches(query)])
+    with loss.evaluating():
+        return torch.cat([loss.sample_gradients(theta, move(batch), frozen=frozen) for batch in _batches(query)])
 
 
 def _is_callable_query(query: Query) -> bool:
@@ -133,7 +137,8 @@ def _values(loss: FunctionalLoss, query: Query, move: MoveFn, frozen: dict | Non
     batches = [move(batch) for batch in _batches(query)]
 
     def value(t: torch.Tensor) -> torch.Tensor:
-        losses = torch.cat([loss.per_sample_losses(t, batch, frozen) for batch in batches])
+        with loss.evaluating():
+            losses = torch.cat([loss.per_sample_losses(t, batch, frozen) for batch in batches])
         return losses if per_example else losses.mean()
 
     return value

@@ -119,8 +119,9 @@ def resumed_from(trainer: pl.Trainer) -> str | None:
 
 
 def refuse_batch_coupled_layers(pl_module: nn.Module) -> None:
-    """Active dropout (random masks) and BatchNorm in train mode (samples coupled) cannot be replayed; a submodule
-    registered under two names cannot be re-parametrised by ``torch.func.functional_call`` without corrupting it."""
+    """BatchNorm in train mode (its running statistics are not propagated yet) is refused; a submodule registered
+    under two names cannot be re-parametrised by ``torch.func.functional_call`` without corrupting it. Dropout is
+    replayed (each micro-batch's random draws are captured and every evaluation of its loss reuses them)."""
     names: dict[int, str] = {}
     for name, mod in pl_module.named_modules(remove_duplicate=False):
         if id(mod) in names and any(True for _ in mod.parameters()):
@@ -133,11 +134,6 @@ def refuse_batch_coupled_layers(pl_module: nn.Module) -> None:
         names.setdefault(id(mod), name)
     problems = []  # every offending module in one error, so that one fix-and-rerun settles them all
     for name, mod in pl_module.named_modules():
-        if isinstance(mod, nn.modules.dropout._DropoutNd) and mod.p > 0 and mod.training:
-            problems.append(
-                f"Module {name!r} is an active {type(mod).__name__}(p={mod.p}): the tracker cannot replay its"
-                " random masks, so its Hessians would not be the ones the step used. Set p=0 while tracking."
-            )
         if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.training:
             problems.append(
                 f"Module {name!r} is a {type(mod).__name__} in training mode: it couples the samples of a batch,"

@@ -96,7 +96,7 @@ class TrackerAnswers:
             ids = fit.tracked_ids[start : start + chunk_size]
             probe = fit.parts.queries.probe(collate([dataset[int(i)] for i in ids]), theta, frozen)
             deltas = engine.theta[start : start + chunk_size]
-            if fit.estimator.name == "exact":  # the loss of each sample at its own counterfactual parameters
+            if self.config.estimator_spec.exact:  # the loss of each sample at its own counterfactual parameters
                 parts.append(probe.differences(deltas, per_example=True).diagonal())
             else:
                 parts.append((deltas * probe.example_gradients().to(deltas)).sum(dim=1))

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_influence.autodiff.draws import draws_randomly, needs_batch_forward
 from lightning_influence.autodiff.functional import FunctionalLoss, PerSampleLossFn
 from lightning_influence.autodiff.hvp_plan import HvpChoice
 from lightning_influence.autodiff.parameters import TrackedParameters, select_parameters
@@ -103,6 +104,25 @@ def _step_gradient(loss: FunctionalLoss, context: FitContext):
     return recompute
 
 
+def refuse_attention_dropout(config: TrackerConfig, module: nn.Module) -> None:
+    """Attention whose dropout runs inside ``scaled_dot_product_attention`` draws its masks differently under
+    torch.func's vmap and forward-mode transforms, which ``"exact"``, the audit and the replay use: refused there
+    (the forward ``"acc"`` / ``"first-order"`` / ``"tracin"`` differentiate it by plain autograd, and are exact)."""
+    names = [
+        n for n, m in module.named_modules() if isinstance(m, nn.MultiheadAttention) and m.dropout > 0 and m.training
+    ]
+    uses = [what for what, on in (("estimator='exact'", config.estimator_spec.exact), ("an audit", config.audits),
+                                  ("record_trajectory=True", config.record_trajectory)) if on]  # fmt: skip
+    if names and uses:
+        raise InfluenceConfigurationError(
+            f"{' and '.join(uses)} with attention dropout ({', '.join(repr(n) for n in names)}): the attention draws"
+            " its dropout masks inside a fused kernel, which the vectorised transforms these need do not replay."
+            " Track forward with estimator='acc' or 'first-order' (exact for this model), or set the attention's"
+            " own dropout to 0 (for nn.TransformerEncoderLayer, layer.self_attn.dropout = 0.0 keeps the layer's"
+            " other dropouts)."
+        )
+
+
 def make_recorder(
     config: TrackerConfig,
     module: nn.Module,
@@ -121,6 +141,12 @@ def make_recorder(
             "record_trajectory=True under bf16-mixed/16-mixed: the replay recomputes each step's gradient in the"
             " parameters' precision and cannot reproduce autocast's, so its fingerprints would not match. Record"
             " with precision='32-true' (or '64-true')."
+        )
+    if draws_randomly(module) and context.world_size > 1:
+        raise InfluenceConfigurationError(
+            "record_trajectory=True under DDP with dropout: each process draws its own masks, and the replay of the"
+            " recorded trajectory (on one process) replays rank zero's only. Forward tracking (track=[...]) works"
+            " under DDP with dropout; or record on a single device."
         )
     if config.record_batches and context.world_size > 1:
         raise InfluenceConfigurationError(
@@ -184,8 +210,13 @@ def build_fit(
     announce: Any = print,
 ) -> TrackedFit:
     """A ready :class:`TrackedFit` whose first step is ``start_step``; ``announce(text)`` receives the cost estimate."""
+    refuse_attention_dropout(config, module)
     params = select_parameters(module, optimizer, config.params)
-    loss = FunctionalLoss(module, resolve_loss_fn(config, module), params.layout, config.regularizer)
+    # a forward that draws (dropout), or recurrent layers: per-sample terms from the batch's own forward, under the
+    # step's draws
+    loss = FunctionalLoss(
+        module, resolve_loss_fn(config, module), params.layout, config.regularizer, coupled=needs_batch_forward(module)
+    )
     # TracIn needs only the learning rates, so any descending optimizer will do
     spec = model_optimizer(optimizer, "sgd" if not config.keeps_states else config.optimizer_model)
     tracked_ids = check_tracked_ids(config.track, num_samples)

@@ -22,6 +22,7 @@ from typing import Any, Iterator
 
 import torch
 
+from lightning_influence.autodiff.draws import DrawnBatch, RandomDraws
 from lightning_influence.core.booking import EstimatorBooking, FiniteStatesCheck, SelfCheckBooking
 from lightning_influence.core.config import TrackerConfig
 from lightning_influence.core.interrupts import InterruptGuard
@@ -100,6 +101,8 @@ class TrackedFit:
         self.clock = BookingClock()
         self.watch = ParameterWatch()
         self.interrupts = InterruptGuard()
+        device = parts.params.device
+        self._cuda_devices = (device.index or 0,) if device.type == "cuda" else ()
         self._micro: list[MicroBatchRecord] = []
         self._pending: _PendingStep | None = None
         booking = EstimatorBooking(parts.estimator, self.clock)
@@ -126,6 +129,8 @@ class TrackedFit:
                 " ...), or pass sample_ids=lambda batch: ... returning LongTensor[B] of training-set indices."
             )
         ids = validate_sample_ids(self.config.sample_ids(batch), None, self.num_samples)
+        if self.parts.queries.loss.coupled:  # the forward draws: keep the state it starts from, to replay its draws
+            batch = DrawnBatch(batch, RandomDraws.capture(self._cuda_devices))
         self._micro.append(MicroBatchRecord(batch, ids, self.context.micro_batch_weight))
 
     def drop_micro_batch(self) -> None:

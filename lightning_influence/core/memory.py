@@ -22,6 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.data import default_collate
 
+from lightning_influence.autodiff.draws import DrawnBatch, RandomDraws
 from lightning_influence.autodiff.functional import FunctionalLoss
 from lightning_influence.autodiff.hvp_plan import HvpChoice, HvpMethod, StepHvp, choose_hvp
 from lightning_influence.autodiff.parameters import TrackedParameters
@@ -150,6 +151,8 @@ def plan_fit_memory(
         batch = probe_batch(context, context.train_batch_size, move) if blocks and k else None
         if batch is None:
             raise LookupError("no batch to measure on")
+        if loss.coupled:  # the forward draws: measure under fixed draws, from a stream left as it was
+            batch = DrawnBatch(batch, RandomDraws.capture())
         accumulate = max(1, round(1 / (context.micro_batch_weight * context.world_size)))
         batches, weights = [batch] * accumulate, [context.micro_batch_weight] * accumulate
         hvp_fixed, hvp_row, source_row, size = _measure(loss, params, batches, weights, config.estimator_spec)

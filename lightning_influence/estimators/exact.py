@@ -97,7 +97,8 @@ class ExactEngine(InfluenceEngine):
             return grad(self.loss.weighted_step_loss)(theta_t + delta, batches, weights, sample_weights, record.frozen)
 
         shifted = deltas.index_select(0, active).to(theta_t.dtype)
-        cf = vmap(counterfactual, in_dims=(0, [0] * len(masks)))(shifted, masks)
+        # every counterfactual replays the batch's own draws (a DrawnBatch restores them inside)
+        cf = vmap(counterfactual, in_dims=(0, [0] * len(masks)), randomness="same")(shifted, masks)
         out.index_copy_(0, active, (cf - factual).to(out.dtype))
         return out
 

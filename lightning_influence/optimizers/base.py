@@ -26,7 +26,11 @@ class GroupStep:
     ``region`` is the group's slice of the flat tracked-parameter vector (empty when the group has no
     tracked parameter). For Adam(W), ``step`` is the step count *after* the update (c₀ in [concepts.md: One step];
     1 means the optimizer state was just created). For SGD with momentum, ``first_momentum_step``
-    says that the momentum buffer did not exist before this step.
+    says that the momentum buffer did not exist before this step. Every other optimizer keeps a step count
+    too (``step``, the same convention). The later fields are the other optimizers' hyper-parameters:
+    RMSprop's ``alpha`` and ``centered`` (it shares ``momentum``), Adagrad's ``lr_decay`` and
+    ``initial_accumulator_value``, Adam(W)'s ``amsgrad``, NAdam's ``momentum_decay`` and ``mu_product`` (the
+    product μ_1⋯μ_c₀ *after* this step, as torch stores it), and NAdam / RAdam's ``decoupled_weight_decay``.
     """
 
     region: slice
@@ -40,6 +44,14 @@ class GroupStep:
     beta2: float = 0.999
     eps: float = 1e-8
     step: int = 1
+    alpha: float = 0.99
+    centered: bool = False
+    lr_decay: float = 0.0
+    initial_accumulator_value: float = 0.0
+    amsgrad: bool = False
+    momentum_decay: float = 0.004
+    mu_product: float = 1.0
+    decoupled_weight_decay: bool = False
 
 
 @dataclass(frozen=True)
@@ -72,7 +84,7 @@ class OptimizerStep:
         return lr
 
 
-FlatState = dict[str, "torch.Tensor | None"]  # {"momentum_buffer" | "exp_avg" | "exp_avg_sq": Tensor[p] or None}
+FlatState = dict[str, "torch.Tensor | None"]  # {state key (see state.STATE_KEYS): Tensor[p] or None}
 
 
 class OptimizerJacobian:
@@ -136,3 +148,60 @@ def columns(t: torch.Tensor, region: slice) -> torch.Tensor:
 def is_empty(region: slice) -> bool:
     """True for the region of a group with nothing tracked."""
     return region.start == region.stop
+
+
+def fresh(g: GroupStep) -> bool:
+    """True when the optimizer state was created by this step (step count 1): the counterfactual state restarts
+    too, so the perturbations of the pre-step state are 0 (a continued fit with a fresh optimizer)."""
+    return g.step == 1
+
+
+def zero_if_fresh(g: GroupStep, *blocks: torch.Tensor) -> None:
+    """Zero the perturbations of the pre-step state (``Tensor[c, r]`` each, in place) when :func:`fresh`."""
+    if fresh(g):
+        for b in blocks:
+            b.zero_()
+
+
+def sqrt_slope(root: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """``Tensor[r]``: d√(x/scale)/dx = 1/(2·scale·√(x/scale)) given ``root`` = √(x/scale); 0 where the root is 0
+    (the one-sided derivative there is infinite: the models take the branch that keeps the map finite)."""
+    safe = root.clamp(min=torch.finfo(root.dtype).tiny)
+    return torch.where(root > 0, 1 / (2 * scale * safe), 0.0)
+
+
+def consumed_gradient(step: OptimizerStep, g: GroupStep, coupled: bool = True) -> torch.Tensor:
+    """ĝ over the group's region (``Tensor[r]``): the received gradient plus the coupled L2 term λθ, computed as
+    torch does (``grad.add(param, alpha=λ)``); the gradient itself when there is no coupled weight decay."""
+    grad = columns(step.grad, g.region)
+    if g.weight_decay and coupled:
+        return grad.add(columns(step.theta, g.region), alpha=g.weight_decay)
+    return grad
+
+
+class PreviousStep:
+    """Remembers the last step a model advanced, so that its post-step state stands in for the pre-step state of
+    the next one (the optimizers that keep a running maximum need the pre-step maximum for their exact map).
+
+    The previous step is the next one's predecessor when each group's step count went up by exactly one; after a
+    resume or at the first step seen it is unknown (:meth:`pre_state` returns None)."""
+
+    def __init__(self) -> None:
+        self._current: OptimizerStep | None = None
+        self._previous: OptimizerStep | None = None
+
+    def see(self, step: OptimizerStep) -> None:
+        """Call at every ``advance`` (chunks of the same step are seen once)."""
+        if step is not self._current:
+            self._previous, self._current = self._current, step
+
+    def pre_state(self, step: OptimizerStep, g: GroupStep, key: str) -> torch.Tensor | None:
+        """``Tensor[r]``: the state ``key`` before ``step`` over group ``g``'s region, when known."""
+        prev = self._previous if step is self._current else self._current
+        if prev is None:
+            return None
+        before = next((h for h in prev.groups if h.region == g.region), None)
+        value = prev.post_state.get(key)
+        if before is None or value is None or before.step != g.step - 1:
+            return None
+        return columns(value, g.region)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 
@@ -13,13 +13,26 @@ from lightning_influence.errors import UnsupportedOptimizerError
 from lightning_influence.optimizers.base import GroupStep, OptimizerJacobian
 from lightning_influence.optimizers.registry import jacobian_for_kind
 
-STATE_KEYS = ("exp_avg", "exp_avg_sq", "momentum_buffer")
+STATE_KEYS = (
+    "exp_avg",
+    "exp_avg_sq",
+    "momentum_buffer",
+    "max_exp_avg_sq",
+    "square_avg",
+    "grad_avg",
+    "sum",
+    "exp_inf",
+)
+"""The per-parameter state (``Tensor`` like the parameter) of every modelled optimizer: SGD's momentum buffer,
+Adam(W)'s moments (and AMSGrad's maximum), RMSprop's ``square_avg`` / ``grad_avg`` / ``momentum_buffer``,
+Adagrad's ``sum``, Adamax's ``exp_avg`` / ``exp_inf``, NAdam / RAdam's moments."""
 
 OptimizerModelName = Literal["auto", "sgd"]
 """``"auto"``: the real optimizer's Jacobian; ``"sgd"``: any optimizer modelled as plain SGD (the mismatch baseline)."""
 
 _HINT = (
-    " Supported exactly: torch.optim.SGD, Adam and AdamW (plain classes, not subclasses)."
+    " Supported exactly: torch.optim.SGD, Adam and AdamW (amsgrad too), RMSprop, Adagrad, Adamax, NAdam and RAdam"
+    " (plain classes, not subclasses)."
     " To get the classic optimizer-mismatch approximation instead, pass optimizer_model='sgd'."
 )
 
@@ -29,7 +42,7 @@ class OptimizerSpec:
     """What the tracker learnt about the user's optimizer at fit start."""
 
     jacobian: OptimizerJacobian
-    kind: str  # "sgd" | "sgd-approx" | "adam" | "adamw"
+    kind: str  # a kind of registry.OPTIMIZER_KINDS: "sgd" | "sgd-approx" | "adam" | "adamw" | "rmsprop" | ...
     notes: list[str] = field(default_factory=list)
 
 
@@ -53,17 +66,46 @@ def model_optimizer(optimizer: torch.optim.Optimizer, optimizer_model: Optimizer
         return OptimizerSpec(jacobian_for_kind("sgd", any(g.get("momentum", 0) for g in groups)), "sgd")
     if kind in (torch.optim.Adam, torch.optim.AdamW):
         return _model_adam(kind, groups)
+    if kind in _FAMILIES:
+        _refuse_flags(kind, groups)
+        return _FAMILIES[kind](groups)
     raise UnsupportedOptimizerError(
         f"Optimizer {kind.__module__}.{kind.__qualname__} cannot be modelled exactly.{_HINT}"
     )
 
 
+def _refuse_flags(kind: type, groups: list[dict]) -> None:
+    """``UnsupportedOptimizerError`` for the options whose step the models do not follow."""
+    for flag, why in _REFUSED_FLAGS.items():
+        if any(g.get(flag) for g in groups):
+            raise UnsupportedOptimizerError(f"{kind.__name__}({flag}=True) is not supported: {why}{_HINT}")
+
+
+_REFUSED_FLAGS = {
+    "differentiable": "the tracker reads the optimizer's state as constants and does not differentiate through the"
+    " step. Construct the optimizer with differentiable=False (the default).",
+    "capturable": "its step counts live on the device for CUDA graphs, which the tracker does not follow. Construct"
+    " the optimizer with capturable=False (the default); foreach=True or fused=True are fast and supported.",
+}
+
+
+def _model_rmsprop(groups: list[dict]) -> OptimizerSpec:
+    momentum = any(float(g.get("momentum", 0) or 0) > 0 for g in groups)
+    name = "rmsprop-centered" if any(g.get("centered") for g in groups) else "rmsprop"
+    return OptimizerSpec(jacobian_for_kind(name, momentum), name)
+
+
+_FAMILIES: dict[type, Callable[[list[dict]], OptimizerSpec]] = {
+    torch.optim.RMSprop: _model_rmsprop,
+    torch.optim.Adagrad: lambda groups: OptimizerSpec(jacobian_for_kind("adagrad"), "adagrad"),
+    torch.optim.Adamax: lambda groups: OptimizerSpec(jacobian_for_kind("adamax"), "adamax"),
+    torch.optim.NAdam: lambda groups: OptimizerSpec(jacobian_for_kind("nadam"), "nadam"),
+    torch.optim.RAdam: lambda groups: OptimizerSpec(jacobian_for_kind("radam"), "radam"),
+}
+"""The optimizer classes beyond SGD and Adam(W), each with the function that picks its model."""
+
+
 def _model_adam(kind: type, groups: list[dict]) -> OptimizerSpec:
-    if any(g.get("amsgrad") for g in groups):
-        raise UnsupportedOptimizerError(
-            f"{kind.__name__}(amsgrad=True) is not supported: the running maximum of v has no exact Jacobian the"
-            f" tracker models.{_HINT}"
-        )
     decoupled = [bool(g.get("decoupled_weight_decay", kind is torch.optim.AdamW)) for g in groups]
     if len(set(decoupled)) > 1:
         raise UnsupportedOptimizerError("Param groups mixing coupled and decoupled weight decay are not supported.")
@@ -71,11 +113,24 @@ def _model_adam(kind: type, groups: list[dict]) -> OptimizerSpec:
         if isinstance(g.get("betas", (0, 0))[0], torch.Tensor) and g["betas"][0].requires_grad:
             raise UnsupportedOptimizerError("Differentiable (tensor) betas are not supported.")
     name = "adamw" if decoupled[0] else "adam"
+    if any(g.get("amsgrad") for g in groups):
+        name += "-amsgrad"
     return OptimizerSpec(jacobian_for_kind(name), name)
 
 
-def read_group_step(group: dict, region: slice, step_count: int, first_momentum_step: bool) -> GroupStep:
-    """Hyper-parameters of one torch param group as they apply at this step (after schedulers)."""
+def read_group_step(
+    group: dict,
+    region: slice,
+    step_count: int,
+    first_momentum_step: bool,
+    mu_product: torch.Tensor | float | None = None,
+) -> GroupStep:
+    """Hyper-parameters of one torch param group as they apply at this step (after schedulers).
+
+    ``mu_product``: NAdam's stored ``mu_product`` *before* the step (torch's 0-d tensor, whose dtype the product
+    keeps), or None for the product a run with these hyper-parameters from step 1 holds. The record carries the
+    product after the step, computed as torch does.
+    """
     betas = group.get("betas", (0.9, 0.999))
     return GroupStep(
         region=region,
@@ -89,7 +144,32 @@ def read_group_step(group: dict, region: slice, step_count: int, first_momentum_
         beta2=float(betas[1]),
         eps=float(group.get("eps", 1e-8)),
         step=step_count,
+        alpha=float(group.get("alpha", 0.99)),
+        centered=bool(group.get("centered", False)),
+        lr_decay=float(group.get("lr_decay", 0.0) or 0.0),
+        initial_accumulator_value=float(group.get("initial_accumulator_value", 0.0) or 0.0),
+        amsgrad=bool(group.get("amsgrad", False)),
+        momentum_decay=float(group.get("momentum_decay", 0.004)),
+        decoupled_weight_decay=bool(group.get("decoupled_weight_decay", False)),
+        mu_product=_mu_product_after(group, step_count, mu_product) if "momentum_decay" in group else 1.0,
     )
+
+
+def _mu_product_after(group: dict, step_count: int, before: torch.Tensor | float | None) -> float:
+    """NAdam's μ_1⋯μ_c after step c = ``step_count``, with torch's operations (``mu_product *= mu`` on a 0-d
+    tensor of the optimizer's scalar dtype: float64 under a float64 default dtype, else float32)."""
+    beta1, decay = float(group.get("betas", (0.9, 0.999))[0]), float(group["momentum_decay"])
+
+    def mu(step: int) -> float:
+        return beta1 * (1.0 - 0.5 * (0.96 ** (float(step) * decay)))
+
+    if isinstance(before, torch.Tensor):
+        return float(before * mu(step_count))
+    scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+    product = torch.tensor(1.0 if before is None else before, dtype=scalar)
+    for step in range(1 if before is None else step_count, step_count + 1):
+        product = product * mu(step)
+    return float(product)
 
 
 def read_step_groups(
@@ -109,7 +189,7 @@ def read_step_groups(
         first_state = optimizer.state.get(tracked[0], {}) if tracked else {}
         step_count = int(first_state.get("step", 0)) + 1
         first_momentum = first_state.get("momentum_buffer") is None
-        groups.append(read_group_step(group, region, step_count, first_momentum))
+        groups.append(read_group_step(group, region, step_count, first_momentum, first_state.get("mu_product")))
     return groups
 
 

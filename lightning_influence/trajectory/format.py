@@ -20,6 +20,7 @@ META_FILE = "meta.json"
 STEPS_FILE = "steps.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 BATCH_DIR = "batches"
+DRAWS_DIR = "draws"  # the random-stream state of each micro-batch's forward, for models that draw (dropout)
 FINAL_FILE = "final.pt"
 END_FILE = "end.json"
 
@@ -27,6 +28,7 @@ META_FORMAT = "lightning-influence/trajectory"
 STEP_FORMAT = "lightning-influence/trajectory-step"
 CHECKPOINT_FORMAT = "lightning-influence/trajectory-checkpoint"
 BATCH_FORMAT = "lightning-influence/trajectory-batches"
+DRAWS_FORMAT = "lightning-influence/trajectory-draws"
 FINAL_FORMAT = "lightning-influence/trajectory-final"
 END_FORMAT = "lightning-influence/trajectory-end"
 TRAJECTORY_VERSION = 1

@@ -64,6 +64,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lightning_influence.autodiff.draws import RandomDraws
 from lightning_influence.io.files import PathLike
 from lightning_influence.trajectory.fingerprint import (
     DEFAULT_CHECKPOINT_EVERY,
@@ -76,6 +77,8 @@ from lightning_influence.trajectory.format import (
     BATCH_FORMAT,
     CHECKPOINT_DIR,
     CHECKPOINT_FORMAT,
+    DRAWS_DIR,
+    DRAWS_FORMAT,
     END_FILE,
     END_FORMAT,
     FINAL_FILE,
@@ -161,6 +164,14 @@ class Trajectory:
         if not file.is_file():
             return None
         return list(load_torch(file, BATCH_FORMAT, map_location)["batches"])
+
+    def draws(self, step: int) -> list[RandomDraws] | None:
+        """The random-stream state each micro-batch's forward of step ``step`` started from, or None (a model that
+        does not draw)."""
+        file = step_file(self.path / DRAWS_DIR, step)
+        if not file.is_file():
+            return None
+        return [RandomDraws.from_record(r) for r in load_torch(file, DRAWS_FORMAT)["draws"]]
 
     def _order_problem(self) -> str | None:
         for before, after in zip(self.steps, self.steps[1:]):

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import torch
 
+from lightning_influence.autodiff.draws import DrawnBatch, unwrap
 from lightning_influence.autodiff.functional import FlatParameters
 from lightning_influence.autodiff.parameters import TrackedParameters
 from lightning_influence.optimizers import flat_optimizer_state, read_step_groups
@@ -35,7 +36,11 @@ GatherIds = Callable[[torch.Tensor], list[torch.Tensor]]
 def trajectory_meta(
     layout: FlatParameters, optimizer_kind: str, momentum: bool, dtype: torch.dtype, num_samples: int, **more: Any
 ) -> dict[str, Any]:
-    """The ``meta.json`` of a recorded run (see :mod:`lightning_influence.trajectory.reader`)."""
+    """The ``meta.json`` of a recorded run (see :mod:`lightning_influence.trajectory.reader`).
+
+    ``optimizer_kind`` is the model's kind (:data:`~lightning_influence.optimizers.registry.OPTIMIZER_KINDS`):
+    a variant with other state blocks has its own kind (``"rmsprop-centered"``, ``"adam-amsgrad"``), so
+    ``meta["optimizer"] = {"kind", "momentum"}`` rebuilds the model as before and older trajectories still load."""
     return {
         "layout": {
             "names": list(layout.names),
@@ -157,8 +162,10 @@ class TrajectoryRecorder:
             clip=clip_entry(record.clip, all_parameters=self.params is not None),
             fingerprint={"theta": fingerprint(theta, seed, size), "grad": fingerprint(raw_grad, seed, size)},
         )
-        batches = [m.batch for m in record.micro_batches] if self.record_batches else None
-        self._submit(self._writer.write_step, entry, batches)
+        drawn = [m.batch for m in record.micro_batches]
+        batches = [unwrap(b) for b in drawn] if self.record_batches else None
+        draws = [b.draws.to_record() for b in drawn if isinstance(b, DrawnBatch)] or None
+        self._submit(self._writer.write_step, entry, batches, draws)
 
     def finish(self, step: int, theta: torch.Tensor) -> None:
         """The end of fit: θ_T after ``step`` steps; waits until every file is written; the trajectory is complete."""

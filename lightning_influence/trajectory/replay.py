@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.data import default_collate
 from tqdm import tqdm
 
+from lightning_influence.autodiff.draws import DrawnBatch, moved
 from lightning_influence.autodiff.functional import FunctionalLoss, PerSampleLossFn, RegularizerFn
 from lightning_influence.autodiff.queries import query_example_gradients, query_gradient
 from lightning_influence.optimizers import OptimizerStep
@@ -252,7 +253,7 @@ class TrajectoryReplay:
             where = f"at optimizer step {entry.step} (epoch {entry.epoch})"
             self.check.check(entry.fingerprint.get("theta"), theta, "parameters", where)
             micro = self._fetch(entry)
-            raw = step_gradient(self.loss, theta, [(self.move(b), i, w) for b, i, w in micro], frozen)
+            raw = step_gradient(self.loss, theta, [(moved(b, self.move), i, w) for b, i, w in micro], frozen)
             self.check.check(entry.fingerprint.get("grad"), raw, "gradient", where)
             clip = make_clip(entry.clip, raw)
             opt_step = OptimizerStep(group_steps(entry, self.layout), theta, raw if clip is None else clip.clipped)
@@ -275,10 +276,13 @@ class TrajectoryReplay:
             batches = [self.collate_fn([self.train_dataset[int(i)] for i in t]) for t in ids]
         elif len(batches) != len(ids):
             raise ValueError(f"Step {entry.step}: {len(batches)} recorded batches for {len(ids)} micro-batches.")
+        draws = self.trajectory.draws(entry.step)
+        if draws is not None:  # a model that draws (dropout): each micro-batch replays its forward's draws
+            batches = [DrawnBatch(b, d) for b, d in zip(batches, draws)]
         return [(b, t, float(w)) for b, t, (_, w) in zip(batches, ids, entry.micro_batches)]
 
     def _adjoint_step(self, step: ReplayedStep, frozen: dict | None) -> AdjointStep:
-        micro = [(self.move(b), ids.to(self.device), w) for b, ids, w in step.micro_batches]
+        micro = [(moved(b, self.move), ids.to(self.device), w) for b, ids, w in step.micro_batches]
         return AdjointStep(step.opt_step, micro, step.clip, frozen)
 
     # -- states, queries, boundaries ---------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from lightning_influence.optimizers import (
     OptimizerStep,
 )
 from lightning_influence.optimizers.clipping import GradientClip, NormClip, ValueClip
-from lightning_influence.optimizers.registry import jacobian_for_kind
+from lightning_influence.optimizers.registry import REPLAYABLE_KINDS, jacobian_for_kind
 from lightning_influence.trajectory.fingerprint import fingerprint, fingerprints_match
 from lightning_influence.trajectory.format import StepEntry
 
@@ -91,12 +91,19 @@ def layout_from_meta(meta: dict[str, Any]) -> FlatParameters:
 
 
 def jacobian_from_meta(meta: dict[str, Any]) -> OptimizerJacobian:
-    """The optimizer model of ``meta["optimizer"]`` (``{"kind": "sgd" | "adam" | "adamw", "momentum": bool}``)."""
+    """The optimizer model of ``meta["optimizer"]``: ``{"kind": ..., "momentum": bool}`` (a kind of
+    :data:`~lightning_influence.optimizers.registry.REPLAYABLE_KINDS`: ``"sgd"``, ``"adam"``, ``"adamw"``,
+    ``"adam-amsgrad"``, ``"adamw-amsgrad"``, ``"rmsprop"``, ``"rmsprop-centered"``, ``"adagrad"``, ...; a
+    missing ``momentum`` is False). Each step's per-group flags (RMSprop's ``centered``, ``amsgrad``...) are
+    in its recorded groups; a trajectory recorded before they existed names only the first three kinds."""
     spec = meta["optimizer"]
     kind = spec.get("kind") if isinstance(spec, dict) else spec
     momentum = bool(spec.get("momentum", False)) if isinstance(spec, dict) else False
-    if kind not in ("sgd", "adam", "adamw"):
-        raise ValueError(f"The trajectory's optimizer {spec!r} cannot be replayed: only 'sgd', 'adam' and 'adamw' can.")
+    if kind not in REPLAYABLE_KINDS:
+        raise ValueError(
+            f"The trajectory's optimizer {spec!r} cannot be replayed: only {', '.join(map(repr, REPLAYABLE_KINDS))}"
+            " can."
+        )
     return jacobian_for_kind(kind, momentum)
 
 

@@ -19,6 +19,8 @@ from lightning_influence.trajectory.format import (
     BATCH_FORMAT,
     CHECKPOINT_DIR,
     CHECKPOINT_FORMAT,
+    DRAWS_DIR,
+    DRAWS_FORMAT,
     END_FILE,
     END_FORMAT,
     FINAL_FILE,
@@ -104,6 +106,7 @@ class TrajectoryWriter:
         steps = self.dirpath / STEPS_FILE
         removed = int(steps.is_file() and steps.stat().st_size > 0)
         removed += _remove_stale(self.dirpath / CHECKPOINT_DIR, None) + _remove_stale(self.dirpath / BATCH_DIR, None)
+        removed += _remove_stale(self.dirpath / DRAWS_DIR, None)
         for name in (STEPS_FILE, FINAL_FILE, END_FILE):
             removed += int((self.dirpath / name).is_file())
             (self.dirpath / name).unlink(missing_ok=True)
@@ -133,6 +136,7 @@ class TrajectoryWriter:
         self.last_step = int(kept[-1][1]["step"]) if kept else None
         _remove_stale(self.dirpath / CHECKPOINT_DIR, step)
         _remove_stale(self.dirpath / BATCH_DIR, step)
+        _remove_stale(self.dirpath / DRAWS_DIR, step)
         for name in (FINAL_FILE, END_FILE):
             (self.dirpath / name).unlink(missing_ok=True)
         return [int(s) for s in header.get("resumes", [])] + [step]
@@ -145,10 +149,12 @@ class TrajectoryWriter:
         self._steps.flush()
         os.fsync(self._steps.fileno())
 
-    def write_step(self, entry: StepEntry, batch: Any | None = None) -> None:
+    def write_step(self, entry: StepEntry, batch: Any | None = None, draws: list[dict] | None = None) -> None:
         """Append ``entry`` to ``steps.jsonl`` (flushed). ``batch``: the step's collated micro-batches (a list of
         batches: tensors, lists, tuples, dicts, numbers, strings), written first to ``batches/step_<t>.pt``; None
-        writes no batch file. ``ValueError`` unless steps strictly increase."""
+        writes no batch file. ``draws``: the random-stream state of each micro-batch's forward
+        (:meth:`~lightning_influence.autodiff.draws.RandomDraws.to_record`), to ``draws/step_<t>.pt``.
+        ``ValueError`` unless steps strictly increase."""
         self._check_open()
         if self.last_step is not None and entry.step <= self.last_step:
             raise ValueError(f"Step {entry.step} written after step {self.last_step}: steps must strictly increase.")
@@ -158,6 +164,11 @@ class TrajectoryWriter:
             directory.mkdir(exist_ok=True)
             document = {"format": BATCH_FORMAT, "version": TRAJECTORY_VERSION, "step": int(entry.step)}
             document["batches"] = storable(list(batch), f"batch of step {entry.step}")
+            atomic_torch_save(step_file(directory, entry.step), document)
+        if draws is not None:
+            directory = self.dirpath / DRAWS_DIR
+            directory.mkdir(exist_ok=True)
+            document = {"format": DRAWS_FORMAT, "version": TRAJECTORY_VERSION, "step": int(entry.step), "draws": draws}
             atomic_torch_save(step_file(directory, entry.step), document)
         self._steps.write(line + "\n")
         self._steps.flush()

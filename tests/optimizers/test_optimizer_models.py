@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lightning_influence.optimizers import (
+    STATE_KEYS,
     OptimizerStep,
     flat_optimizer_state,
     model_optimizer,
@@ -222,7 +223,7 @@ def test_read_step_groups_and_flat_state_on_a_real_sgd():
     opt = torch.optim.SGD([{"params": [a], "momentum": 0.9}, {"params": [b, c], "lr": 0.2}], lr=0.1, nesterov=False)
     groups = read_step_groups(opt, [[a], [b]], [slice(0, 3), slice(3, 5)])
     assert [g.first_momentum_step for g in groups] == [True, True] and [g.momentum for g in groups] == [0.9, 0.0]
-    assert flat_optimizer_state(opt, [a, b]) == {"exp_avg": None, "exp_avg_sq": None, "momentum_buffer": None}
+    assert flat_optimizer_state(opt, [a, b]) == dict.fromkeys(STATE_KEYS)  # no state yet: every key None
     for q in (a, b, c):
         q.grad = torch.full_like(q, 2.0)
     opt.step()
