@@ -21,12 +21,17 @@ from lightning_influence.callbacks.selector import InfluenceDataSelector
 from lightning_influence.callbacks.tracker import InfluenceTracker
 from lightning_influence.core.config import TrackerConfig
 from lightning_influence.errors import (
+    DamagedFileError,
+    FolderInUseError,
     InfluenceConfigurationError,
     InfluenceError,
     NonFiniteInfluenceError,
+    ReplayInputError,
     ReplayMismatchError,
     SampleIdError,
     SelfCheckError,
+    TrajectoryWriteError,
+    UnfinishedTrajectoryError,
     UnsupportedOptimizerError,
 )
 from lightning_influence.io.artifacts_reader import load_final_scores, load_snapshots
@@ -71,6 +76,8 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "AuditReport",
+    "DamagedFileError",
+    "FolderInUseError",
     "ExcludeSamples",
     "IndexedDataset",
     "InfluenceConfigurationError",
@@ -81,14 +88,17 @@ __all__ = [
     "InfluenceTracker",
     "NonFiniteInfluenceError",
     "OfflineSelection",
+    "ReplayInputError",
     "ReplayMismatchError",
     "SampleIdError",
     "SelectionDecision",
     "SelectionPolicy",
     "SelfCheckError",
     "TrackerConfig",
+    "TrajectoryWriteError",
     "Trajectory",
     "TrajectoryReplay",
+    "UnfinishedTrajectoryError",
     "UnsupportedOptimizerError",
     "WindowSnapshot",
     "classify_patterns",

@@ -50,3 +50,29 @@ def explain_torch_func_error(err: RuntimeError) -> Exception | None:
             " model), or make the loss deterministic."
         )
     return None
+
+
+class TrajectoryWriteError(InfluenceError, OSError):
+    """Writing a file of a recorded trajectory failed (a full disk, a lost mount, no permission): the message names
+    the file, the optimizer step and the operating system's reason (``errno`` and ``filename`` are set as well).
+    The trajectory is left unfinished."""
+
+    def __str__(self) -> str:  # the message, not OSError's "[Errno n] strerror: filename"
+        return str(self.args[0]) if self.args else ""
+
+
+class DamagedFileError(InfluenceError, ValueError):
+    """A file the package wrote (a trajectory checkpoint, its final state, a batch) cannot be read back: truncated,
+    overwritten or not a file of this package."""
+
+
+class UnfinishedTrajectoryError(InfluenceError, RuntimeError):
+    """A replay of a trajectory whose writer did not finish: the run crashed, was killed, or is still running."""
+
+
+class FolderInUseError(InfluenceError, RuntimeError):
+    """Another live run writes this folder (its lock file names the process)."""
+
+
+class ReplayInputError(InfluenceError, ValueError):
+    """What a replay was given (the training set) cannot reproduce the recorded trajectory."""

@@ -135,13 +135,16 @@ class RowIndex:
     Args:
         tracked_ids: ``LongTensor[k]``; state row r is training sample ``tracked_ids[r]``.
         num_samples: the training set's size (ids are in ``[0, num_samples)``).
+
+    Its memory is O(k), whatever ``num_samples``: large batches look their ids up in the sorted tracked ids.
     """
 
     def __init__(self, tracked_ids: torch.Tensor, num_samples: int) -> None:
         ids = tracked_ids.tolist()
         self._row = dict(zip(ids, range(len(ids))))
-        self._row_of = np.full(num_samples, -1, dtype=np.int64)
-        self._row_of[np.asarray(ids, dtype=np.int64)] = np.arange(len(ids))
+        as_array = np.asarray(ids, dtype=np.int64)
+        self._order = np.argsort(as_array, kind="stable")  # state rows in the order of their sorted ids
+        self._sorted = as_array[self._order]
         self._none = (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))  # read-only, shared
 
     def rows(self, sample_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,9 +156,12 @@ class RowIndex:
                 return self._none
             state_rows, batch_rows = zip(*found)
             return torch.tensor(state_rows, dtype=torch.long), torch.tensor(batch_rows, dtype=torch.long)
-        rows = self._row_of[sample_ids.numpy()]
-        present = np.flatnonzero(rows >= 0)
-        return torch.from_numpy(rows[present]), torch.from_numpy(present)
+        if not self._sorted.size:
+            return self._none
+        ids = sample_ids.numpy()
+        at = np.minimum(np.searchsorted(self._sorted, ids), self._sorted.size - 1)
+        present = np.flatnonzero(self._sorted[at] == ids)
+        return torch.from_numpy(self._order[at[present]]), torch.from_numpy(present)
 
     def part(self, micro: MicroBatchRecord) -> MicroBatch:
         """The tracked rows of one micro-batch, as the estimators consume them."""

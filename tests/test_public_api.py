@@ -74,6 +74,11 @@ def test_the_rooms_that_kept_a_flat_modules_name_still_export_its_names():
         (errors.SampleIdError, ValueError),
         (errors.UnsupportedOptimizerError, ValueError),
         (errors.ReplayMismatchError, RuntimeError),
+        (errors.UnfinishedTrajectoryError, RuntimeError),
+        (errors.FolderInUseError, RuntimeError),
+        (errors.DamagedFileError, ValueError),
+        (errors.TrajectoryWriteError, OSError),
+        (errors.ReplayInputError, ValueError),
     ],
 )
 def test_every_error_has_the_one_base_class_and_keeps_its_builtin_base(error, builtin):

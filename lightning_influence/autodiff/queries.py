@@ -7,18 +7,21 @@ A query is one of
 
 Batch and DataLoader queries are evaluated the way Lightning validates: the model in eval mode (dropout off,
 running statistics used); a callable decides for itself (it gets the model in whatever mode training left it).
-Scores use ⟨∇f(θ), δθ_j⟩, so only ∇f is needed. Nothing here knows Lightning.
+Scores use ⟨∇f(θ), δθ_j⟩, so only ∇f is needed. A query whose values (losses) or gradient hold NaN or inf is
+refused where it is evaluated (:class:`~lightning_influence.errors.NonFiniteInfluenceError`, naming the query, the
+samples and where): every score on it would be NaN. Nothing here knows Lightning.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import torch
 from torch.func import grad
 
 from lightning_influence.autodiff.functional import FunctionalLoss
+from lightning_influence.errors import NonFiniteInfluenceError
 
 Query = Any  # a batch, an iterable of batches, or a callable(module) -> scalar
 MoveFn = Callable[[Any], Any]
@@ -46,44 +49,136 @@ def _batches(query: Query) -> list[Any]:
     )
 
 
+def nonfinite_values(batch: Any, path: str = "batch") -> list[str]:
+    """Where a collated batch holds NaN or inf, e.g. ``["batch[0] (2 of 40 values)"]`` (empty: none), looking into
+    nested tuples, lists and dicts; integer tensors cannot."""
+    if isinstance(batch, torch.Tensor):
+        if not (batch.dtype.is_floating_point or batch.dtype.is_complex) or bool(torch.isfinite(batch).all()):
+            return []
+        bad = int((~torch.isfinite(batch)).sum())
+        return [f"{path} ({bad} of {batch.numel()} values)"]
+    if isinstance(batch, Mapping):
+        return [where for k, v in batch.items() for where in nonfinite_values(v, f"{path}[{k!r}]")]
+    if isinstance(batch, (tuple, list)):
+        return [where for i, v in enumerate(batch) for where in nonfinite_values(v, f"{path}[{i}]")]
+    return []
+
+
+_FIX = (
+    " Every score on it would be NaN, so nothing is scored or written. Check those samples' inputs and targets for"
+    " NaN/inf (torch.isfinite) and the model's output on them (a log of 0, an overflow), and drop or fix them."
+)
+
+
+def _check_losses(label: str, losses: list[torch.Tensor], gradient: torch.Tensor) -> None:
+    """Refuse non-finite query values (``losses``: each batch's per-sample losses, in order) or a non-finite
+    gradient, with one synchronisation in the common case."""
+    values = torch.cat([v.detach().reshape(-1) for v in losses])
+    if bool(torch.isfinite(values).all() & torch.isfinite(gradient).all()):
+        return
+    if not bool(torch.isfinite(values).all()):
+        bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
+        sizes = [v.numel() for v in losses]
+        first, start = 0, 0
+        while start + sizes[first] <= bad[0]:
+            start, first = start + sizes[first], first + 1
+        where = f"samples {bad[:10]}"
+        if len(sizes) > 1:
+            where += f", counted over its batches; the first in batch {first}"
+        raise NonFiniteInfluenceError(
+            f"{label}: its loss is NaN or inf on {len(bad)} of its {values.numel()} samples ({where}).{_FIX}"
+        )
+    _refuse_gradient(label, gradient)
+
+
+def _refuse_gradient(label: str, gradient: torch.Tensor) -> NoReturn:
+    bad = int((~torch.isfinite(gradient)).sum())
+    raise NonFiniteInfluenceError(
+        f"{label}: its value is finite but its gradient holds NaN or inf ({bad} of {gradient.numel()} entries), so"
+        " every score on it would be NaN. An operation whose derivative is infinite at these inputs (sqrt or norm at"
+        " 0, a log near 0, an overflow in backward) is the usual cause: guard it (e.g. add a small epsilon)."
+    )
+
+
 def query_gradient(
-    loss: FunctionalLoss, theta: torch.Tensor, query: Query, move: MoveFn, frozen: dict | None = None
+    loss: FunctionalLoss,
+    theta: torch.Tensor,
+    query: Query,
+    move: MoveFn,
+    frozen: dict | None = None,
+    label: str = "The query",
 ) -> torch.Tensor:
-    """``∇f(θ)``: ``Tensor[p]`` for the query's mean loss (or the callable's value)."""
+    """``∇f(θ)``: ``Tensor[p]`` for the query's mean loss (or the callable's value). Non-finite values or gradients
+    raise :class:`NonFiniteInfluenceError` whose message starts with ``label``."""
     if _is_callable_query(query):
-        return _callable_gradient(loss, theta, query, frozen)
+        return _callable_gradient(loss, theta, query, frozen, label)
 
     def summed(t: torch.Tensor, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         losses = loss.per_sample_losses(t, batch, frozen)
         return losses.sum(), losses
 
-    total, count = torch.zeros_like(theta), 0
+    total, count, kept = torch.zeros_like(theta), 0, []
     for batch in _batches(query):
         with loss.evaluating():
             g, losses = grad(summed, has_aux=True)(theta, move(batch))  # one forward gives both
         total += g
         count += losses.shape[0]
+        kept.append(losses)
     if count == 0:
         raise ValueError("The query holds no samples.")
+    _check_losses(label, kept, total)
     return total / count
 
 
 def query_example_gradients(
-    loss: FunctionalLoss, theta: torch.Tensor, query: Query, move: MoveFn, frozen: dict | None = None
+    loss: FunctionalLoss,
+    theta: torch.Tensor,
+    query: Query,
+    move: MoveFn,
+    frozen: dict | None = None,
+    label: str = "The query",
 ) -> torch.Tensor:
-    """Per-example gradients ``Tensor[n, p]`` of every sample of a batch / DataLoader query."""
+    """Per-example gradients ``Tensor[n, p]`` of every sample of a batch / DataLoader query (non-finite ones
+    refused, as in :func:`query_gradient`)."""
     if _is_callable_query(query):
-        return _callable_gradient(loss, theta, query, frozen).unsqueeze(0)
+        return _callable_gradient(loss, theta, query, frozen, label).unsqueeze(0)
+    batches = [move(batch) for batch in _batches(query)]
     with loss.evaluating():
-        return torch.cat([loss.sample_gradients(theta, move(batch), frozen=frozen) for batch in _batches(query)])
+        out = torch.cat([loss.sample_gradients(theta, batch, frozen=frozen) for batch in batches])
+    if not bool(torch.isfinite(out).all()):
+        with torch.no_grad(), loss.evaluating():  # name the samples whose loss is not finite, if any
+            losses = [loss.per_sample_losses(theta, batch, frozen) for batch in batches]
+        _check_losses(label, losses, torch.zeros(()))
+        bad = (~torch.isfinite(out).all(dim=1)).nonzero().flatten().tolist()
+        raise NonFiniteInfluenceError(
+            f"{label}: the loss of each sample is finite, but the gradient of {len(bad)} of its {out.shape[0]} samples"
+            f" holds NaN or inf (samples {bad[:10]}). An operation whose derivative is infinite at these inputs (sqrt"
+            " or norm at 0, a log near 0, an overflow in backward) is the usual cause: guard it (e.g. add a small"
+            " epsilon)."
+        )
+    return out
 
 
 def _is_callable_query(query: Query) -> bool:
     return callable(query) and not is_batch(query) and not isinstance(query, Iterable)
 
 
-def _callable_gradient(loss: FunctionalLoss, theta: torch.Tensor, fn: Callable, frozen: dict | None) -> torch.Tensor:
-    return grad(lambda t: _callable_value(loss, t, fn, frozen))(theta)
+def _callable_gradient(
+    loss: FunctionalLoss, theta: torch.Tensor, fn: Callable, frozen: dict | None, label: str = "The query"
+) -> torch.Tensor:
+    g, value = torch.func.grad_and_value(lambda t: _callable_value(loss, t, fn, frozen))(theta)
+    if not bool(torch.isfinite(value)):
+        _refuse_callable_value(label, value)
+    if not bool(torch.isfinite(g).all()):
+        _refuse_gradient(label, g)
+    return g
+
+
+def _refuse_callable_value(label: str, value: torch.Tensor) -> NoReturn:
+    raise NonFiniteInfluenceError(
+        f"{label}: the callable returned {float(value)}. Every score on it would be NaN, so nothing is scored or"
+        " written. Make it return a finite scalar at these parameters."
+    )
 
 
 class QueryEvaluator:
@@ -108,23 +203,35 @@ class QueryEvaluator:
             return self.registered[query]
         return query
 
-    def gradient(self, query: Query, theta: torch.Tensor, frozen: dict | None = None) -> torch.Tensor:
-        """``∇f(θ)``: ``Tensor[p]``."""
-        with torch.enable_grad():
-            return query_gradient(self.loss, theta, self.resolve(query), self.move, frozen)
+    def label(self, query: Query, where: str = "") -> str:
+        """How an error names ``query``: ``Registered query 'val'`` or ``The query``, then ``where`` if given."""
+        name = f"Registered query {query!r}" if isinstance(query, str) and query in self.registered else "The query"
+        return f"{name} {where}" if where else name
 
-    def example_gradients(self, query: Query, theta: torch.Tensor, frozen: dict | None = None) -> torch.Tensor:
+    def gradient(self, query: Query, theta: torch.Tensor, frozen: dict | None = None, where: str = "") -> torch.Tensor:
+        """``∇f(θ)``: ``Tensor[p]`` (``where``: at which parameters, for an error's message)."""
+        with torch.enable_grad():
+            label = self.label(query, where)
+            return query_gradient(self.loss, theta, self.resolve(query), self.move, frozen, label)
+
+    def example_gradients(
+        self, query: Query, theta: torch.Tensor, frozen: dict | None = None, where: str = ""
+    ) -> torch.Tensor:
         """Per-example gradients ``Tensor[n, p]``."""
         with torch.enable_grad():
-            return query_example_gradients(self.loss, theta, self.resolve(query), self.move, frozen)
+            label = self.label(query, where)
+            return query_example_gradients(self.loss, theta, self.resolve(query), self.move, frozen, label)
 
-    def probe(self, query: Query, theta: torch.Tensor, frozen: dict | None = None) -> QueryProbe:
-        """``query`` (a registered name, or any query) at the parameters ``theta``."""
-        return QueryProbe(self, query, theta, frozen)
+    def probe(self, query: Query, theta: torch.Tensor, frozen: dict | None = None, where: str = "") -> QueryProbe:
+        """``query`` (a registered name, or any query) at the parameters ``theta`` (``where`` says which, for an
+        error's message: e.g. ``"at the window ending at step 12"``)."""
+        return QueryProbe(self, query, theta, frozen, where)
 
     def registered_gradients(self, theta: torch.Tensor, frozen: dict | None = None) -> dict[str, torch.Tensor]:
-        """``{name: ∇q(θ)}`` for every registered query."""
-        return {name: self.gradient(name, theta, frozen) for name in self.registered}
+        """``{name: ∇q(θ)}`` for every registered query (at a training step's parameters)."""
+        return {
+            name: self.gradient(name, theta, frozen, "at the parameters of a training step") for name in self.registered
+        }
 
 
 def _values(loss: FunctionalLoss, query: Query, move: MoveFn, frozen: dict | None, per_example: bool):
@@ -156,16 +263,24 @@ class QueryProbe:
     estimator asks of it, computed on demand — ∇f(θ) for projections, or f(θ + δ) − f(θ) for the exact
     counterfactuals."""
 
-    def __init__(self, evaluator: QueryEvaluator, query: Query, theta: torch.Tensor, frozen: dict | None) -> None:
+    def __init__(
+        self, evaluator: QueryEvaluator, query: Query, theta: torch.Tensor, frozen: dict | None, where: str = ""
+    ) -> None:
         self.evaluator, self.query, self.theta, self.frozen = evaluator, evaluator.resolve(query), theta, frozen
+        self.label = evaluator.label(query, where)
+        """How an error names this query and these parameters."""
 
     def gradient(self) -> torch.Tensor:
         """``∇f(θ)``: ``Tensor[p]``."""
-        return self.evaluator.gradient(self.query, self.theta, self.frozen)
+        ev = self.evaluator
+        with torch.enable_grad():
+            return query_gradient(ev.loss, self.theta, self.query, ev.move, self.frozen, self.label)
 
     def example_gradients(self) -> torch.Tensor:
         """``Tensor[n, p]``: the gradient of each query example's loss."""
-        return self.evaluator.example_gradients(self.query, self.theta, self.frozen)
+        ev = self.evaluator
+        with torch.enable_grad():
+            return query_example_gradients(ev.loss, self.theta, self.query, ev.move, self.frozen, self.label)
 
     def differences(self, deltas: torch.Tensor, per_example: bool = False, chunk_rows: int = 16) -> torch.Tensor:
         """``f(θ + δ_r) − f(θ)`` for every row of ``deltas: Tensor[k, p]``: ``Tensor[k]`` (``Tensor[k, n]``
@@ -175,6 +290,8 @@ class QueryProbe:
         theta = self.theta
         with torch.no_grad():
             factual = value(theta)
+            if not bool(torch.isfinite(factual).all()):
+                self._refuse_values(factual)
             rows = [
                 torch.func.vmap(lambda d: value(theta + d))(deltas[i : i + chunk_rows].to(theta))
                 for i in range(0, deltas.shape[0], chunk_rows)
@@ -185,3 +302,13 @@ class QueryProbe:
         unmoved = ~(deltas != 0).any(dim=1)  # the factual run itself: exactly 0, whatever vmap's rounding
         out[unmoved.to(out.device)] = 0
         return out
+
+    def _refuse_values(self, factual: torch.Tensor) -> None:
+        """The query's value at θ is not finite: name its samples (or the callable's value)."""
+        if _is_callable_query(self.query):
+            _refuse_callable_value(self.label, factual)
+        ev = self.evaluator
+        with torch.no_grad(), ev.loss.evaluating():
+            losses = [ev.loss.per_sample_losses(self.theta, ev.move(b), self.frozen) for b in _batches(self.query)]
+        _check_losses(self.label, losses, torch.zeros(()))
+        raise NonFiniteInfluenceError(f"{self.label}: its value is {factual.tolist()}.{_FIX}")

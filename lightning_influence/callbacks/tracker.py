@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -23,6 +24,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
+from torch.utils.data import IterableDataset
 from typing_extensions import override
 
 from lightning_influence.autodiff.functional import PerSampleLossFn, RegularizerFn
@@ -34,6 +36,7 @@ from lightning_influence.core.config import GIB, TrackerConfig
 from lightning_influence.core.fit import FitContext, TrackedFit
 from lightning_influence.errors import InfluenceConfigurationError, SelfCheckError
 from lightning_influence.estimators.registry import EstimatorName
+from lightning_influence.io.files import FolderLock
 from lightning_influence.optimizers.state import OptimizerModelName
 from lightning_influence.results.audit import poor_agreement_message
 from lightning_influence.results.previews import PreviewFn
@@ -41,6 +44,8 @@ from lightning_influence.results.windows import WindowSink
 from lightning_influence.sample_ids import SampleIdsFn, default_sample_ids
 
 __all__ = ["InfluenceConfigurationError", "InfluenceTracker", "SelfCheckError"]
+
+LOCK_FILE = "fit.lock"  # in the artifact folder while a fit writes there (rank zero)
 
 
 class InfluenceTracker(Callback, TrackerAnswers):
@@ -143,6 +148,7 @@ class InfluenceTracker(Callback, TrackerAnswers):
         self._checkpoint_step: int | None = None
         self._restored: tuple[dict[str, Any], int | None] | None = None  # (state, the checkpoint's global_step)
         self._window_sinks: list[WindowSink] = []  # added by other callbacks (the data selector), every process
+        self._lock: FolderLock | None = None  # held on rank zero while a fit writes the artifact folder
 
     @property
     @override
@@ -189,6 +195,7 @@ class InfluenceTracker(Callback, TrackerAnswers):
             assert previous is not None  # continues() is False without a previous fit
             fit.load_state_dict(previous.state_dict(), trainer.global_step)
         self._restored, self._fit = None, fit
+        self._lock_artifact_dir(trainer)
         if fit.parts.recorder is not None:
             fit.parts.recorder.start(fit.state.global_step if resumed or continued else None)
         if self.config.queries and trainer.is_global_zero:  # loggers and files: rank zero
@@ -196,6 +203,22 @@ class InfluenceTracker(Callback, TrackerAnswers):
             attach_outputs(trainer, fit, self._namespace, dirpath, keep=resumed or continued)
         fit.context.sinks.extend(self._window_sinks)
         fit.close_missed_windows(trainer.current_epoch)  # a boundary a resumed run passed: closed before any batch
+
+    def _lock_artifact_dir(self, trainer: pl.Trainer) -> None:
+        """Rank zero holds ``fit.lock`` in the artifact folder for the fit's duration: a second live fit writing
+        the same folder (another process, or another tracker with the same dirpath) is refused."""
+        if self._artifact_dir is None or not trainer.is_global_zero:
+            return
+        self._lock = FolderLock(Path(self._artifact_dir) / LOCK_FILE, "an artifact folder")
+        self._lock.acquire(
+            "Give each run its own folder: InfluenceTracker(dirpath=...), or another Trainer(default_root_dir=...)"
+            " or logger version."
+        )
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _new_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> TrackedFit:
         self._namespace = lit.namespace(trainer, self)
@@ -206,6 +229,12 @@ class InfluenceTracker(Callback, TrackerAnswers):
         # trainer.log_dir is a collective call under DDP: every rank asks
         self._artifact_dir = lit.artifact_dir(trainer, self.config.dirpath, self._namespace) if needs_dir else None
         dataset, collate_fn = lit.training_data(trainer)
+        if config.record_trajectory and not config.record_batches and isinstance(dataset, IterableDataset):
+            raise InfluenceConfigurationError(
+                f"record_trajectory=True with an IterableDataset ({type(dataset).__name__}) as the training set:"
+                " the replay (all_samples=True) reads each recorded step's samples back by id, which an iterable"
+                " dataset cannot give. Pass record_batches=True to store each step's batches with the trajectory."
+            )
         states_file = None
         if not config.states_in_checkpoint:
             assert self._artifact_dir is not None  # needs_dir: the states go next to the artifacts
@@ -214,6 +243,7 @@ class InfluenceTracker(Callback, TrackerAnswers):
             micro_batch_weight=lit.micro_batch_weight(trainer),
             reduce=lit.reducer(trainer),
             agree=lit.agreement(trainer),
+            saves_checkpoints=bool(trainer.checkpoint_callbacks),
             mixed_precision=lit.is_mixed_precision(trainer),
             expect_indexed=lit.expects_indexed_batches(trainer, self.config.sample_ids),
             trajectory_dir=None if self._artifact_dir is None else os.path.join(self._artifact_dir, "trajectory"),
@@ -236,6 +266,7 @@ class InfluenceTracker(Callback, TrackerAnswers):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._fit_started = False
+            self._release()
 
     # ------------------------------------------------------------------ every step
     def _active(self) -> TrackedFit | None:
@@ -313,8 +344,13 @@ class InfluenceTracker(Callback, TrackerAnswers):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # runs before checkpoint callbacks' on_exception (Lightning orders those last): a step the optimizer took
         # but the batch-end hook never saw is booked now, so that a checkpoint saved on the exception is consistent
-        if (fit := self._active()) is not None and trainer.optimizers:
-            fit.complete_interrupted_step(trainer.optimizers[0], trainer.global_step, lit.loss_scale(trainer))
+        try:
+            if (fit := self._active()) is not None and trainer.optimizers:
+                fit.complete_interrupted_step(trainer.optimizers[0], trainer.global_step, lit.loss_scale(trainer))
+        finally:  # the failed fit's trajectory stays unfinished, with no handle open; its folder is free again
+            if self._fit is not None and self._fit.parts.recorder is not None:
+                self._fit.parts.recorder.abort()
+            self._release()
 
     # ------------------------------------------------------------------ checkpoints
     @override

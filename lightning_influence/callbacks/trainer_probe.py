@@ -95,6 +95,7 @@ def check_trainer(trainer: pl.Trainer, pl_module: pl.LightningModule, restored: 
         )
     if str(trainer.precision) not in SUPPORTED_PRECISION:
         _refuse(f"precision={trainer.precision!r}", "Use precision='32-true', '64-true', 'bf16-mixed' or '16-mixed'.")
+    check_parameter_dtypes(trainer, pl_module)
     if loss_scale(trainer) is not None and getattr(trainer.optimizers[0], "_step_supports_amp_scaling", False):
         _refuse(
             f"{type(trainer.optimizers[0]).__name__}(fused=True) under a GradScaler (it unscales inside its step,"
@@ -106,6 +107,24 @@ def check_trainer(trainer: pl.Trainer, pl_module: pl.LightningModule, restored: 
             f"a run resumed from {resumed_from(trainer)!r}, a checkpoint without this tracker's state (it was"
             " saved without the tracker, or with a tracker configured differently)",
             "Resume from a checkpoint saved with the same InfluenceTracker attached, or train from the start.",
+        )
+
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def check_parameter_dtypes(trainer: pl.Trainer, pl_module: nn.Module) -> None:
+    """Trainable parameters held in half precision (``model.half()``, ``.to(torch.bfloat16)``) under a precision
+    that keeps them so (``32-true`` and the mixed ones leave the module's dtype as it is)."""
+    half = [(n, p.dtype) for n, p in pl_module.named_parameters() if p.requires_grad and p.dtype in HALF_DTYPES]
+    if half:
+        names = ", ".join(repr(n) for n, _ in half[:3]) + (f" and {len(half) - 3} more" if len(half) > 3 else "")
+        _refuse(
+            f"half-precision parameters ({names}: {half[0][1]}) under precision={str(trainer.precision)!r}: every"
+            " update and every state would be rounded to half precision, which the step model and its self-check"
+            " do not follow",
+            "Keep the parameters in float32 or float64 (drop model.half() / .to(torch.bfloat16)); for half-precision"
+            " compute use precision='bf16-mixed' or '16-mixed', which keep float32 parameters.",
         )
 
 
@@ -144,22 +163,62 @@ def refuse_batch_coupled_layers(pl_module: nn.Module) -> None:
 
 
 def training_set_size(trainer: pl.Trainer, configured: int | None) -> int:
-    """``configured``, else ``len(train_dataloader.dataset)``."""
-    if configured is not None:
-        return configured
+    """``configured``, else ``len(train_dataloader.dataset)``; a ``configured`` size larger than the dataset's length
+    is refused (every id would be an index past its end, and the tracker would size its tables for nothing)."""
     dataset = getattr(trainer.train_dataloader, "dataset", None)
-    if dataset is None or not hasattr(dataset, "__len__"):
+    length = len(dataset) if dataset is not None and hasattr(dataset, "__len__") else None
+    if configured is not None:
+        if length is not None and configured > length:
+            raise InfluenceConfigurationError(
+                f"num_samples={configured} is larger than the training set, whose length is {length}"
+                f" (len(train_dataloader.dataset)). Sample ids index the training set: drop num_samples= (the"
+                f" tracker reads the length itself), or pass num_samples={length}."
+            )
+        return configured
+    if length is None:
         raise InfluenceConfigurationError(
             "Cannot tell the training set's size from train_dataloader.dataset. Pass num_samples= to InfluenceTracker."
         )
-    return len(dataset)
+    return length
 
 
 def expects_indexed_batches(trainer: pl.Trainer, sample_ids: Any) -> bool:
     """With the default id reader, a plain (x, y) dataset would have its labels read as ids: insist on
-    IndexedDataset unless the batches turn out to be dicts carrying "sample_id"."""
+    IndexedDataset unless the batches turn out to be dicts carrying "sample_id". Refuses, before any batch, a
+    sampler that repeats indices within a batch (:func:`check_sampler`)."""
     dataset = getattr(trainer.train_dataloader, "dataset", None)
+    check_sampler(trainer.train_dataloader, sample_ids)
     return sample_ids is default_sample_ids and not isinstance(dataset, IndexedDataset)
+
+
+def _draws_with_replacement(sampler: Any) -> Any:
+    """The sampler (or the sampler under Lightning's DDP wrapper) that draws with replacement, or None."""
+    for candidate in (sampler, getattr(getattr(sampler, "dataset", None), "_sampler", None)):
+        if candidate is not None and getattr(candidate, "replacement", False) is True:
+            return candidate
+    return None
+
+
+def check_sampler(loader: Any, sample_ids: Any) -> None:
+    """Refuse a training sampler that draws with replacement (``WeightedRandomSampler``, ``RandomSampler(
+    replacement=True)``) into batches of several rows: a batch could hold one sample twice, which the tracker
+    refuses when it happens, possibly late in the run. With ``sample_ids=`` the ids need not be the sampler's
+    indices, and each batch's ids are checked as they come."""
+    if sample_ids is not default_sample_ids or loader is None:
+        return
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    sampler = getattr(batch_sampler, "sampler", None) or getattr(loader, "sampler", None)
+    batch_size = getattr(batch_sampler, "batch_size", None) or getattr(loader, "batch_size", None)
+    drawing = _draws_with_replacement(sampler)
+    if drawing is None or batch_size == 1:
+        return
+    raise InfluenceConfigurationError(
+        f"The training DataLoader's sampler, {type(drawing).__name__} with replacement=True, can draw one training"
+        f" sample twice into a batch of {batch_size}; the tracker would refuse that batch only when it happens,"
+        " possibly late in the run. Each row of a batch must be a different training sample: sample without"
+        " replacement within a batch (e.g. WeightedRandomSampler(weights, num_samples, replacement=False)), or give"
+        " each draw its own id and pass sample_ids=lambda batch: ... to InfluenceTracker."
+    )
 
 
 def micro_batch_weight(trainer: pl.Trainer) -> float:

@@ -151,13 +151,15 @@ class TrackerAnswers:
         return None if fit is None or fit.parts.recorder is None else str(fit.parts.recorder.dirpath)
 
     def replay(self, progress: bool = True) -> TrajectoryReplay:
-        """The adjoint replay over this fit's recorded trajectory (what ``all_samples=True`` uses)."""
+        """The adjoint replay over this fit's recorded trajectory (what ``all_samples=True`` uses), once every file
+        the fit submitted is written (the recording thread is waited for)."""
         fit = self._finished()
         if fit.parts.recorder is None:
             raise RuntimeError(
                 "all_samples=True replays the recorded trajectory: pass record_trajectory=True to InfluenceTracker"
                 " (track=() records without forward states)."
             )
+        fit.parts.recorder.flush()
         loss = fit.parts.queries.loss
         return TrajectoryReplay(
             load_trajectory(fit.parts.recorder.dirpath),

@@ -76,15 +76,42 @@ def _method(hvp: HvpChoice | None) -> str:
     return "vmap over each call's rows" if hvp.method == "vmap" else "a loop of single backwards, measured cheaper here"
 
 
-def check_plan(config: TrackerConfig, plan: MemoryPlan) -> None:
-    """Refuse a configuration over ``max_memory_bytes``, saying what to reduce."""
-    if plan.total_bytes > config.max_memory_bytes:
-        raise InfluenceConfigurationError(
-            f"InfluenceTracker needs ≈ {plan.total_bytes / GIB:.2f} GiB (k={plan.num_tracked} samples ×"
-            f" p={plan.num_params} parameters × {len(plan.blocks)} state block(s) × {plan.itemsize} bytes, plus the"
-            f" HVP workspace), over max_memory_bytes={config.max_memory_bytes / GIB:.2f} GiB. Track fewer samples"
-            " (track=[...]), fewer parameters (params=['head']), lower hvp_memory_bytes, or raise max_memory_bytes."
+def check_plan(
+    config: TrackerConfig, plan: MemoryPlan, states_only: bool = False, saves_checkpoints: bool = True
+) -> None:
+    """Refuse a configuration whose peak is over ``max_memory_bytes``, saying which peak and what to reduce. The peak
+    is the larger of a step's (the states and the HVP workspace) and, when the Trainer saves checkpoints (and the
+    states go into them), a checkpoint save's (the states, their copy in the state dict and its serialised bytes).
+    ``states_only``: the plan's workspace is not measured yet, and only the states' figures (exact, known before
+    anything is allocated) are checked."""
+    states = plan.state_bytes
+    saving = states + plan.checkpoint_bytes if saves_checkpoints else 0
+    step = states if states_only else plan.total_bytes
+    if max(step, saving) <= config.max_memory_bytes:
+        return
+    if saving >= step:
+        when = f"while a checkpoint is saved (3 × the states' {_size(states)}: them, their copy, its serialised bytes)"
+        fix = "Track fewer samples (track=[...]), fewer parameters (params=['head']), or raise max_memory_bytes."
+    else:
+        when = f"during a step (the states' {_size(states)} and the HVP workspace)"
+        fix = (
+            "Track fewer samples (track=[...]), fewer parameters (params=['head']), lower hvp_memory_bytes, or raise"
+            " max_memory_bytes."
         )
+    budget = config.max_memory_bytes
+    raise InfluenceConfigurationError(
+        f"InfluenceTracker needs ≈ {_size(max(step, saving))} at its peak, {when}; the states are"
+        f" k={plan.num_tracked} samples × p={plan.num_params} parameters × {len(plan.blocks)} state block(s) ×"
+        f" {plan.itemsize} bytes. That is over max_memory_bytes={budget} ({_size(budget)}). {fix}"
+    )
+
+
+def _size(num_bytes: int) -> str:
+    """``num_bytes`` in GiB, MiB or KiB, two decimals."""
+    for unit, scale in (("GiB", GIB), ("MiB", 2**20)):
+        if num_bytes >= scale / 10:
+            return f"{num_bytes / scale:.2f} {unit}"
+    return f"{num_bytes / 2**10:.2f} KiB"
 
 
 def _step_gradient(loss: FunctionalLoss, context: FitContext):
@@ -104,10 +131,17 @@ def _step_gradient(loss: FunctionalLoss, context: FitContext):
     return recompute
 
 
-def refuse_attention_dropout(config: TrackerConfig, module: nn.Module) -> None:
-    """Attention whose dropout runs inside ``scaled_dot_product_attention`` draws its masks differently under
-    torch.func's vmap and forward-mode transforms, which ``"exact"``, the audit and the replay use: refused there
-    (the forward ``"acc"`` / ``"first-order"`` / ``"tracin"`` differentiate it by plain autograd, and are exact)."""
+def refuse_unreplayable_draws(config: TrackerConfig, module: nn.Module, context: FitContext) -> None:
+    """Draws the tracker cannot replay. Attention whose dropout runs inside ``scaled_dot_product_attention`` draws its
+    masks differently under torch.func's vmap and forward-mode transforms, which ``"exact"``, the audit and the
+    replay use: refused there (the forward ``"acc"`` / ``"first-order"`` / ``"tracin"`` differentiate it by plain
+    autograd, and are exact). Under DDP each process draws its own masks, which a one-process replay cannot."""
+    if config.record_trajectory and draws_randomly(module) and context.world_size > 1:
+        raise InfluenceConfigurationError(
+            "record_trajectory=True under DDP with dropout: each process draws its own masks, and the replay of the"
+            " recorded trajectory (on one process) replays rank zero's only. Forward tracking (track=[...]) works"
+            " under DDP with dropout; or record on a single device."
+        )
     names = [
         n for n, m in module.named_modules() if isinstance(m, nn.MultiheadAttention) and m.dropout > 0 and m.training
     ]
@@ -141,12 +175,6 @@ def make_recorder(
             "record_trajectory=True under bf16-mixed/16-mixed: the replay recomputes each step's gradient in the"
             " parameters' precision and cannot reproduce autocast's, so its fingerprints would not match. Record"
             " with precision='32-true' (or '64-true')."
-        )
-    if draws_randomly(module) and context.world_size > 1:
-        raise InfluenceConfigurationError(
-            "record_trajectory=True under DDP with dropout: each process draws its own masks, and the replay of the"
-            " recorded trajectory (on one process) replays rank zero's only. Forward tracking (track=[...]) works"
-            " under DDP with dropout; or record on a single device."
         )
     if config.record_batches and context.world_size > 1:
         raise InfluenceConfigurationError(
@@ -210,7 +238,7 @@ def build_fit(
     announce: Any = print,
 ) -> TrackedFit:
     """A ready :class:`TrackedFit` whose first step is ``start_step``; ``announce(text)`` receives the cost estimate."""
-    refuse_attention_dropout(config, module)
+    refuse_unreplayable_draws(config, module, context)
     params = select_parameters(module, optimizer, config.params)
     # a forward that draws (dropout), or recurrent layers: per-sample terms from the batch's own forward, under the
     # step's draws
@@ -219,14 +247,17 @@ def build_fit(
     )
     # TracIn needs only the learning rates, so any descending optimizer will do
     spec = model_optimizer(optimizer, "sgd" if not config.keeps_states else config.optimizer_model)
-    tracked_ids = check_tracked_ids(config.track, num_samples)
-    k, dtype = tracked_ids.numel(), params.dtype
+    k, dtype = num_samples if config.track is None else config.track.numel(), params.dtype
     blocks = spec.jacobian.blocks if config.keeps_states else ()
+    # the states' size is known exactly now: refuse before anything of size k (the ids, the states) is allocated
+    saves = context.saves_checkpoints and config.states_in_checkpoint
+    check_plan(config, plan_memory(k, params.layout.numel, blocks, dtype, config.hvp_memory_bytes, 1), True, saves)
+    tracked_ids = check_tracked_ids(config.track, num_samples)
     plan, hvp = plan_fit_memory(config, blocks, loss, params, k, context, move)
     if context.agree is not None:  # measured per process: every process must chunk (and all-reduce) alike
         plan, hvp = context.agree((plan, hvp))
     announce(describe_plan(config, spec, plan, hvp))
-    check_plan(config, plan)
+    check_plan(config, plan, saves_checkpoints=saves)
     queries = QueryEvaluator(loss, config.queries, move)
     inputs = EstimatorInputs(
         loss, spec.jacobian, k, plan.chunk_rows, dtype, params.device, queries.registered_gradients,

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from lightning_influence.autodiff.functional import PerSampleLossFn, RegularizerFn
+from lightning_influence.autodiff.queries import is_batch, nonfinite_values
+from lightning_influence.errors import NonFiniteInfluenceError
 from lightning_influence.estimators.registry import EstimatorName, EstimatorSpec, estimator_spec
 from lightning_influence.optimizers.state import OptimizerModelName
 from lightning_influence.results.previews import PreviewFn
@@ -156,6 +158,14 @@ class TrackerConfig:
     def _check_queries(self) -> None:
         if any(not isinstance(name, str) for name in self.queries):
             raise TypeError("queries must map string names to a batch or a DataLoader.")
+        for name, query in self.queries.items():  # a batch is checked now; a DataLoader when it is evaluated
+            found = nonfinite_values(query, f"queries[{name!r}]") if is_batch(query) else []
+            if found:
+                raise NonFiniteInfluenceError(
+                    f"The query batch queries[{name!r}] holds NaN or inf: {', '.join(found)}. Every window and score"
+                    " on it would be NaN. Drop or fix those samples before registering it (torch.isfinite(x) finds"
+                    " them)."
+                )
         if not self.estimator_spec.any_query and not self.queries:
             raise ValueError(
                 "estimator='tracin' needs registered queries (queries={'val': val_batch_or_loader}): TracIn"

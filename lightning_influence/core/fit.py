@@ -35,7 +35,7 @@ from lightning_influence.core.state import (
     read_side_file,
     write_side_file,
 )
-from lightning_influence.errors import SampleIdError
+from lightning_influence.errors import NonFiniteInfluenceError, SampleIdError
 from lightning_influence.estimators.base import Estimator, Reduce
 from lightning_influence.optimizers import OptimizerStep, flat_optimizer_state, read_step_groups
 from lightning_influence.optimizers.clipping import GradientClip, NormClip, ValueClip
@@ -258,8 +258,11 @@ class TrackedFit:
             return  # no optimizer step since the last boundary (e.g. an epoch and a step window coincide)
         theta, frozen = self.parts.params.theta(), self.parts.params.frozen()
         for name in self.config.queries:
-            probe = self.parts.queries.probe(name, theta, frozen)
-            snapshot = self.recorder.close(name, end_step, epoch, self.estimator.totals(name, probe))
+            where = f"at the window ending at step {end_step}"
+            probe = self.parts.queries.probe(name, theta, frozen, where)
+            scores = self.estimator.totals(name, probe)
+            self._check_scores(scores, probe.label)  # before any sink writes the window
+            snapshot = self.recorder.close(name, end_step, epoch, scores)
             for sink in self.context.sinks:
                 sink.window(snapshot, self.recorder)
             if self.parts.audit is not None:
@@ -305,14 +308,30 @@ class TrackedFit:
         theta, frozen = self.final
         device = self.parts.params.device
         theta, frozen = theta.to(device), {n: t.to(device) for n, t in frozen.items()}
-        probe, name = self.parts.queries.probe(query, theta, frozen), self.config.estimator
+        where = f"at the end of fit (step {self.state.global_step})"
+        probe, name = self.parts.queries.probe(query, theta, frozen, where), self.config.estimator
         if per_example:
             if not self.config.estimator_spec.per_example:
                 raise ValueError("per_example=True is not available with estimator='tracin'.")
             per = self.estimator.answer(probe, per_example=True).cpu()
+            self._check_scores(per, probe.label)
             return InfluenceResult(self.tracked_ids.clone(), per.mean(dim=1), per, name)
         scores = self.estimator.totals(query, probe) if isinstance(query, str) else self.estimator.answer(probe)
+        self._check_scores(scores, probe.label)
         return InfluenceResult(self.tracked_ids.clone(), scores.detach().cpu().clone(), None, name)
+
+    def _check_scores(self, scores: torch.Tensor, label: str) -> None:
+        """Refuse NaN/inf scores (``Tensor[k]`` or ``Tensor[k, n]``), naming the query and the first samples."""
+        finite = torch.isfinite(scores.detach())
+        if bool(finite.all()):
+            return
+        finite = finite.flatten(1).all(dim=1) if finite.dim() > 1 else finite
+        ids = self.tracked_ids[(~finite).nonzero().flatten().cpu()].tolist()
+        raise NonFiniteInfluenceError(
+            f"{label}: the scores of {len(ids)} tracked sample(s) are NaN or inf (sample ids {ids[:10]}), so"
+            " nothing is scored or written. The query's value and gradient are finite: the states or the"
+            " counterfactual values overflow; train in float64 (precision='64-true') or lower the learning rate."
+        )
 
     def windows(self, query: str) -> list[WindowSnapshot]:
         return self.recorder.windows(query)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from lightning_influence.errors import SelfCheckError
+from lightning_influence.errors import NonFiniteInfluenceError, SelfCheckError
 from lightning_influence.optimizers import OptimizerSpec
 from lightning_influence.records import StepRecord
 
@@ -96,8 +96,12 @@ class ParameterWatch:
         self._after_step: int | None = None
 
     def expect(self, steps_after: int, theta: torch.Tensor) -> None:
-        """The parameters after the step that brought the count to ``steps_after``."""
+        """The parameters after the step that brought the count to ``steps_after``;
+        :class:`~lightning_influence.errors.NonFiniteInfluenceError` when that step left NaN or inf in them."""
         self._expected, self._after_step = theta, steps_after
+        if not bool(torch.isfinite(theta).all()):
+            self._expected = None  # nothing to compare at the next step: the run stops here
+            raise NonFiniteInfluenceError(_non_finite_message(theta, steps_after - 1))
 
     def check(self, theta: torch.Tensor, where: str) -> None:
         """``where``: e.g. "before optimizer step 7" or "at the end of fit"."""
@@ -112,3 +116,16 @@ class ParameterWatch:
             " tracker models only the optimizer's updates: remove that change while tracking (or track the run"
             " that produces the weights you evaluate)."
         )
+
+
+def _non_finite_message(theta: torch.Tensor, step: int) -> str:
+    """The tracked parameters ``theta`` hold NaN or inf after optimizer step ``step``."""
+    bad = int((~torch.isfinite(theta)).sum())
+    return (
+        f"The tracked parameters are not finite after optimizer step {step} ({bad} of {theta.numel()} values are NaN"
+        f" or inf): the training loss or its gradient was not finite at step {step}, or the update overflowed (a"
+        " float16 model: Adam's eps and squared gradients underflow in float16). Training diverged, and nothing"
+        " after it can be tracked or recorded. Fix the loss (log(0), division by zero, NaN in the data), lower the"
+        " learning rate or clip gradients, and train float16 models with precision='16-mixed' on float32 weights"
+        " instead of model.half()."
+    )

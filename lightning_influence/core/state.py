@@ -23,7 +23,7 @@ import torch
 
 from lightning_influence.errors import InfluenceConfigurationError
 from lightning_influence.estimators.base import Estimator, Reduce
-from lightning_influence.io.files import atomic_write
+from lightning_influence.io.files import atomic_write, load_torch_file
 from lightning_influence.records import Agree, StepRecord
 from lightning_influence.results.windows import WindowRecorder, WindowSink
 
@@ -44,6 +44,7 @@ class FitContext:
     micro_batch_weight: float = 1.0  # w_m: 1 / (accumulate_grad_batches × world size)
     reduce: Reduce | None = None  # sums a tensor over data-parallel processes (None: one process)
     agree: Agree | None = None  # rank zero's value of a choice, on every process (None: one process)
+    saves_checkpoints: bool = True  # the Trainer saves checkpoints (its memory peak is a save's, then)
     mixed_precision: bool = False
     expect_indexed: bool = False  # default id reader, but the dataset is not an IndexedDataset
     sinks: list[WindowSink] = field(default_factory=list)  # where closed windows and final scores go
@@ -216,7 +217,8 @@ def write_side_file(path: str, global_step: int, heavy: dict[str, Any], writes: 
 def read_side_file(path: str, global_step: int) -> dict[str, Any]:
     """The states a checkpoint left in its side file; they must belong to that checkpoint's step."""
     try:
-        document = torch.load(path, map_location="cpu", weights_only=True)
+        fix = "Resume from a checkpoint whose states file is whole, or train from the start."
+        document = load_torch_file(Path(path), fix, map_location="cpu")
     except FileNotFoundError as err:
         raise InfluenceConfigurationError(
             f"The checkpoint keeps its influence states in {path} (states_in_checkpoint=False), which is missing."

@@ -5,20 +5,29 @@
 - Whole files are written to a temporary file next to the target, fsynced and moved onto it: a file is
   either its old self or whole.
 - Every record carries ``format`` and ``version``; a reader refuses another format or a newer version.
+- A folder a run writes holds a lock file while it does (:class:`FolderLock`): created exclusively, naming the
+  process; a second live writer is refused, a lock whose process has died is stale and taken over.
+- A ``torch.save`` file that cannot be read back raises :class:`~lightning_influence.errors.DamagedFileError`
+  naming the file (:func:`load_torch_file`).
 
 Nothing here knows Lightning.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import socket
 import uuid
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterator, Union
 
 import torch
+
+from lightning_influence.errors import DamagedFileError, FolderInUseError
 
 PathLike = Union[str, os.PathLike]
 
@@ -176,3 +185,138 @@ class JsonLines:
     def move_aside(self, what: str) -> None:
         move_aside(self.path, what)
         self._repaired = True
+
+
+def load_torch_file(path: Path, fix: str, **kwargs: Any) -> Any:
+    """``torch.load(path, weights_only=True, **kwargs)``; a file that is not a whole ``torch.save`` file (truncated,
+    overwritten, empty) raises :class:`~lightning_influence.errors.DamagedFileError` naming it, with ``fix`` (what
+    to do instead). A missing or unreadable file raises the operating system's error as usual."""
+    try:
+        return torch.load(path, weights_only=True, **kwargs)
+    except OSError:
+        raise
+    except Exception as err:  # noqa: BLE001 - torch raises RuntimeError, UnpicklingError, EOFError, KeyError...
+        text = str(err).split(". ", 1)[0] if "central directory" in str(err) else ""
+        reason = f"truncated ({text})" if text else f"not a whole torch.save file ({type(err).__name__})"
+        size = path.stat().st_size if path.is_file() else 0
+        raise DamagedFileError(
+            f"{path}: the file is damaged ({size} bytes, {reason}): it was cut short or overwritten after it was"
+            f" written, and cannot be read. {fix}"
+        ) from None  # torch's own message would suggest weights_only=False: never load these files unsafely
+
+
+LOCK_FORMAT = "lightning-influence/lock"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    except OSError:
+        return True
+    return True
+
+
+class FolderLock:
+    """A lock file (``path``) that says a live process writes the folder it sits in.
+
+    :meth:`acquire` creates it exclusively (a hard link of a complete temporary file: never seen half written)
+    with this process's id, host and start time; :meth:`release` removes it. A lock left by a process that no
+    longer runs on this host (a crash, ``kill -9``) is stale: taken over with a warning. A live holder (another
+    process, or another holder in this process) makes :meth:`acquire` raise
+    :class:`~lightning_influence.errors.FolderInUseError` with ``what`` and ``fix`` in the message.
+    """
+
+    # the locks this process holds, by absolute path; a holder dropped without release() (its owner garbage
+    # collected) leaves the registry, and its file becomes stale
+    _held: weakref.WeakValueDictionary[str, FolderLock] = weakref.WeakValueDictionary()
+
+    def __init__(self, path: Path, what: str) -> None:
+        self.path = Path(path)
+        self.what = what
+        self.held = False
+
+    @property
+    def key(self) -> str:
+        return os.path.abspath(self.path)
+
+    def acquire(self, fix: str) -> None:
+        """Take the lock (idempotent); ``FolderInUseError`` naming the holder and ``fix`` when a live run holds it."""
+        if self.held:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        record = {"format": LOCK_FORMAT, "version": 1, "pid": os.getpid(), "host": socket.gethostname()}
+        record.update(started=datetime.datetime.now().isoformat(timespec="seconds"), what=self.what)
+        tmp = self.path.parent / f".{self.path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+        tmp.write_text(json.dumps(record) + "\n", encoding="utf-8")
+        try:
+            for _ in range(3):
+                try:
+                    os.link(tmp, self.path)
+                    break
+                except FileExistsError:
+                    holder = lock_holder(self.path)
+                    if holder is not None:
+                        raise FolderInUseError(
+                            f"{self.path.parent} is in use: {holder} ({self.path} exists). Two runs must not share"
+                            f" {self.what}: their files would interleave or overwrite each other. {fix} If no run"
+                            f" writes there any more (e.g. it ran on another machine and died), delete {self.path}."
+                        ) from None
+                    warnings.warn(f"{self.path}: taking over a stale lock ({_describe(self.path)}).", stacklevel=3)
+                    self.path.unlink(missing_ok=True)
+            else:
+                raise FolderInUseError(
+                    f"{self.path}: could not take the lock; another run keeps taking it. Give this run its own folder."
+                )
+        finally:
+            tmp.unlink(missing_ok=True)
+        self.held = True
+        FolderLock._held[self.key] = self
+
+    def release(self) -> None:
+        """Remove the lock file (idempotent; a lock that another process took over meanwhile is left alone)."""
+        if not self.held:
+            return
+        self.held = False
+        if FolderLock._held.get(self.key) is self:
+            del FolderLock._held[self.key]
+        record = _read_lock(self.path)
+        if record is None or (record.get("pid") == os.getpid() and record.get("host") == socket.gethostname()):
+            self.path.unlink(missing_ok=True)
+
+
+def _read_lock(path: Path) -> dict[str, Any] | None:
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _describe(path: Path) -> str:
+    record = _read_lock(path) or {}
+    pid, host, started = record.get("pid"), record.get("host"), record.get("started")
+    return f"process {pid} on {host}, since {started}"
+
+
+def lock_holder(path: Path, this_process: bool = True) -> str | None:
+    """Who holds the lock file ``path``, in words (``"a run of process 123 on host, since ... writes it"``), or None
+    when nobody does: no file, or a stale one (its process no longer runs on this host; an unreadable file is taken
+    as stale). A lock of another host is taken as held: this process cannot tell. ``this_process=False``: a holder
+    in this very process is not reported."""
+    if not path.exists():
+        return None
+    record = _read_lock(path)
+    if record is None or not isinstance(record.get("pid"), int):
+        return None
+    pid, host = int(record["pid"]), record.get("host")
+    if host == socket.gethostname():
+        if pid == os.getpid():
+            if not this_process or os.path.abspath(path) not in FolderLock._held:
+                return None  # not asked for, or left by a holder of this process that was never released: stale
+        elif not _process_alive(pid):
+            return None
+    return f"a run of {_describe(path)} writes it"

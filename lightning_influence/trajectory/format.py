@@ -23,6 +23,7 @@ BATCH_DIR = "batches"
 DRAWS_DIR = "draws"  # the random-stream state of each micro-batch's forward, for models that draw (dropout)
 FINAL_FILE = "final.pt"
 END_FILE = "end.json"
+WRITING_FILE = "writing.lock"  # held by the writer from its start to its close (or failure): a run in progress
 
 META_FORMAT = "lightning-influence/trajectory"
 STEP_FORMAT = "lightning-influence/trajectory-step"
@@ -182,8 +183,16 @@ def storable(value: Any, where: str) -> Any:
     )
 
 
+#: what to do about a damaged trajectory file, in the words of the error
+DAMAGED_FIX = (
+    "Record the run again, or resume the fit from a Lightning checkpoint taken before this file's step"
+    " (trainer.fit(..., ckpt_path=...)): the trajectory is cut back to that step and rewritten."
+)
+
+
 def load_torch(path: Path, expected: str, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
-    """``torch.load(path, weights_only=True)`` with its format header checked."""
-    document = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    """``torch.load(path, weights_only=True)`` with its format header checked; a truncated or overwritten file raises
+    :class:`~lightning_influence.errors.DamagedFileError` naming it."""
+    document = files.load_torch_file(path, DAMAGED_FIX, map_location=map_location, mmap=mmap)
     check_header(document, expected, str(path))
     return document

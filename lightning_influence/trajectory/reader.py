@@ -11,6 +11,7 @@ refuse a newer version)::
     batches/step_<t>.pt        the collated micro-batches of step t      atomic, only when batches are recorded
     final.pt                   θ_T and frozen values after the last step atomic
     end.json                   the run closed cleanly                     atomic
+    writing.lock               a writer is at work (its process id)      from the writer's start to its close
 
 Steps t are global optimizer steps, 0-based, strictly increasing along the file (a skipped step, e.g. an AMP
 overflow, leaves a gap: θ and the optimizer state did not change). Step t maps θ_t to θ_{t+1}.
@@ -51,6 +52,12 @@ buffers)}``.
 "frozen": {...}}``, the state after the last step. ``end.json``: ``{"format": "lightning-influence/trajectory-end",
 "version": 1, "last_step": t, "final_step": T or null}``.
 
+``writing.lock``: ``{"format": "lightning-influence/lock", "version": 1, "pid": ..., "host": ..., "started": ...,
+"what": ...}``, created exclusively when a writer starts and removed when it closes or fails (0.1.0 wrote none). While
+its process runs, :func:`load_trajectory` in any other process refuses the folder; a lock whose process has died is
+stale and ignored. A trajectory without ``end.json`` is unfinished (the run crashed, failed or still runs): it loads
+(``complete`` is False) but a replay refuses it.
+
 Durability: step lines are flushed every step and fsynced at each checkpoint and at the end, so a crash loses at
 most the current segment; checkpoint, batch and final files are whole or absent. A segment is a checkpoint and the
 steps from it up to the next checkpoint: a replay rebuilds its states from the checkpoint. Nothing here knows
@@ -65,7 +72,8 @@ from pathlib import Path
 from typing import Any
 
 from lightning_influence.autodiff.draws import RandomDraws
-from lightning_influence.io.files import PathLike
+from lightning_influence.errors import FolderInUseError, UnfinishedTrajectoryError
+from lightning_influence.io.files import PathLike, lock_holder
 from lightning_influence.trajectory.fingerprint import (
     DEFAULT_CHECKPOINT_EVERY,
     default_checkpoint_every,
@@ -89,6 +97,7 @@ from lightning_influence.trajectory.format import (
     TRAJECTORY_DIR,
     TRAJECTORY_VERSION,
     VOLATILE_META_KEYS,
+    WRITING_FILE,
     StepEntry,
     check_header,
     decode_step,
@@ -172,6 +181,21 @@ class Trajectory:
         if not file.is_file():
             return None
         return [RandomDraws.from_record(r) for r in load_torch(file, DRAWS_FORMAT)["draws"]]
+
+    def _check_finished(self) -> None:
+        """:class:`UnfinishedTrajectoryError` unless the writer closed the trajectory (``end.json``, looked up now),
+        :class:`FolderInUseError` while another process writes it."""
+        _refuse_in_progress(self.path)
+        if (self.path / END_FILE).is_file():
+            return
+        last = self.steps[-1].step if self.steps else None
+        final = "" if (self.path / FINAL_FILE).is_file() else f" nor {FINAL_FILE}"
+        raise UnfinishedTrajectoryError(
+            f"{self.path}: the trajectory is unfinished: its writer did not close it (no {END_FILE}{final}; the last"
+            f" recorded step is {last}). The run crashed, failed or was stopped, or it is still running in this"
+            " process; replaying it would score a prefix of the run as if it were the whole run. Resume the fit from"
+            " its last checkpoint (trainer.fit(..., ckpt_path=...)) so that it finishes, or record the run again."
+        )
 
     def _order_problem(self) -> str | None:
         for before, after in zip(self.steps, self.steps[1:]):
@@ -264,17 +288,35 @@ def _resolve(path: PathLike) -> Path:
     )
 
 
+def _refuse_in_progress(folder: Path) -> None:
+    """:class:`FolderInUseError` while another live process holds the folder's ``writing.lock``."""
+    holder = lock_holder(folder / WRITING_FILE, this_process=False)
+    if holder is not None:
+        raise FolderInUseError(
+            f"{folder}: the trajectory is still being written ({holder}; {folder / WRITING_FILE} exists): reading it"
+            " now would mix finished and unfinished files. Wait until that run ends (it removes the lock), then load"
+            f" it. If no run writes there any more (e.g. it ran on another machine and died), delete {WRITING_FILE}."
+        )
+
+
 def load_trajectory(path: PathLike) -> Trajectory:
     """Read a trajectory written by :class:`TrajectoryWriter`.
 
     Args:
         path: the trajectory folder, or its parent artifact folder containing ``trajectory/``.
 
+    A trajectory whose writer did not finish (no ``end.json``: a crashed, failed or running fit) loads, with
+    ``complete`` False, for inspection; a replay of it (:meth:`Trajectory.influence`, ``TrajectoryReplay``) raises
+    :class:`~lightning_influence.errors.UnfinishedTrajectoryError`.
+
     Raises:
         FileNotFoundError: no ``meta.json`` there.
         ValueError: a corrupt step line other than the last, a wrong format or a newer version.
+        FolderInUseError: another live process is writing the trajectory (it holds ``writing.lock``).
+        DamagedFileError: ``final.pt`` is truncated or overwritten.
     """
     folder = _resolve(path)
+    _refuse_in_progress(folder)
     meta_path = folder / META_FILE
     try:
         header = json.loads(meta_path.read_text(encoding="utf-8"))
@@ -288,4 +330,5 @@ def load_trajectory(path: PathLike) -> Trajectory:
         final_step = int(load_torch(folder / FINAL_FILE, FINAL_FORMAT, "cpu", mmap=True)["step"])
     if (folder / END_FILE).is_file():
         check_header(json.loads((folder / END_FILE).read_text(encoding="utf-8")), END_FORMAT, str(folder / END_FILE))
+    _refuse_in_progress(folder)  # a writer that started while this read
     return Trajectory(folder, header, steps, final_step)

@@ -96,6 +96,7 @@ class TrajectoryRecorder:
         self.gather = gather or (lambda ids: [ids])
         self.writes = writes
         self._writer: TrajectoryWriter | None = None
+        self._opened: TrajectoryWriter | None = None  # the writer of this session, closed or not (for abort())
         self._checkpointed = False  # this session wrote a checkpoint (a resumed one must start with one)
         # files are written by one background thread, in submission order, so that checkpoint writes (a
         # torch.save and an fsync) do not stall training; a failure surfaces at the next call
@@ -108,7 +109,8 @@ class TrajectoryRecorder:
     def start(self, resume_from_step: int | None) -> None:
         """Open the trajectory: fresh (``None``), or continuing a fit that resumes at ``resume_from_step``."""
         if self.writes:
-            self._writer = TrajectoryWriter(self.dirpath, self.meta, resume_from_step=resume_from_step)
+            self.abort()  # an earlier session of this recorder that no one closed
+            self._writer = self._opened = TrajectoryWriter(self.dirpath, self.meta, resume_from_step=resume_from_step)
             self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightning-influence-trajectory")
 
     def _submit(self, fn: Callable[..., Any], *args: Any) -> None:
@@ -176,6 +178,23 @@ class TrajectoryRecorder:
             self._submit(self._writer.close)
             self._writer = None
             self.flush()
+
+    def abort(self) -> None:
+        """The fit failed: wait for the files submitted so far (a failed write is not raised again: the fit's own
+        error is on its way), leave the trajectory unfinished (no end marker; ``steps.jsonl`` closed, the writer's
+        lock removed) and stop the writing thread. Idempotent; nothing to do after :meth:`finish`."""
+        pending, self._pending = self._pending, []
+        for future in pending:
+            try:
+                future.result()
+            except Exception:  # noqa: BLE001, S110 - the error that failed the fit is already being raised
+                pass
+        if self._opened is not None:
+            self._opened.abandon()  # a writer closed by finish() has nothing left to abandon
+        self._writer = self._opened = None
+        if self._io is not None:
+            self._io.shutdown(wait=True)
+            self._io = None
 
     def flush(self) -> None:
         """Wait for the files submitted so far (re-raising a failed write)."""

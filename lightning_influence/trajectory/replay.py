@@ -26,17 +26,18 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import nn
-from torch.utils.data import default_collate
+from torch.utils.data import IterableDataset, default_collate
 from tqdm import tqdm
 
 from lightning_influence.autodiff.draws import DrawnBatch, moved
 from lightning_influence.autodiff.functional import FunctionalLoss, PerSampleLossFn, RegularizerFn
 from lightning_influence.autodiff.queries import query_example_gradients, query_gradient
+from lightning_influence.errors import ReplayInputError
 from lightning_influence.optimizers import OptimizerStep
 from lightning_influence.results.result import InfluenceResult
 from lightning_influence.results.windows import WindowSnapshot
 from lightning_influence.trajectory.adjoint import AdjointStep, AdjointSweep
-from lightning_influence.trajectory.format import StepEntry
+from lightning_influence.trajectory.format import BATCH_DIR, StepEntry, listed_steps
 from lightning_influence.trajectory.reader import Trajectory, load_trajectory
 from lightning_influence.trajectory.steps import (
     TOLERANCES,
@@ -131,7 +132,12 @@ class TrajectoryReplay:
         tolerances: ``(parameters rtol, gradient rtol)`` of the fingerprint check (default: :data:`TOLERANCES`
             of the recorded dtype).
 
-    Raises (while scoring) :class:`ReplayMismatchError` when a replayed step does not reproduce the recorded one.
+    Raises :class:`~lightning_influence.errors.UnfinishedTrajectoryError` for a trajectory whose writer did not finish
+    (no ``end.json``: a crashed, failed or running fit; resume the fit so that it finishes),
+    :class:`~lightning_influence.errors.FolderInUseError` while another process writes it, and
+    :class:`~lightning_influence.errors.ReplayInputError` for a training set that cannot give the recorded samples
+    (an ``IterableDataset``, or fewer samples than the largest recorded id), all before any work; (while scoring)
+    :class:`ReplayMismatchError` when a replayed step does not reproduce the recorded one.
     """
 
     def __init__(
@@ -148,6 +154,7 @@ class TrajectoryReplay:
         tolerances: tuple[float, float] | None = None,
     ) -> None:
         self.trajectory = trajectory if isinstance(trajectory, Trajectory) else load_trajectory(trajectory)
+        self.trajectory._check_finished()
         meta = self.trajectory.meta
         self.dtype, self.layout = recorded_dtype(meta), layout_from_meta(meta)
         check_module(module, self.layout)
@@ -165,6 +172,7 @@ class TrajectoryReplay:
             raise ValueError(f"{self.trajectory.path}: the trajectory holds no recorded step to replay.")
         self._entries: list[StepEntry] = [e for _, entries in self._segments for e in entries]
         self._steps = [e.step for e in self._entries]
+        self._check_dataset()
         final = self.trajectory.final_step
         self.final_step: int = self._steps[-1] + 1 if final is None else int(final)
 
@@ -226,6 +234,33 @@ class TrajectoryReplay:
         table = self.scores({name: query}, ends)[name]
         epochs = [self._entries[bisect.bisect_left(self._steps, b) - 1].epoch for b in ends]
         return window_snapshots(name, start, ends, epochs, self.sample_ids, table)
+
+    def _check_dataset(self) -> None:
+        """Before any work: the training set can give every sample of the steps whose batches were not recorded."""
+        recorded = set(listed_steps(self.trajectory.path / BATCH_DIR))
+        unrecorded = [e for e in self._entries if e.step not in recorded]
+        if not unrecorded or self.train_dataset is None:  # None: _fetch names the first step that needs the data
+            return
+        path, dataset, first = self.trajectory.path, self.train_dataset, unrecorded[0].step
+        if isinstance(dataset, IterableDataset):
+            raise ReplayInputError(
+                f"{path}: the batches of step {first} (and {len(unrecorded) - 1} more) were not recorded, and the"
+                f" training set ({type(dataset).__name__}) is an IterableDataset: the replay cannot read its samples"
+                " by id. Record the run with InfluenceTracker(record_trajectory=True, record_batches=True), or pass a"
+                " map-style dataset whose dataset[i] is the sample of id i."
+            )
+        try:
+            size = len(dataset)
+        except TypeError:  # no length: a missing id shows as the dataset's own error
+            return
+        largest = max((i for e in unrecorded for ids, _ in e.micro_batches for i in ids), default=-1)
+        if largest >= size:
+            raise ReplayInputError(
+                f"{path}: the training set holds {size} samples, but the recorded run had num_samples="
+                f"{self.num_samples} and used sample id {largest} (in a step whose batches were not recorded): it is"
+                " not the training set of the run. Pass the dataset the run trained on (dataset[i] the sample of id"
+                " i), or record the run with record_batches=True."
+            )
 
     # -- the sweep ---------------------------------------------------------------------------------------------
 
@@ -313,10 +348,11 @@ class TrajectoryReplay:
 
     def _query_gradients(self, query: Any, state: _State, per_example: bool) -> torch.Tensor:
         """``Tensor[n, p]``: ∇q(θ) (n = 1), or the per-example gradients of a batch query."""
+        label = f"The query at {state.label}" if state.label else "The query"
         with torch.enable_grad():
             if per_example:
-                return query_example_gradients(self.loss, state.theta, query, self.move, state.frozen)
-            return query_gradient(self.loss, state.theta, query, self.move, state.frozen)[None]
+                return query_example_gradients(self.loss, state.theta, query, self.move, state.frozen, label=label)
+            return query_gradient(self.loss, state.theta, query, self.move, state.frozen, label=label)[None]
 
     def _count(self, query: Any, end: _State | None, per_example: bool) -> int:
         """Query vectors per boundary: 1, or the number of examples (evaluated at the final parameters)."""

@@ -4,16 +4,19 @@ Nothing here knows Lightning.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lightning_influence.io.files import PathLike
+from lightning_influence.errors import TrajectoryWriteError
+from lightning_influence.io.files import FolderLock, PathLike
 from lightning_influence.trajectory.format import (
     BATCH_DIR,
     BATCH_FORMAT,
@@ -30,6 +33,7 @@ from lightning_influence.trajectory.format import (
     STEPS_FILE,
     TRAJECTORY_VERSION,
     VOLATILE_META_KEYS,
+    WRITING_FILE,
     StepEntry,
     atomic_json,
     atomic_torch_save,
@@ -69,6 +73,38 @@ def _remove_stale(directory: Path, first_step: int | None) -> int:
     return removed
 
 
+def _os_cause(err: BaseException) -> OSError | None:
+    """The operating system's error behind ``err`` (itself, or in its chain: torch.save reports a failed write as a
+    ``RuntimeError`` whose context is the ``OSError``)."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _is_write_failure(err: BaseException) -> bool:
+    if isinstance(err, TrajectoryWriteError):
+        return False
+    if _os_cause(err) is not None:
+        return True
+    text = str(err)  # torch.save's stream writer, failing without a chained OSError
+    return isinstance(err, RuntimeError) and ("inline_container" in text or "PytorchStreamWriter" in text)
+
+
+def _reason(err: BaseException) -> str:
+    cause = _os_cause(err)
+    if cause is None:
+        return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}".rstrip(": ")
+    code = cause.errno
+    name = errno.errorcode.get(code, "") if isinstance(code, int) else ""
+    text = cause.strerror or (os.strerror(code) if isinstance(code, int) else str(cause))
+    return f"{text} (errno {code}{', ' + name if name else ''})" if code is not None else text
+
+
 class TrajectoryWriter:
     """Writes the trajectory of one training run into ``dirpath`` (created with parents).
 
@@ -84,6 +120,13 @@ class TrajectoryWriter:
 
     Only one process (rank 0) should write. Step lines are flushed at every step and fsynced at every
     checkpoint, at ``write_final`` and ``close``; checkpoints, batches and final state are written atomically.
+
+    From its start to ``close`` (or a failure) the writer holds ``writing.lock`` in the folder (its process id):
+    another live writer of the folder raises :class:`~lightning_influence.errors.FolderInUseError`, and
+    :func:`~lightning_influence.trajectory.reader.load_trajectory` in another process refuses the folder. A write
+    that fails (a full disk) raises :class:`~lightning_influence.errors.TrajectoryWriteError` naming the file, the
+    step and the reason, and leaves the trajectory unfinished: ``steps.jsonl`` closed, no end marker, the lock
+    removed; every later write raises it again. :meth:`abandon` does the same for a run that failed elsewhere.
     """
 
     def __init__(self, dirpath: PathLike, meta: Mapping[str, Any], resume_from_step: int | None = None) -> None:
@@ -92,14 +135,53 @@ class TrajectoryWriter:
         self.meta: dict[str, Any] = plain(dict(meta), "meta")
         self.last_step: int | None = None
         self.final_step: int | None = None
-        if resume_from_step is not None and (self.dirpath / META_FILE).is_file():
-            resumes = self._resume(int(resume_from_step))
-        else:
-            resumes = self._start_new()
-        header = {"format": META_FORMAT, "version": TRAJECTORY_VERSION, "meta": self.meta, "resumes": resumes}
-        atomic_json(self.dirpath / META_FILE, header)
-        (self.dirpath / CHECKPOINT_DIR).mkdir(exist_ok=True)
-        self._steps = open(self.dirpath / STEPS_FILE, "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
+        self._failure: TrajectoryWriteError | None = None
+        self._lock = FolderLock(self.dirpath / WRITING_FILE, "one trajectory folder")
+        self._lock.acquire(
+            "Record each run into its own folder: InfluenceTracker(dirpath=...) or another"
+            " Trainer(default_root_dir=...)."
+        )
+        try:
+            with self._writing(self.dirpath / META_FILE, None):
+                if resume_from_step is not None and (self.dirpath / META_FILE).is_file():
+                    resumes = self._resume(int(resume_from_step))
+                else:
+                    resumes = self._start_new()
+                header = {"format": META_FORMAT, "version": TRAJECTORY_VERSION, "meta": self.meta, "resumes": resumes}
+                atomic_json(self.dirpath / META_FILE, header)
+                (self.dirpath / CHECKPOINT_DIR).mkdir(exist_ok=True)
+                self._steps = open(self.dirpath / STEPS_FILE, "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
+        except BaseException:
+            self._lock.release()
+            raise
+
+    @contextmanager
+    def _writing(self, file: Path, step: int | None) -> Iterator[None]:
+        """Around the writes of ``file`` for step ``step``: a failure abandons the trajectory (every handle closed);
+        the operating system's failures become a :class:`TrajectoryWriteError` naming the file, the step and why."""
+        try:
+            yield
+        except BaseException as err:
+            if not _is_write_failure(err):
+                self.abandon()
+                raise
+            where = "at its start" if step is None else f"at optimizer step {step}"
+            cause = _os_cause(err)
+            named = getattr(cause, "filename", None)
+            if named and not str(named).endswith(".tmp"):  # the file the system names, unless our temporary one
+                file = Path(named)
+            full = cause is None or cause.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+            failure = TrajectoryWriteError(
+                f"Recording the trajectory failed {where}: writing {file} failed: {_reason(err)}. The trajectory in"
+                f" {self.dirpath} is left unfinished and cannot be replayed."
+                f" {'Free space on that disk' if full else 'Make that folder writable'} (or record into another"
+                " folder: InfluenceTracker(dirpath=...)), then resume the fit from its last checkpoint"
+                " (trainer.fit(..., ckpt_path=...)) or run it again."
+            )
+            failure.errno, failure.filename = (None if cause is None else cause.errno), str(file)
+            self._failure = failure
+            self.abandon()
+            raise failure from err
 
     def _start_new(self) -> list[int]:
         """Delete every file of an earlier trajectory here; return the (empty) resume history."""
@@ -142,6 +224,10 @@ class TrajectoryWriter:
         return [int(s) for s in header.get("resumes", [])] + [step]
 
     def _check_open(self) -> None:
+        if self._failure is not None:
+            failure = TrajectoryWriteError(f"TrajectoryWriter({self.dirpath}) stopped at a failure: {self._failure}")
+            failure.errno, failure.filename = self._failure.errno, self._failure.filename
+            raise failure
         if self._steps.closed:
             raise RuntimeError(f"TrajectoryWriter({self.dirpath}) is closed.")
 
@@ -159,20 +245,22 @@ class TrajectoryWriter:
         if self.last_step is not None and entry.step <= self.last_step:
             raise ValueError(f"Step {entry.step} written after step {self.last_step}: steps must strictly increase.")
         line = json.dumps(encode_step(entry), separators=(",", ":"))
+        step, files = int(entry.step), []
         if batch is not None:
-            directory = self.dirpath / BATCH_DIR
-            directory.mkdir(exist_ok=True)
-            document = {"format": BATCH_FORMAT, "version": TRAJECTORY_VERSION, "step": int(entry.step)}
+            document = {"format": BATCH_FORMAT, "version": TRAJECTORY_VERSION, "step": step}
             document["batches"] = storable(list(batch), f"batch of step {entry.step}")
-            atomic_torch_save(step_file(directory, entry.step), document)
+            files.append((self.dirpath / BATCH_DIR, document))
         if draws is not None:
-            directory = self.dirpath / DRAWS_DIR
-            directory.mkdir(exist_ok=True)
-            document = {"format": DRAWS_FORMAT, "version": TRAJECTORY_VERSION, "step": int(entry.step), "draws": draws}
-            atomic_torch_save(step_file(directory, entry.step), document)
-        self._steps.write(line + "\n")
-        self._steps.flush()
-        self.last_step = int(entry.step)
+            document = {"format": DRAWS_FORMAT, "version": TRAJECTORY_VERSION, "step": step, "draws": draws}
+            files.append((self.dirpath / DRAWS_DIR, document))
+        for directory, document in files:
+            with self._writing(step_file(directory, step), step):
+                directory.mkdir(exist_ok=True)
+                atomic_torch_save(step_file(directory, step), document)
+        with self._writing(self.dirpath / STEPS_FILE, step):
+            self._steps.write(line + "\n")
+            self._steps.flush()
+        self.last_step = step
 
     def write_checkpoint(
         self,
@@ -193,12 +281,15 @@ class TrajectoryWriter:
         self._check_open()
         if step < 0 or (self.last_step is not None and step < self.last_step):
             raise ValueError(f"Checkpoint of step {step} after step {self.last_step} was written.")
-        self._sync_steps()
         document = {"format": CHECKPOINT_FORMAT, "version": TRAJECTORY_VERSION, "step": int(step)}
         document["theta"] = storable(theta, "theta")
         document["optimizer_state"] = storable(dict(optimizer_state), "optimizer_state")
         document["frozen"] = storable(dict(frozen), "frozen")
-        atomic_torch_save(step_file(self.dirpath / CHECKPOINT_DIR, step), document)
+        with self._writing(self.dirpath / STEPS_FILE, step):
+            self._sync_steps()
+        file = step_file(self.dirpath / CHECKPOINT_DIR, step)
+        with self._writing(file, step):
+            atomic_torch_save(file, document)
 
     def write_final(self, step: int, theta: torch.Tensor, frozen: Mapping[str, torch.Tensor]) -> None:
         """Write θ_T (``Tensor[p]``) and the frozen values after the last step to ``final.pt`` (atomic). ``step`` = T,
@@ -206,22 +297,47 @@ class TrajectoryWriter:
         self._check_open()
         if self.last_step is not None and step <= self.last_step:
             raise ValueError(f"Final state at step {step}, but step {self.last_step} was written: it must come after.")
-        self._sync_steps()
         document = {"format": FINAL_FORMAT, "version": TRAJECTORY_VERSION, "step": int(step)}
         document["theta"] = storable(theta, "theta")
         document["frozen"] = storable(dict(frozen), "frozen")
-        atomic_torch_save(self.dirpath / FINAL_FILE, document)
+        with self._writing(self.dirpath / STEPS_FILE, step):
+            self._sync_steps()
+        with self._writing(self.dirpath / FINAL_FILE, step):
+            atomic_torch_save(self.dirpath / FINAL_FILE, document)
         self.final_step = int(step)
 
     def close(self) -> None:
-        """fsync and close ``steps.jsonl`` and write the end marker ``end.json``. Idempotent."""
+        """fsync and close ``steps.jsonl``, write the end marker ``end.json`` and remove ``writing.lock``. Idempotent;
+        after a failed write it raises that failure again (the trajectory stays unfinished)."""
+        if self._failure is not None:
+            self._check_open()
         if self._steps.closed:
             return
-        self._sync_steps()
-        self._steps.close()
+        step = self.final_step if self.final_step is not None else self.last_step
+        with self._writing(self.dirpath / STEPS_FILE, step):
+            self._sync_steps()
+            self._steps.close()
         marker = {"format": END_FORMAT, "version": TRAJECTORY_VERSION}
         marker.update(last_step=self.last_step, final_step=self.final_step)
-        atomic_json(self.dirpath / END_FILE, marker)
+        with self._writing(self.dirpath / END_FILE, step):
+            atomic_json(self.dirpath / END_FILE, marker)
+        self._lock.release()
+
+    def abandon(self) -> None:
+        """A run that failed: keep what was written, claim no end (no ``end.json``), close ``steps.jsonl`` and remove
+        ``writing.lock``; the trajectory is left unfinished (a replay refuses it; a resumed fit continues it).
+        Idempotent, and never raises: it runs while another error is on its way."""
+        steps = getattr(self, "_steps", None)
+        if steps is not None and not steps.closed:
+            try:
+                self._sync_steps()
+            except (OSError, ValueError):  # a full disk: what could not be flushed is lost with the run
+                pass
+            try:
+                steps.close()
+            except OSError:
+                pass
+        self._lock.release()
 
     def __enter__(self) -> TrajectoryWriter:  # noqa: PYI034
         return self
@@ -229,6 +345,5 @@ class TrajectoryWriter:
     def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
         if exc_type is None:
             self.close()
-        elif not self._steps.closed:  # a failed run: keep what was written, claim no end
-            self._sync_steps()
-            self._steps.close()
+        else:  # a failed run: keep what was written, claim no end
+            self.abandon()

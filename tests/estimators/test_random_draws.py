@@ -11,7 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_influence import InfluenceConfigurationError, InfluenceTracker
+from lightning_influence import InfluenceConfigurationError, InfluenceTracker, TrackerConfig
+from lightning_influence.core.build import refuse_unreplayable_draws
+from lightning_influence.core.state import FitContext
 from lightning_influence.testing import TinyClassifier, eval_query_loss, random_classification, seeded_fit
 
 N, D, C = 16, 4, 3
@@ -128,3 +130,12 @@ def test_attention_dropout_is_refused_where_transforms_would_redraw_it(kwargs, u
     tracker = InfluenceTracker(queries={"q": query}, dirpath=tmp_path, **kwargs)
     with pytest.raises(InfluenceConfigurationError, match=rf"{use} with attention dropout \('net.layer.self_attn'\)"):
         _fit(Encoder().double(), OPTIMIZERS["adamw"][0], x, y, tracker=tracker)
+
+
+def test_recording_a_model_that_draws_is_refused_under_ddp_only():
+    config = TrackerConfig(track=(), record_trajectory=True)
+    model = _mlp()
+    with pytest.raises(InfluenceConfigurationError, match=r"record_trajectory=True under DDP with dropout"):
+        refuse_unreplayable_draws(config, model, FitContext(world_size=2))
+    refuse_unreplayable_draws(config, model, FitContext(world_size=1))  # one process replays its own draws
+    refuse_unreplayable_draws(config, model.eval(), FitContext(world_size=2))  # a model that does not draw
