@@ -245,6 +245,7 @@ class InfluenceTracker(Callback, TrackerAnswers):
             agree=lit.agreement(trainer),
             saves_checkpoints=bool(trainer.checkpoint_callbacks),
             mixed_precision=lit.is_mixed_precision(trainer),
+            autocast=lit.autocast_setting(trainer),
             expect_indexed=lit.expects_indexed_batches(trainer, self.config.sample_ids),
             trajectory_dir=None if self._artifact_dir is None else os.path.join(self._artifact_dir, "trajectory"),
             expected_steps=lit.expected_steps(trainer),

@@ -248,6 +248,18 @@ def is_mixed_precision(trainer: pl.Trainer) -> bool:
     return str(trainer.precision) in MIXED_PRECISION
 
 
+def autocast_setting(trainer: pl.Trainer) -> tuple[str, torch.dtype] | None:
+    """``(device type, dtype)`` of the autocast that the precision plugin runs ``training_step`` under (bf16-mixed,
+    16-mixed), read from the plugin's own context manager; None without autocast, or for a plugin that has none."""
+    if not is_mixed_precision(trainer):
+        return None
+    make = getattr(trainer.precision_plugin, "autocast_context_manager", None)
+    autocast = make() if callable(make) else None
+    if not isinstance(autocast, torch.autocast):
+        return None
+    return str(autocast.device), autocast.fast_dtype
+
+
 def gradient_clip(trainer: pl.Trainer) -> tuple[str, float] | None:
     """The Trainer's gradient clipping as ``("norm" | "value", threshold)``, or None."""
     if not trainer.gradient_clip_val:

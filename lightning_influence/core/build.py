@@ -170,11 +170,12 @@ def make_recorder(
         return None
     # the replay re-runs every trainable parameter's update: with params= the recorder reads them all itself
     recorded = select_parameters(module, optimizer, None) if params.untracked else params
-    if context.mixed_precision:
+    if context.mixed_precision and context.autocast is None:
         raise InfluenceConfigurationError(
-            "record_trajectory=True under bf16-mixed/16-mixed: the replay recomputes each step's gradient in the"
-            " parameters' precision and cannot reproduce autocast's, so its fingerprints would not match. Record"
-            " with precision='32-true' (or '64-true')."
+            "record_trajectory=True under a mixed-precision plugin that exposes no torch.autocast settings: the"
+            " replay recomputes each step's gradient under the training forward's autocast, and cannot read it"
+            " from this plugin. Use Lightning's MixedPrecision plugin (precision='bf16-mixed' or '16-mixed'), or"
+            " record with precision='32-true'."
         )
     if config.record_batches and context.world_size > 1:
         raise InfluenceConfigurationError(
@@ -189,6 +190,7 @@ def make_recorder(
         bool(getattr(spec.jacobian, "momentum", False)),
         recorded.dtype,
         num_samples,
+        autocast=context.autocast,  # the replay evaluates the training loss under the same autocast
         checkpoint_every_n_steps=every,
         world_size=context.world_size,
         record_batches=config.record_batches,

@@ -46,6 +46,7 @@ class FitContext:
     agree: Agree | None = None  # rank zero's value of a choice, on every process (None: one process)
     saves_checkpoints: bool = True  # the Trainer saves checkpoints (its memory peak is a save's, then)
     mixed_precision: bool = False
+    autocast: tuple[str, torch.dtype] | None = None  # (device type, dtype) of the training forward's autocast
     expect_indexed: bool = False  # default id reader, but the dataset is not an IndexedDataset
     sinks: list[WindowSink] = field(default_factory=list)  # where closed windows and final scores go
     metadata: dict[str, Any] = field(default_factory=dict)  # written with the final scores

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Union
 
+import numpy as np
 import torch
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 
 from lightning_influence.reporting.windows import (
     add_custom_scalars,
     as_loggers,
-    log_window,
+    log_window_with_cumulative,
     metric_key,
     window_figure_image,
 )
@@ -49,36 +50,61 @@ class LoggerSink:
         self.namespace = namespace
         self.figure_every = figure_every
         self.preview, self.dataset = preview, dataset
-        self._undrawn: dict[str, tuple[WindowSnapshot, torch.Tensor, list[int]]] = {}  # query -> last window
+        self._undrawn: dict[str, tuple[WindowSnapshot, Any]] = {}  # query -> its last window and recorder
         self._laid_out: set[str] = set()
-        self._last: dict[str, tuple[WindowSnapshot, torch.Tensor, list[int]]] = {}
+        self._last: dict[str, tuple[WindowSnapshot, Any]] = {}
+        self._cumulative: dict[str, tuple[int, torch.Tensor]] = {}  # query -> (window index, float64 sum so far)
 
     def window(self, snapshot: WindowSnapshot, recorder: Any) -> None:
-        """Every window's scalars, histogram and table; the figure every ``figure_every``-th window only."""
-        history = recorder.window_matrix(snapshot.query)
-        end_steps = [s.end_step for s in recorder.windows(snapshot.query)]
-        if snapshot.query not in self._laid_out:  # TensorBoard's Custom Scalars tab opens on the influence charts
-            self._laid_out.add(snapshot.query)
-            add_custom_scalars(self.loggers, snapshot.query, self.namespace)
+        """Every window's scalars, histogram and table; the figure every ``figure_every``-th window only.
+
+        The cumulative scores of the tables are summed as the windows close (one row added per window); the matrix
+        of every window so far is asked of the recorder only for a figure, so a window costs the same at the
+        thousandth window as at the first."""
+        query = snapshot.query
+        if query not in self._laid_out:  # TensorBoard's Custom Scalars tab opens on the influence charts
+            self._laid_out.add(query)
+            add_custom_scalars(self.loggers, query, self.namespace)
+        cumulative = self._cumulative_at(snapshot, recorder)
         figure = (snapshot.index + 1) % self.figure_every == 0
-        step = logger_step(snapshot.end_step)
-        log_window(self.loggers, snapshot, history, self.top_k, end_steps, self.namespace, figure=figure, step=step)
         if figure:
-            self._undrawn.pop(snapshot.query, None)
+            history = recorder.window_matrix(query)
+            end_steps: list[int] | None = [s.end_step for s in recorder.windows(query)]
+        else:  # the tables need the window and the running sum only
+            history, end_steps = snapshot.scores.reshape(1, -1), None
+        step = logger_step(snapshot.end_step)
+        log_window_with_cumulative(
+            self.loggers, snapshot, history, self.top_k, end_steps, self.namespace, figure, step, cumulative
+        )
+        if figure:
+            self._undrawn.pop(query, None)
         else:
-            self._undrawn[snapshot.query] = (snapshot, history, end_steps)
-        self._last[snapshot.query] = (snapshot, history, end_steps)
+            self._undrawn[query] = (snapshot, recorder)
+        self._last[query] = (snapshot, recorder)
         self._log_samples(snapshot, snapshot.scores, "samples")
+
+    def _cumulative_at(self, snapshot: WindowSnapshot, recorder: Any) -> torch.Tensor:
+        """``Tensor[k]`` float64: ``snapshot.query``'s window scores summed over its windows so far, this one
+        included: the last sum plus this window, or (first window seen, e.g. a resumed fit) the recorder's sum."""
+        query, scores = snapshot.query, snapshot.scores.detach().cpu().to(torch.float64).reshape(-1)
+        last = self._cumulative.get(query)
+        if last is not None and last[0] == snapshot.index - 1 and last[1].shape == scores.shape:
+            total = last[1] + scores
+        else:
+            total = recorder.window_matrix(query)[: snapshot.index + 1].detach().cpu().to(torch.float64).sum(0)
+        self._cumulative[query] = (snapshot.index, total)
+        return total
 
     def _log_samples(self, snapshot: WindowSnapshot, scores: torch.Tensor, what: str) -> None:
         """Images of the most harmful and most helpful samples by ``scores`` (TensorBoard, with a preview)."""
         boards = [logger for logger in self.loggers if isinstance(logger, TensorBoardLogger)]
         if not boards or self.preview is None or not scores.numel():
             return
-        order = torch.argsort(scores.detach().cpu())
+        order = np.argsort(scores.detach().cpu().to(torch.float64).numpy())  # NaN last, as torch.argsort
         n = min(8, scores.numel())
-        for name, rows in ((f"most_harmful_{what}", order[:n]), (f"most_helpful_{what}", order.flip(0)[:n])):
-            images = preview_images(self.preview, self.dataset, snapshot.sample_ids[rows].tolist())
+        ids = snapshot.sample_ids.tolist()
+        for name, rows in ((f"most_harmful_{what}", order[:n]), (f"most_helpful_{what}", order[::-1][:n])):
+            images = preview_images(self.preview, self.dataset, [ids[i] for i in rows.tolist()])
             for logger in boards if images is not None else ():
                 key = metric_key(snapshot.query, name, self.namespace)
                 step = logger_step(snapshot.end_step)
@@ -87,9 +113,11 @@ class LoggerSink:
     def final(self, results: Any, metadata: Any) -> None:
         """The end of fit: the figure of each query's last window, if it was not drawn when it closed."""
         boards = [logger for logger in self.loggers if isinstance(logger, TensorBoardLogger)]
-        for snapshot, history, _ in self._last.values():  # the whole run's most harmful / helpful samples
-            self._log_samples(snapshot, history.to(torch.float64).sum(0), "samples_overall")
-        for snapshot, history, end_steps in self._undrawn.values():
+        for snapshot, _ in self._last.values():  # the whole run's most harmful / helpful samples
+            self._log_samples(snapshot, self._cumulative[snapshot.query][1], "samples_overall")
+        for snapshot, recorder in self._undrawn.values():
+            history = recorder.window_matrix(snapshot.query)
+            end_steps = [s.end_step for s in recorder.windows(snapshot.query)]
             image = window_figure_image(snapshot, history, end_steps)
             for logger in boards if image is not None else ():
                 key = metric_key(snapshot.query, "strongest_over_windows", self.namespace)

@@ -93,10 +93,13 @@ def top_samples_table(
     ids = sample_ids.detach().cpu().reshape(-1).tolist()
     s = scores.detach().cpu().to(torch.float64).reshape(-1)
     c = cumulative.detach().cpu().to(torch.float64).reshape(-1)
-    key = c if by == "cumulative" else s
-    harmful = [i for i in torch.argsort(key, stable=True).tolist() if key[i] < 0][:top_k]
-    helpful = [i for i in torch.argsort(key, descending=True, stable=True).tolist() if key[i] > 0][:top_k]
     values, cum = s.tolist(), c.tolist()
+    # Python floats, not tensor operations: each torch call releases the GIL, and while TensorBoard's writer thread
+    # runs it waits up to the switch interval (5 ms) to take it back. Stable sorts (reverse=True keeps the order of
+    # equal keys too), so ties rank by position, as ``torch.argsort(stable=True)`` did; NaN is neither < 0 nor > 0.
+    key = cum if by == "cumulative" else values
+    harmful = sorted((i for i, v in enumerate(key) if v < 0), key=key.__getitem__)[:top_k]
+    helpful = sorted((i for i, v in enumerate(key) if v > 0), key=key.__getitem__, reverse=True)[:top_k]
     parts = [title] if title else []
     where = "so far (cumulative)" if by == "cumulative" else "in this window"
     for heading, rows in ((f"Most harmful {where}", harmful), (f"Most helpful {where}", helpful)):
@@ -169,12 +172,15 @@ def strongest_over_windows_figure(
     return fig
 
 
-def render_figure(fig: Any) -> np.ndarray:
-    """``uint8[3, H, W]``: the figure drawn by the Agg canvas."""
+def render_figure(fig: Any, tight_layout: bool = True) -> np.ndarray:
+    """``uint8[3, H, W]``: the figure drawn by the Agg canvas (laid out tightly first unless ``tight_layout=False``:
+    a figure already laid out, such as :func:`strongest_over_windows_figure`'s, is drawn the same without it, and
+    the layout is a third of the cost of a figure)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     canvas = FigureCanvasAgg(fig)
-    fig.tight_layout()
+    if tight_layout:
+        fig.tight_layout()
     canvas.draw()
     rgba = np.asarray(canvas.buffer_rgba())
     return np.ascontiguousarray(rgba[..., :3].transpose(2, 0, 1))
@@ -191,7 +197,7 @@ def window_figure_image(
             end_steps,
             title=f"{snapshot.query}, after window {snapshot.index} (− harmful, + helpful)",
         )
-        return render_figure(fig)
+        return render_figure(fig, tight_layout=False)  # laid out when it was made
     except ImportError:  # matplotlib is optional
         return None
     except Exception as err:  # a plot must never end a training run
@@ -237,6 +243,26 @@ def log_window(
         step: the logger step (default ``snapshot.end_step``; the tracker passes ``end_step − 1``, the step at
             which Lightning logs the loss of the window's last optimizer step, so the curves line up).
     """
+    log_window_with_cumulative(loggers, snapshot, history, top_k, end_steps, namespace, figure, step, None)
+
+
+@rank_zero_only
+def log_window_with_cumulative(
+    loggers: Union[Logger, Iterable[Logger], None],
+    snapshot: WindowSnapshot,
+    history: torch.Tensor,
+    top_k: int,
+    end_steps: Sequence[int] | None,
+    namespace: str,
+    figure: bool,
+    step: int | None,
+    cumulative: torch.Tensor | None,
+) -> None:
+    """:func:`log_window` given ``cumulative: Tensor[k]``, the window scores summed over every window so far (this
+    one included), for the tables (None: ``history`` summed). Given, ``history`` is read only for the figure:
+    without a figure it may be the window's row alone (``snapshot.scores[None]``), which
+    :class:`~lightning_influence.reporting.window_sink.LoggerSink`, keeping a running sum, passes rather than the
+    whole matrix at every window."""
     loggers = as_loggers(loggers)
     if not loggers:
         return
@@ -248,6 +274,8 @@ def log_window(
         raise ValueError(f"history must be Tensor[W >= 1, {scores.numel()}], got {tuple(history.shape)}.")
     if end_steps is not None and len(end_steps) != history.shape[0]:
         raise ValueError(f"end_steps has {len(end_steps)} entries for {history.shape[0]} windows.")
+    if cumulative is not None and cumulative.numel() != scores.numel():
+        raise ValueError(f"cumulative must be Tensor[{scores.numel()}], got {tuple(cumulative.shape)}.")
 
     query, step = snapshot.query, int(snapshot.end_step) if step is None else int(step)
     metrics = {metric_key(query, name, namespace): value for name, value in window_summary(scores).items()}
@@ -256,7 +284,9 @@ def log_window(
 
     boards = [logger for logger in loggers if isinstance(logger, TensorBoardLogger)]
     if boards:
-        _log_to_boards(boards, snapshot, history, scores, top_k, end_steps, namespace, figure, step)
+        if cumulative is None:
+            cumulative = history.to(torch.float64).sum(0)
+        _log_to_boards(boards, snapshot, history, scores, cumulative, top_k, end_steps, namespace, figure, step)
 
 
 def _log_to_boards(
@@ -264,6 +294,7 @@ def _log_to_boards(
     snapshot: WindowSnapshot,
     history: torch.Tensor,
     scores: torch.Tensor,
+    cumulative: torch.Tensor,
     top_k: int,
     end_steps: Sequence[int] | None,
     namespace: str,
@@ -277,7 +308,7 @@ def _log_to_boards(
         f"(epoch {snapshot.epoch}). Negative = harmful, positive = helpful; "
         f"cumulative = summed over windows 0–{snapshot.index}."
     )
-    cumulative = history.to(torch.float64).sum(0)
+    cumulative = cumulative.detach().cpu().to(torch.float64).reshape(-1)
     table = top_samples_table(snapshot.sample_ids, scores, cumulative, top_k, title)
     overall = top_samples_table(snapshot.sample_ids, scores, cumulative, top_k, title, by="cumulative")
     image = window_figure_image(snapshot, history, end_steps) if figure else None

@@ -34,13 +34,24 @@ GatherIds = Callable[[torch.Tensor], list[torch.Tensor]]
 
 
 def trajectory_meta(
-    layout: FlatParameters, optimizer_kind: str, momentum: bool, dtype: torch.dtype, num_samples: int, **more: Any
+    layout: FlatParameters,
+    optimizer_kind: str,
+    momentum: bool,
+    dtype: torch.dtype,
+    num_samples: int,
+    autocast: tuple[str, torch.dtype] | None = None,
+    **more: Any,
 ) -> dict[str, Any]:
     """The ``meta.json`` of a recorded run (see :mod:`lightning_influence.trajectory.reader`).
 
     ``optimizer_kind`` is the model's kind (:data:`~lightning_influence.optimizers.registry.OPTIMIZER_KINDS`):
     a variant with other state blocks has its own kind (``"rmsprop-centered"``, ``"adam-amsgrad"``), so
-    ``meta["optimizer"] = {"kind", "momentum"}`` rebuilds the model as before and older trajectories still load."""
+    ``meta["optimizer"] = {"kind", "momentum"}`` rebuilds the model as before and older trajectories still load.
+    ``autocast``: ``(device type, dtype)`` of the autocast the training forward ran under (bf16-mixed, 16-mixed),
+    stored as ``meta["autocast"] = {"device_type": "cpu", "dtype": "bfloat16"}``; without autocast the key is
+    absent, as in every trajectory recorded before it existed."""
+    if autocast is not None:
+        more = {"autocast": {"device_type": str(autocast[0]), "dtype": str(autocast[1]).replace("torch.", "")}, **more}
     return {
         "layout": {
             "names": list(layout.names),

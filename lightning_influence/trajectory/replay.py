@@ -41,10 +41,13 @@ from lightning_influence.trajectory.format import BATCH_DIR, StepEntry, listed_s
 from lightning_influence.trajectory.reader import Trajectory, load_trajectory
 from lightning_influence.trajectory.steps import (
     TOLERANCES,
+    AutocastLoss,
     FingerprintCheck,
     ReplayedStep,
     ReplayMismatchError,
+    autocast_from_meta,
     batch_caster,
+    check_autocast_device,
     check_module,
     default_loss_fn,
     group_steps,
@@ -130,7 +133,12 @@ class TrajectoryReplay:
         progress: show a progress bar over the replayed and swept steps.
         chunk_size: adjoint rows per vectorised HVP / JVP call (None: all at once).
         tolerances: ``(parameters rtol, gradient rtol)`` of the fingerprint check (default: :data:`TOLERANCES`
-            of the recorded dtype).
+            of the recorded dtype; for a run recorded under autocast, ``MIXED_TOLERANCES`` of its dtype).
+
+    A run recorded under autocast (``meta["autocast"]``: Lightning's bf16-mixed or 16-mixed) is replayed under the
+    same autocast: each step's gradient, HVPs and directional derivatives are those of the loss as the training
+    forward computed it; the queries are evaluated without autocast, in the parameters' dtype, as after any run. The
+    module must be on a device of the recorded autocast's type (:class:`ReplayInputError` otherwise).
 
     Raises :class:`~lightning_influence.errors.UnfinishedTrajectoryError` for a trajectory whose writer did not finish
     (no ``end.json``: a crashed, failed or running fit; resume the fit so that it finishes),
@@ -161,7 +169,17 @@ class TrajectoryReplay:
         self.module = working_module(module, self.dtype)
         self.device = next((p.device for p in module.parameters()), torch.device("cpu"))
         self.jacobian = jacobian_from_meta(meta)
-        self.loss = FunctionalLoss(self.module, loss_fn or default_loss_fn(module), self.layout, regularizer)
+        loss_fn = loss_fn or default_loss_fn(module)
+        self.loss = FunctionalLoss(self.module, loss_fn, self.layout, regularizer)  # queries: no autocast
+        # the steps' loss, under the training forward's autocast when the run had one (bf16-mixed, 16-mixed): the
+        # recomputed gradients, HVPs and directional derivatives are those of the step as it ran
+        self.autocast = autocast_from_meta(meta)
+        check_autocast_device(self.autocast, self.device)
+        self.step_loss = (
+            self.loss
+            if self.autocast is None
+            else AutocastLoss(self.module, loss_fn, self.layout, regularizer, autocast=self.autocast)
+        )
         self.train_dataset, self.collate_fn = train_dataset, collate_fn or default_collate
         self.move = move or batch_caster(self.dtype, self.device)
         self.progress, self.chunk_size = progress, chunk_size
@@ -203,7 +221,7 @@ class TrajectoryReplay:
         rows = _Rows(names, [bisect.bisect_left(self._steps, s) for s in bounds], counts)
         sweep_dtype = torch.promote_types(self.dtype, torch.float32)
         adjoint = AdjointSweep(
-            self.loss, self.jacobian, self.num_samples, rows.num_rows, sweep_dtype, self.device, self.chunk_size
+            self.step_loss, self.jacobian, self.num_samples, rows.num_rows, sweep_dtype, self.device, self.chunk_size
         )
         position = len(self._entries)
         with tqdm(total=2 * position, disable=not self.progress, desc="Influence replay", unit="step") as bar:
@@ -288,7 +306,7 @@ class TrajectoryReplay:
             where = f"at optimizer step {entry.step} (epoch {entry.epoch})"
             self.check.check(entry.fingerprint.get("theta"), theta, "parameters", where)
             micro = self._fetch(entry)
-            raw = step_gradient(self.loss, theta, [(moved(b, self.move), i, w) for b, i, w in micro], frozen)
+            raw = step_gradient(self.step_loss, theta, [(moved(b, self.move), i, w) for b, i, w in micro], frozen)
             self.check.check(entry.fingerprint.get("grad"), raw, "gradient", where)
             clip = make_clip(entry.clip, raw)
             opt_step = OptimizerStep(group_steps(entry, self.layout), theta, raw if clip is None else clip.clipped)

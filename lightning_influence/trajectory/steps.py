@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from lightning_influence.autodiff.functional import FlatParameters, FunctionalLoss, PerSampleLossFn
-from lightning_influence.errors import ReplayMismatchError
+from lightning_influence.errors import ReplayInputError, ReplayMismatchError
 from lightning_influence.optimizers import (
     GroupStep,
     OptimizerJacobian,
@@ -43,6 +43,21 @@ TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.float32: (1e-4, 1e-3),
     torch.float16: (1e-2, 1e-1),
     torch.bfloat16: (1e-2, 1e-1),
+}
+
+#: ``{autocast dtype: (parameters rtol, gradient rtol)}`` of a run recorded under autocast (bf16-mixed, 16-mixed),
+#: used in place of :data:`TOLERANCES`. The replay evaluates the training loss under the recorded autocast, so it
+#: runs the training forward's casts; where its ops differ from the training step's (a loss reduced otherwise,
+#: micro-batches summed before the backward), a float32 difference of an ulp can flip an element's rounding to
+#: bfloat16 (unit 2⁻⁸ ≈ 4e-3). Measured on the CPU (``tests/trajectory/test_mixed_precision_replay.py``,
+#: ``pytest -s``): bf16-mixed replays reproduce the recorded fingerprints exactly (0), 16-mixed with a GradScaler
+#: to ≤ 9e-8 on the test's model (≤ 7e-6 on a wider one with accumulation); a replay *without* the autocast,
+#: where every element's rounding differs, misses by 5.7e-3 to 1.5e-2 (gradient) and 2e-3 (parameters), a wrong
+#: sample in a batch by ≥ 4e-1 at its step. 2e-3 / 2e-4 (twice float32's) leave room for isolated rounding flips
+#: and still catch both.
+MIXED_TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.bfloat16: (2e-4, 2e-3),
+    torch.float16: (2e-4, 2e-3),
 }
 
 _CAUSES = (
@@ -76,6 +91,49 @@ def recorded_dtype(meta: dict[str, Any]) -> torch.dtype:
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"The trajectory's dtype {meta.get('dtype')!r} is not a floating torch dtype.")
     return dtype
+
+
+class AutocastLoss(FunctionalLoss):
+    """A :class:`FunctionalLoss` whose every forward (the loss and the regularizer) runs under ``torch.autocast``
+    with the recorded ``(device type, dtype)``, its cache off, as Lightning's mixed-precision plugin runs
+    ``training_step``; the derivatives are taken outside it, as Lightning's backward is."""
+
+    def __init__(self, *args: Any, autocast: tuple[str, torch.dtype], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.autocast: tuple[str, torch.dtype] | None = autocast
+
+    def call(self, theta: torch.Tensor, fn: Callable[..., Any], *args: Any, frozen: dict | None = None) -> Any:
+        if self.autocast is None:
+            return super().call(theta, fn, *args, frozen=frozen)
+        device_type, dtype = self.autocast
+        with torch.autocast(device_type, dtype=dtype, cache_enabled=False):
+            return super().call(theta, fn, *args, frozen=frozen)
+
+
+def autocast_from_meta(meta: dict[str, Any]) -> tuple[str, torch.dtype] | None:
+    """``(device type, dtype)`` of ``meta["autocast"]``, the autocast the training forward ran under (None when the
+    run had none, and for trajectories recorded before the key existed)."""
+    spec = meta.get("autocast")
+    if not spec:
+        return None
+    dtype = getattr(torch, str(spec.get("dtype", "")), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"The trajectory's autocast dtype {spec.get('dtype')!r} is not a floating torch dtype.")
+    return str(spec["device_type"]), dtype
+
+
+def check_autocast_device(autocast: tuple[str, torch.dtype] | None, device: torch.device) -> None:
+    """:class:`ReplayInputError` unless the replay's device is of the type the run's autocast ran on: autocast on
+    another device type casts other ops (or none), so its gradients would not reproduce the recorded ones."""
+    if autocast is None or autocast[0] == device.type:
+        return
+    kind, dtype = autocast[0], str(autocast[1]).replace("torch.", "")
+    raise ReplayInputError(
+        f"The trajectory was recorded under {kind} autocast ({dtype}), and the replay's module is on {device}: the"
+        f" replay evaluates the training loss under the recorded autocast, which a {device.type} device cannot"
+        f" reproduce. Replay with the module on a {kind} device (module.to({kind!r})), or record the run with"
+        " precision='32-true'."
+    )
 
 
 def layout_from_meta(meta: dict[str, Any]) -> FlatParameters:
@@ -207,7 +265,13 @@ class FingerprintCheck:
         spec = meta.get("fingerprint") or {}
         self.seed, self.size = int(spec.get("seed", 0)), int(spec.get("size", 4))
         self.dtype = dtype
-        self.theta_rtol, self.grad_rtol = tolerances or TOLERANCES.get(dtype, TOLERANCES[torch.float16])
+        autocast = autocast_from_meta(meta)
+        # a run under autocast: the tolerances of its compute dtype (the parameters' are too tight)
+        self.precision = str(dtype if autocast is None else f"{dtype} under {autocast[1]} autocast")
+        default = TOLERANCES.get(dtype, TOLERANCES[torch.float16])
+        if autocast is not None:
+            default = MIXED_TOLERANCES.get(autocast[1], MIXED_TOLERANCES[torch.float16])
+        self.theta_rtol, self.grad_rtol = tolerances or default
 
     def of(self, vector: torch.Tensor) -> list[float]:
         return fingerprint(vector, self.seed, self.size)
@@ -223,7 +287,7 @@ class FingerprintCheck:
         raise ReplayMismatchError(
             f"Replaying the recorded trajectory, {where} the {what} differ from the recorded ones by "
             f"{_relative_difference(recorded, replayed):.3g} relative to their norm (tolerance {rtol:g} for "
-            f"{str(self.dtype).replace('torch.', '')}). {_CAUSES}"
+            f"{self.precision.replace('torch.', '')}). {_CAUSES}"
         )
 
 
