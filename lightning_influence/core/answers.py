@@ -7,6 +7,8 @@ negative = harmful. Nothing here knows Lightning.
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
 from typing import Any, cast
 
 import torch
@@ -31,7 +33,7 @@ class TrackerAnswers:
     _fit: TrackedFit | None
 
     def __getattr__(self, name: str) -> Any:
-        # the constructor's arguments read back as given (tracker.estimator, tracker.queries, tracker.dirpath)
+        # the constructor's arguments read back as given (tracker.estimator, tracker.queries, tracker.params)
         config = self.__dict__.get("config")
         if config is not None and name in TrackerConfig.__dataclass_fields__:
             return getattr(config, name)
@@ -48,6 +50,31 @@ class TrackerAnswers:
         if query not in self.config.queries:
             raise KeyError(f"No registered query named {query!r}; registered: {sorted(self.config.queries)}.")
 
+    def _forward_tracked(self, fit: TrackedFit | None, call: str, instead: str) -> None:
+        """Refuse a forward-state answer of a record-only fit (``track=()``): it would be empty, or all zeros."""
+        if fit is not None and fit.tracked_ids.numel() == 0:
+            raise ValueError(f"nothing is forward-tracked (track=()): {call} would be empty; {instead}")
+
+    def _replay_cache(self, fit: TrackedFit) -> dict[tuple[str, str, bool], Any]:
+        """The all-sample answers of registered queries already replayed in ``fit`` (a new fit starts afresh)."""
+        held = self.__dict__.get("_replayed")
+        if held is None or held[0] is not fit:
+            held = (fit, {})
+            self.__dict__["_replayed"] = held
+        return cast("dict[tuple[str, str, bool], Any]", held[1])
+
+    @property
+    def replays(self) -> int:
+        """How many adjoint replays the ``all_samples=True`` answers of this tracker have run (all fits together).
+        The answer of a registered query is replayed once per fit and read back afterwards: a repeated
+        ``influence(name, all_samples=True)`` or ``windows(name, all_samples=True)`` leaves this count unchanged."""
+        return int(self.__dict__.get("_replays", 0))
+
+    def _count_replay(self) -> TrajectoryReplay:
+        replay = self.replay()
+        self.__dict__["_replays"] = self.replays + 1
+        return replay
+
     def influence(self, query: Any, per_example: bool = False, all_samples: bool = False) -> InfluenceResult:
         """Influence of every tracked training sample on ``query``.
 
@@ -57,6 +84,11 @@ class TrackerAnswers:
             per_example: also return ``per_example: Tensor[k, n]``, the scores on each query example.
             all_samples: score every training sample that took part in a booked step, by an adjoint replay
                 of the recorded trajectory (``record_trajectory=True``); always the ``"first-order"`` numbers.
+                The answer of a registered query is replayed once per fit (keyed by name and ``per_example``)
+                and read back afterwards (:attr:`replays` counts the replays); any other query replays each time.
+
+        Raises:
+            ValueError: without ``all_samples`` when nothing is forward-tracked (``track=()``, recording only).
 
         Returns:
             :class:`InfluenceResult` with ``scores[j]`` ≈ f(θ_-j(T)) − f(θ(T)): negative = harmful.
@@ -67,7 +99,21 @@ class TrackerAnswers:
             self._check_registered(query)
         fit = self._finished()
         if all_samples:
-            return self.replay().influence(fit.parts.queries.resolve(query), per_example)
+            if not isinstance(query, str):
+                return self._count_replay().influence(fit.parts.queries.resolve(query), per_example)
+            cache, key = self._replay_cache(fit), ("influence", query, per_example)
+            if key not in cache:
+                cache[key] = self._count_replay().influence(fit.parts.queries.resolve(query), per_example)
+            held: InfluenceResult = cache[key]
+            per = None if held.per_example is None else held.per_example.clone()
+            return dataclasses.replace(held, sample_ids=held.sample_ids.clone(), scores=held.scores.clone(),
+                                       per_example=per)  # fmt: skip
+        name = repr(query) if isinstance(query, str) else "query"
+        self._forward_tracked(
+            fit,
+            "influence() without all_samples=True",
+            f"ask influence({name}, all_samples=True) for every sample's scores from the recorded trajectory.",
+        )
         return fit.influence(query, per_example)
 
     def self_influence(self, chunk_size: int = 64) -> InfluenceResult:
@@ -80,6 +126,12 @@ class TrackerAnswers:
         ``result.most_helpful(n)`` (largest first). The sign convention is the one of every score.
         """
         fit = self._finished()
+        self._forward_tracked(
+            fit,
+            "self_influence() reads the forward states of tracked samples and",
+            "pass track=[ids] for the samples to check, or ask influence(batch_of_those_samples, per_example=True,"
+            " all_samples=True) and read each sample's score on its own example from the recorded trajectory.",
+        )
         if not self.config.keeps_states:
             raise ValueError("self_influence() needs per-sample states; estimator='tracin' keeps none.")
         dataset, collate = fit.context.train_dataset, fit.context.collate_fn or default_collate
@@ -110,22 +162,43 @@ class TrackerAnswers:
         and ``scores: Tensor[k]`` = I(end) − I(start) (negative = harmful over that window). The
         windows telescope: their scores sum to ``influence(query).scores``.
         Available during training (windows closed so far) and after fit. With ``all_samples=True`` (after
-        fit, ``record_trajectory=True``), the same windows over every training sample, by the adjoint replay.
+        fit, ``record_trajectory=True``), the same windows over every training sample, by the adjoint replay:
+        replayed once per fit and read back afterwards (:attr:`replays`).
+
+        Raises:
+            ValueError: without ``all_samples`` when nothing is forward-tracked (``track=()``, recording only).
         """
         self._check_registered(query)
         if not all_samples:
+            self._forward_tracked(
+                self._fit,
+                f"windows({query!r}) without all_samples=True",
+                f"after fit, ask windows({query!r}, all_samples=True) for every sample's windows from the recorded"
+                " trajectory.",
+            )
             return [] if self._fit is None else self._fit.windows(query)
         fit = self._finished()
-        boundaries = [w.end_step for w in fit.windows(query)]
-        return self.replay().windows(query, fit.parts.queries.resolve(query), boundaries)
+        cache, key = self._replay_cache(fit), ("windows", query, False)
+        if key not in cache:
+            boundaries = [w.end_step for w in fit.windows(query)]
+            cache[key] = self._count_replay().windows(query, fit.parts.queries.resolve(query), boundaries)
+        held: list[WindowSnapshot] = cache[key]
+        return [dataclasses.replace(w, sample_ids=w.sample_ids.clone(), scores=w.scores.clone()) for w in held]
 
     def audit(self, query: Any) -> AuditReport:
         """The faithfulness audit (``audit=N``) of the whole run on ``query`` (a registered name, a batch, a
         DataLoader or a callable): the main estimator's scores of the audited samples against their exact
-        counterfactual scores f(θ_T + δθ_j) − f(θ_T). Per-window reports: :meth:`audit_windows`."""
+        counterfactual scores f(θ_T + δθ_j) − f(θ_T). Per-window reports: :meth:`audit_windows`.
+        ValueError when nothing is forward-tracked (``track=()``): the audit compares tracked samples."""
         if isinstance(query, str):
             self._check_registered(query)
-        return self._finished().audit(query)
+        fit = self._finished()
+        self._forward_tracked(
+            fit,
+            "audit() compares the forward scores of tracked samples with exact ones, so it",
+            "pass track=[ids] (with audit=N) to audit those samples.",
+        )
+        return fit.audit(query)
 
     def audit_windows(self, query: str) -> list[AuditReport]:
         """The audit's report of every window of registered query ``query`` so far, in time order."""
@@ -138,6 +211,15 @@ class TrackerAnswers:
         """The folder of this tracker's files (windows, scores, audit, trajectory) in the current or last fit;
         None before fit or when it writes none."""
         return self.__dict__.get("_artifact_dir")
+
+    @property
+    def dirpath(self) -> Path | None:
+        """The resolved artifact folder of the current or last fit, a ``pathlib.Path`` (read-only; :attr:`artifact_dir`
+        as a path): the constructor's ``dirpath=`` when given, else ``<trainer.log_dir>/<namespace>``. None before
+        fit, or when the tracker writes no file (no registered query, ``write_artifacts=False``, no recording). The
+        constructor's argument as given: ``tracker.config.dirpath``."""
+        folder = self.artifact_dir
+        return None if folder is None else Path(folder)
 
     @property
     def namespace(self) -> str:
@@ -175,8 +257,15 @@ class TrackerAnswers:
     def patterns(self, query: str, **thresholds: float) -> InfluencePatterns:
         """Classify tracked samples as stable / early / late / fluctuating from their window scores
         on ``query`` ([concepts.md: Time windows]); ``thresholds`` go to
-        :func:`~lightning_influence.results.patterns.classify_patterns`."""
+        :func:`~lightning_influence.results.patterns.classify_patterns`. ValueError when nothing is
+        forward-tracked (``track=()``): classify the replayed windows of every sample instead."""
         self._check_registered(query)
+        self._forward_tracked(
+            self._fit,
+            f"patterns({query!r})",
+            f"after fit, classify every sample's replayed windows: w = windows({query!r}, all_samples=True);"
+            " classify_patterns(torch.stack([s.scores for s in w]), w[0].sample_ids).",
+        )
         if self._fit is None or not self._fit.windows(query):
             raise RuntimeError(
                 f"No window of {query!r} has closed yet: patterns() needs the window snapshots of a fit."
