@@ -2,10 +2,11 @@
 
 The callback builds one :class:`StepRecord` per optimizer step from what it sees in Lightning's hooks:
 the micro-batches with their sample ids and weights, θ_t and the gradient just before the step, the
-per-group hyper-parameters after schedulers, the clip and the scaler's verdict. It is built once the
-optimizer has stepped, complete, and never changes afterwards. The fit hands it, as a :class:`BookedStep`,
-to its step consumers (:class:`StepConsumer`: the estimator, the self-check, the audit, the trajectory
-recorder), which know nothing of Lightning. Nothing here knows Lightning either.
+per-group hyper-parameters after schedulers, the clip and the scaler's verdict. It is frozen: what is read
+before the step is completed, once the optimizer has stepped, into a new record with the micro-batches and the
+post-step state (``dataclasses.replace``), and no consumer ever sees an incomplete one. The fit hands it, as a
+:class:`BookedStep`, to its step consumers (:class:`StepConsumer`: the estimator, the self-check, the audit, the
+trajectory recorder), which know nothing of Lightning. Nothing here knows Lightning either.
 """
 
 from __future__ import annotations
@@ -86,6 +87,16 @@ class StepRecord:
     def theta(self) -> torch.Tensor:
         """θ_t: ``Tensor[p]``."""
         return self.optimizer.theta
+
+    def skipped_by_scaler(self, scale_after: float | None) -> bool:
+        """Whether a GradScaler skipped this step: a non-finite gradient, or a scale that ``update()``
+        lowered after it (it does so after every skip, also when the inf/NaN appeared after the
+        gradient was read)."""
+        if self.loss_scale is None:
+            return False
+        if not bool(torch.isfinite(self.raw_grad).all()):
+            return True
+        return scale_after is not None and scale_after < self.loss_scale
 
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]

@@ -24,7 +24,6 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
-from torch.utils.data import IterableDataset
 from typing_extensions import override
 
 from lightning_influence.autodiff.functional import PerSampleLossFn, RegularizerFn
@@ -229,12 +228,6 @@ class InfluenceTracker(Callback, TrackerAnswers):
         # trainer.log_dir is a collective call under DDP: every rank asks
         self._artifact_dir = lit.artifact_dir(trainer, self.config.dirpath, self._namespace) if needs_dir else None
         dataset, collate_fn = lit.training_data(trainer)
-        if config.record_trajectory and not config.record_batches and isinstance(dataset, IterableDataset):
-            raise InfluenceConfigurationError(
-                f"record_trajectory=True with an IterableDataset ({type(dataset).__name__}) as the training set:"
-                " the replay (all_samples=True) reads each recorded step's samples back by id, which an iterable"
-                " dataset cannot give. Pass record_batches=True to store each step's batches with the trajectory."
-            )
         states_file = None
         if not config.states_in_checkpoint:
             assert self._artifact_dir is not None  # needs_dir: the states go next to the artifacts

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import IterableDataset
 
 from lightning_influence.autodiff.draws import draws_randomly, needs_batch_forward
 from lightning_influence.autodiff.functional import FunctionalLoss, PerSampleLossFn
@@ -157,19 +158,8 @@ def refuse_unreplayable_draws(config: TrackerConfig, module: nn.Module, context:
         )
 
 
-def make_recorder(
-    config: TrackerConfig,
-    module: nn.Module,
-    params: TrackedParameters,
-    optimizer: torch.optim.Optimizer,
-    num_samples: int,
-    context: FitContext,
-) -> TrajectoryRecorder | None:
-    """The trajectory recorder of ``record_trajectory=True`` (None otherwise)."""
-    if not config.record_trajectory:
-        return None
-    # the replay re-runs every trainable parameter's update: with params= the recorder reads them all itself
-    recorded = select_parameters(module, optimizer, None) if params.untracked else params
+def refuse_unrecordable(config: TrackerConfig, context: FitContext) -> None:
+    """A recording whose replay could not rebuild the run's steps: refused at train start, with the fix."""
     if context.mixed_precision and context.autocast is None:
         raise InfluenceConfigurationError(
             "record_trajectory=True under a mixed-precision plugin that exposes no torch.autocast settings: the"
@@ -182,6 +172,29 @@ def make_recorder(
             "record_batches=True stores rank zero's batches only; under DDP the replay reads the other ranks'"
             " samples from the dataset. Drop record_batches, or record on a single device."
         )
+    dataset = context.train_dataset
+    if not config.record_batches and isinstance(dataset, IterableDataset):
+        raise InfluenceConfigurationError(
+            f"record_trajectory=True with an IterableDataset ({type(dataset).__name__}) as the training set:"
+            " the replay (all_samples=True) reads each recorded step's samples back by id, which an iterable"
+            " dataset cannot give. Pass record_batches=True to store each step's batches with the trajectory."
+        )
+
+
+def make_recorder(
+    config: TrackerConfig,
+    module: nn.Module,
+    params: TrackedParameters,
+    optimizer: torch.optim.Optimizer,
+    num_samples: int,
+    context: FitContext,
+) -> TrajectoryRecorder | None:
+    """The trajectory recorder of ``record_trajectory=True`` (None otherwise)."""
+    if not config.record_trajectory:
+        return None
+    refuse_unrecordable(config, context)
+    # the replay re-runs every trainable parameter's update: with params= the recorder reads them all itself
+    recorded = select_parameters(module, optimizer, None) if params.untracked else params
     spec = model_optimizer(optimizer, "auto")  # the replay re-runs the real update, whatever the estimator models
     every = config.checkpoint_every_n_steps or default_checkpoint_every(context.expected_steps)
     meta = trajectory_meta(
@@ -229,6 +242,30 @@ def make_audit(
     return FitAudit(engine, ids, tracked_ids, num_samples, start_step, config.estimator)
 
 
+def plan_and_check(
+    config: TrackerConfig,
+    spec: OptimizerSpec,
+    loss: FunctionalLoss,
+    params: TrackedParameters,
+    k: int,
+    context: FitContext,
+    move: MoveFn,
+    announce: Any,
+) -> tuple[MemoryPlan, HvpChoice | None]:
+    """The fit's memory plan and HVP method, announced, and refused over ``max_memory_bytes``. The states' size is
+    known exactly first, so a configuration over budget is refused before anything of size k is allocated."""
+    blocks = spec.jacobian.blocks if config.keeps_states else ()
+    saves = context.saves_checkpoints and config.states_in_checkpoint
+    states = plan_memory(k, params.layout.numel, blocks, params.dtype, config.hvp_memory_bytes, 1)
+    check_plan(config, states, states_only=True, saves_checkpoints=saves)
+    plan, hvp = plan_fit_memory(config, blocks, loss, params, k, context, move)
+    if context.agree is not None:  # measured per process: every process must chunk (and all-reduce) alike
+        plan, hvp = context.agree((plan, hvp))
+    announce(describe_plan(config, spec, plan, hvp))
+    check_plan(config, plan, saves_checkpoints=saves)
+    return plan, hvp
+
+
 def build_fit(
     config: TrackerConfig,
     module: nn.Module,
@@ -250,16 +287,8 @@ def build_fit(
     # TracIn needs only the learning rates, so any descending optimizer will do
     spec = model_optimizer(optimizer, "sgd" if not config.keeps_states else config.optimizer_model)
     k, dtype = num_samples if config.track is None else config.track.numel(), params.dtype
-    blocks = spec.jacobian.blocks if config.keeps_states else ()
-    # the states' size is known exactly now: refuse before anything of size k (the ids, the states) is allocated
-    saves = context.saves_checkpoints and config.states_in_checkpoint
-    check_plan(config, plan_memory(k, params.layout.numel, blocks, dtype, config.hvp_memory_bytes, 1), True, saves)
-    tracked_ids = check_tracked_ids(config.track, num_samples)
-    plan, hvp = plan_fit_memory(config, blocks, loss, params, k, context, move)
-    if context.agree is not None:  # measured per process: every process must chunk (and all-reduce) alike
-        plan, hvp = context.agree((plan, hvp))
-    announce(describe_plan(config, spec, plan, hvp))
-    check_plan(config, plan, saves_checkpoints=saves)
+    plan, hvp = plan_and_check(config, spec, loss, params, k, context, move, announce)
+    tracked_ids = check_tracked_ids(config.track, num_samples)  # k ids at most: the budget allowed them
     queries = QueryEvaluator(loss, config.queries, move)
     inputs = EstimatorInputs(
         loss, spec.jacobian, k, plan.chunk_rows, dtype, params.device, queries.registered_gradients,

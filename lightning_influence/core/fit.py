@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import Any, Iterator
 
 import torch
@@ -44,30 +44,6 @@ from lightning_influence.results.audit import AuditReport
 from lightning_influence.results.result import InfluenceResult
 from lightning_influence.results.windows import WindowRecorder, WindowSnapshot
 from lightning_influence.sample_ids import RowIndex, validate_sample_ids
-
-
-@dataclass(frozen=True)
-class _PendingStep:
-    """What is read just before the optimizer steps; the step record is built from it once the step ran."""
-
-    step: int
-    epoch: int
-    optimizer: OptimizerStep
-    raw_grad: torch.Tensor
-    clip: GradientClip | None
-    frozen: dict[str, torch.Tensor]
-    loss_scale: float | None
-    pre_state: dict[str, torch.Tensor | None] | None
-
-    def skipped_by_scaler(self, scale_after: float | None) -> bool:
-        """Whether a GradScaler skipped this step: a non-finite gradient, or a scale that ``update()``
-        lowered after it (it does so after every skip, also when the inf/NaN appeared after the
-        gradient was read)."""
-        if self.loss_scale is None:
-            return False
-        if not bool(torch.isfinite(self.raw_grad).all()):
-            return True
-        return scale_after is not None and scale_after < self.loss_scale
 
 
 class TrackedFit:
@@ -101,10 +77,13 @@ class TrackedFit:
         self.clock = BookingClock()
         self.watch = ParameterWatch()
         self.interrupts = InterruptGuard()
+        # a forward that draws: each micro-batch keeps the random state it starts from (the CPU generator's, and
+        # the CUDA device's on a GPU), to replay its draws; None for a forward that does not draw
         device = parts.params.device
-        self._cuda_devices = (device.index or 0,) if device.type == "cuda" else ()
+        cuda = (device.index or 0,) if device.type == "cuda" else ()
+        self._draws_devices = cuda if parts.queries.loss.coupled else None
         self._micro: list[MicroBatchRecord] = []
-        self._pending: _PendingStep | None = None
+        self._pending: StepRecord | None = None  # read before the step; its micro-batches and post-step state after
         booking = EstimatorBooking(parts.estimator, self.clock)
         self.consumers: list[StepConsumer] = [
             booking,
@@ -129,8 +108,8 @@ class TrackedFit:
                 " ...), or pass sample_ids=lambda batch: ... returning LongTensor[B] of training-set indices."
             )
         ids = validate_sample_ids(self.config.sample_ids(batch), None, self.num_samples)
-        if self.parts.queries.loss.coupled:  # the forward draws: keep the state it starts from, to replay its draws
-            batch = DrawnBatch(batch, RandomDraws.capture(self._cuda_devices))
+        if self._draws_devices is not None:
+            batch = DrawnBatch(batch, RandomDraws.capture(self._draws_devices))
         self._micro.append(MicroBatchRecord(batch, ids, self.context.micro_batch_weight))
 
     def drop_micro_batch(self) -> None:
@@ -168,7 +147,7 @@ class TrackedFit:
             if loss_scale is not None and not bool(torch.isfinite(raw_grad).all())
             else self._clip(clip, raw_grad, optimizer)
         )
-        self._pending = _PendingStep(
+        self._pending = StepRecord(
             step=step,
             epoch=epoch,
             optimizer=OptimizerStep(groups, theta, raw_grad if bound is None else bound.clipped),
@@ -220,23 +199,14 @@ class TrackedFit:
                 raise
 
     def _record(
-        self, pending: _PendingStep, micro: list[MicroBatchRecord], optimizer: torch.optim.Optimizer
+        self, pending: StepRecord, micro: list[MicroBatchRecord], optimizer: torch.optim.Optimizer
     ) -> StepRecord:
-        """The complete step record: what was read before the step, the micro-batches, Adam's post-step moments."""
+        """The complete step record: what was read before the step, the micro-batches, the post-step state its
+        optimizer model reads (Adam's moments)."""
         opt_step, keys = pending.optimizer, self.parts.post_state_keys
         if keys:
             opt_step = opt_step.with_post_state(flat_optimizer_state(optimizer, self.parts.params.flat, keys))
-        return StepRecord(
-            step=pending.step,
-            epoch=pending.epoch,
-            optimizer=opt_step,
-            raw_grad=pending.raw_grad,
-            micro_batches=tuple(micro),
-            clip=pending.clip,
-            frozen=pending.frozen,
-            loss_scale=pending.loss_scale,
-            pre_state=pending.pre_state,
-        )
+        return replace(pending, optimizer=opt_step, micro_batches=tuple(micro))
 
     def _book(self, record: StepRecord, after: torch.Tensor) -> None:
         tracked = tuple(self._tracked_rows(m) for m in record.micro_batches)

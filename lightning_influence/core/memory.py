@@ -180,6 +180,8 @@ def _choose(config: TrackerConfig, loss, params, batches, weights, k: int, plan:
     plan's chunk; None when the user fixed the chunk (``hvp_chunk_size``: vmap over it, as given)."""
     if config.hvp_chunk_size is not None:
         return None
+    if loss.coupled:  # a forward that draws is differentiated by plain autograd (FunctionalLoss.linearize)
+        return HvpChoice("loop", max(1, min(k, plan.chunk_rows)))
     theta, frozen = params.theta(), params.frozen() or None
     rows = torch.full((min(k, plan.chunk_rows), theta.numel()), 1e-3, dtype=theta.dtype, device=theta.device)
 

@@ -96,20 +96,20 @@ class ParameterWatch:
         self._after_step: int | None = None
 
     def expect(self, steps_after: int, theta: torch.Tensor) -> None:
-        """The parameters after the step that brought the count to ``steps_after``;
-        :class:`~lightning_influence.errors.NonFiniteInfluenceError` when that step left NaN or inf in them."""
+        """The parameters after the step that brought the count to ``steps_after``."""
         self._expected, self._after_step = theta, steps_after
-        if not bool(torch.isfinite(theta).all()):
-            self._expected = None  # nothing to compare at the next step: the run stops here
-            raise NonFiniteInfluenceError(_non_finite_message(theta, steps_after - 1))
 
     def check(self, theta: torch.Tensor, where: str) -> None:
-        """``where``: e.g. "before optimizer step 7" or "at the end of fit"."""
+        """``where``: e.g. "before optimizer step 7" or "at the end of fit". Parameters that the last step left NaN
+        or inf (never equal to themselves) raise :class:`~lightning_influence.errors.NonFiniteInfluenceError`
+        naming that step: the steps that pass pay nothing for it."""
         expected, self._expected = self._expected, None
         if expected is None or torch.equal(theta, expected):
             return
-        moved = float((theta - expected).abs().max())
         assert self._after_step is not None  # set by expect() together with the expected parameters
+        if not bool(torch.isfinite(expected).all()):
+            raise NonFiniteInfluenceError(_non_finite_message(expected, self._after_step - 1))
+        moved = float((theta - expected).abs().max())
         raise SelfCheckError(
             f"The tracked parameters changed outside the optimizer between the end of optimizer step"
             f" {self._after_step - 1} and {where} (max abs change {moved:.2e}). Usual causes: {_CULPRITS}. The"

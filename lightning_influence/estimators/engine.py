@@ -86,7 +86,9 @@ class InfluenceEngine(Estimator):
         self._storage = torch.zeros(len(jacobian.blocks), num_tracked, p, dtype=dtype, device=device)
         self.states = dict(zip(jacobian.blocks, self._storage.unbind(0)))
         self._dtype, self._device = dtype, device
-        self.hvp_choice = hvp_choice or (None if tune_hvp else HvpChoice("vmap", self.chunk_size))
+        # a forward that draws is differentiated by plain autograd, row by row (FunctionalLoss.linearize)
+        fixed = HvpChoice("loop" if loss.coupled else "vmap", self.chunk_size)
+        self.hvp_choice = hvp_choice or (None if tune_hvp and not loss.coupled else fixed)
         self._agree = agree
 
     @property
