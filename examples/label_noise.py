@@ -170,6 +170,7 @@ def run_seed(seed: int, args) -> dict:
     val_query = (data["x_va"], data["y_va"])  # clean validation set: f = its mean loss
     logger = TensorBoardLogger(args.logdir, name=f"seed{seed}")
     acc = InfluenceTracker(
+        track=None,  # forward "acc" states for every sample (the default path would replay "first-order")
         queries={"val": val_query},
         window_every_n_epochs=1,
         log_top_k=10,

@@ -1,9 +1,11 @@
 """Quickstart: which training samples help or hurt a digits classifier's validation loss?
 
 Trains a small MLP on scikit-learn's digits (shipped with scikit-learn, no download) with AdamW and
-an ``InfluenceTracker`` that follows every training sample, writes TensorBoard logs, and prints the
-most harmful and most helpful training samples for the validation loss. A few training labels are
-flipped on purpose, so you can see whether the harmful end of the ranking finds them.
+an ``InfluenceTracker`` on its default path: the run is recorded, a few samples are tracked live for
+TensorBoard, and at the end of fit one adjoint replay scores every training sample. It writes
+TensorBoard logs and prints the most harmful and most helpful training samples for the validation
+loss, and the samples with the largest self-influence. A few training labels are flipped on purpose,
+so you can see whether the harmful end of the ranking, and self-influence, find them.
 
     python examples/quickstart.py                 # ~1 minute on 2 CPU cores
     tensorboard --logdir influence_logs           # training curves + influence per epoch window
@@ -77,8 +79,9 @@ def main() -> None:
     train_loader = DataLoader(IndexedDataset(TensorDataset(x_tr, y_tr)), batch_size=64, shuffle=True)
     val_loader = DataLoader(TensorDataset(x_va, y_va), batch_size=200)
 
-    # every training sample, estimator "acc", AdamW's own Jacobian; the validation loss is scored at the end
-    # of every epoch (a DIT window), logged to TensorBoard and written to <log_dir>/influence/windows.jsonl
+    # the default path: the run is recorded and, at the end of fit, replayed once to score every training sample
+    # on the validation loss, per epoch window (logged under influence/all_samples/val/*); 16 samples are tracked
+    # live meanwhile (influence/val/*). Everything is written to <log_dir>/influence as well.
     tracker = InfluenceTracker(queries={"val": val_loader}, window_every_n_epochs=1)
     logger = TensorBoardLogger(args.logdir, name="quickstart")
     trainer = pl.Trainer(
@@ -93,7 +96,7 @@ def main() -> None:
     )
     trainer.fit(DigitsMLP(), train_loader, val_loader)
 
-    result = tracker.influence("val")  # f = mean validation loss over the whole run
+    result = tracker.influence("val")  # every sample; f = mean validation loss over the whole run
 
     def show(title, part):
         print(f"\n{title} (score = Δ val loss if removed; negative = harmful)")
@@ -109,9 +112,14 @@ def main() -> None:
         f"\n{hits} of the {len(harmful)} most harmful samples have a flipped label"
         f" ({len(flipped)} of {args.n_train} training labels were flipped, {len(flipped) / args.n_train:.0%})."
     )
+    own = tracker.self_influence()  # each sample's in-run influence on its own loss: large = memorised
+    top = own.most_helpful(args.top)
+    hits = sum(sid in flipped for sid in top.sample_ids.tolist())
+    print(f"{hits} of the {len(top)} samples with the largest self-influence have a flipped label.")
     patterns = tracker.patterns("val").counts()
-    print(f"Influence dynamics over {len(tracker.windows('val'))} epoch windows: {patterns}")
-    print(f"TensorBoard logs: {logger.log_dir}  (tensorboard --logdir {args.logdir}; see the influence/val/* tags)")
+    windows = len(tracker.windows("val"))
+    print(f"Influence dynamics of all {len(result.sample_ids)} samples over {windows} epoch windows: {patterns}")
+    print(f"TensorBoard logs: {logger.log_dir}  (tensorboard --logdir {args.logdir}; influence/all_samples/val/*)")
 
 
 if __name__ == "__main__":

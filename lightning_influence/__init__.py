@@ -15,6 +15,7 @@ import warnings
 from typing import Any
 
 from lightning_influence import _legacy_modules
+from lightning_influence.callbacks.datamodels import linear_datamodeling_score
 from lightning_influence.callbacks.exclusion import ExcludeSamples
 from lightning_influence.callbacks.offline import OfflineSelection, most_harmful_ids, offline_selection
 from lightning_influence.callbacks.selector import InfluenceDataSelector
@@ -34,10 +35,12 @@ from lightning_influence.errors import (
     UnfinishedTrajectoryError,
     UnsupportedOptimizerError,
 )
+from lightning_influence.estimators.tracin import PerExampleQuery
 from lightning_influence.io.artifacts_reader import load_final_scores, load_snapshots
 from lightning_influence.io.audit import load_audit
 from lightning_influence.io.selection import load_selection
 from lightning_influence.results.audit import AuditReport
+from lightning_influence.results.lds import LDSReport
 from lightning_influence.results.patterns import InfluencePatterns, classify_patterns
 from lightning_influence.results.result import InfluenceResult
 from lightning_influence.results.selection import SelectionDecision, SelectionPolicy
@@ -86,8 +89,10 @@ __all__ = [
     "InfluencePatterns",
     "InfluenceResult",
     "InfluenceTracker",
+    "LDSReport",
     "NonFiniteInfluenceError",
     "OfflineSelection",
+    "PerExampleQuery",
     "ReplayInputError",
     "ReplayMismatchError",
     "SampleIdError",
@@ -107,6 +112,7 @@ __all__ = [
     "load_final_scores",
     "load_selection",
     "load_snapshots",
+    "linear_datamodeling_score",
     "load_trajectory",
     "most_harmful_ids",
     "offline_selection",

@@ -32,6 +32,8 @@ class IndexedDataset(Dataset):
     where :func:`default_sample_ids` finds it.
     """
 
+    _adds_index = True  # the marker by which code below this room (sample previews) looks through the wrapper
+
     def __init__(self, dataset: Dataset) -> None:
         if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
             raise TypeError(

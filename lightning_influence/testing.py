@@ -324,4 +324,3 @@ def eval_query_loss(module: TinyClassifier, query: tuple[torch.Tensor, torch.Ten
     module.eval()
     with torch.no_grad():
         return float(module.per_sample_loss(query).mean())
-

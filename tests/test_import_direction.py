@@ -39,8 +39,7 @@ LOGGER_MODULES = ("lightning.pytorch.loggers", "lightning.pytorch.utilities")
 
 def _modules() -> dict[str, Path]:
     return {
-        ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts): path
-        for path in sorted(PACKAGE.rglob("*.py"))
+        ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts): path for path in sorted(PACKAGE.rglob("*.py"))
     }
 
 

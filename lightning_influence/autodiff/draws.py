@@ -78,8 +78,12 @@ def moved(batch: Any, move: Callable[[Any], Any]) -> Any:
 def needs_batch_forward(module: nn.Module) -> bool:
     """Whether per-sample terms must come from the batch's own forward rather than a forward of each row alone: the
     forward draws (:func:`draws_randomly`), or it holds recurrent layers, which ``vmap`` cannot batch row by row
-    (their kernels have no batching rule; ``nn.LSTM``'s inter-layer dropout also draws)."""
-    return draws_randomly(module) or any(isinstance(m, nn.RNNBase) for m in module.modules())
+    (their kernels have no batching rule; ``nn.LSTM``'s inter-layer dropout also draws), or BatchNorm in train mode (a
+    row's output depends on the whole batch's statistics)."""
+    return draws_randomly(module) or any(
+        isinstance(m, nn.RNNBase) or (isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training)
+        for m in module.modules()
+    )
 
 
 def draws_randomly(module: nn.Module) -> bool:

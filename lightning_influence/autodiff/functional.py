@@ -22,6 +22,12 @@ from torch.utils._pytree import tree_map
 from lightning_influence.autodiff.draws import DrawnBatch
 from lightning_influence.autodiff.hvp_plan import HvpMethod, StepHvp
 from lightning_influence.autodiff.per_sample import batch_forward_terms, per_row_terms, rows_backward
+from lightning_influence.autodiff.running_stats import (
+    RunningStatistics,
+    StepStatistics,
+    batch_norm_layers,
+    batch_statistics_only,
+)
 from lightning_influence.errors import SampleIdError
 
 PerSampleLossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -97,6 +103,11 @@ class FunctionalLoss:
             its random draws), not from a forward of the row alone: for models whose rows are not independent
             functions of θ (dropout masks drawn per batch). Batches wrapped in a
             :class:`~lightning_influence.autodiff.draws.DrawnBatch` take this path whatever ``coupled`` says.
+
+    ``running_stats``: the running buffers the training forward moves (BatchNorm in train mode when the loss is built),
+    part of the state ([concepts.md: Random draws and batch-coupled layers]); None when there are none. Every
+    evaluation here normalises with the batch's statistics without moving any buffer: the run's buffers move once per
+    forward, by the run itself.
     """
 
     def __init__(
@@ -112,6 +123,8 @@ class FunctionalLoss:
         self.regularizer = regularizer
         self.coupled = coupled
         self._call = _ModuleCall(module)
+        self.running_stats = RunningStatistics.of(module)
+        self._norm_layers = batch_norm_layers(module)
 
     @property
     def module(self) -> nn.Module:
@@ -139,8 +152,24 @@ class FunctionalLoss:
         Attention (``scaled_dot_product_attention``, ``nn.MultiheadAttention``) runs on the math backend here:
         the fused kernels lack the second derivatives and batching rules the tracker's HVPs and vectorised
         gradients need, and the math backend computes the same function."""
-        with sdpa_kernel(SDPBackend.MATH):
+        with sdpa_kernel(SDPBackend.MATH), batch_statistics_only(self._norm_layers):
             return functional_call(self._call, self._params(theta, frozen), (fn, *args))
+
+    def step_statistics(
+        self, theta: torch.Tensor, batches: Sequence[Any], frozen: dict | None = None
+    ) -> StepStatistics | None:
+        """The step's running-buffer map at ``theta`` with its derivatives (None: the model moves no buffer)."""
+        if self.running_stats is None:
+            return None
+        return self.running_stats.step(self.module, lambda t, b: self.per_sample_losses(t, b, frozen), theta, batches)
+
+    def fold_statistics(
+        self, theta: torch.Tensor, batches: Sequence[Any], frozen: dict | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(u(θ), d)``, both ``Tensor[q]``: the step's buffer update r ↦ d ⊙ r + u(θ) (the model must move
+        buffers: :attr:`running_stats` not None)."""
+        assert self.running_stats is not None
+        return self.running_stats.fold(self.module, lambda t, b: self.per_sample_losses(t, b, frozen), theta, batches)
 
     def per_sample_losses(self, theta: torch.Tensor, batch: Any, frozen: dict | None = None) -> torch.Tensor:
         """``Tensor[B]`` of per-sample losses at ``theta``; checked to be 1-D. A :class:`DrawnBatch` is evaluated

@@ -10,12 +10,13 @@ knows Lightning.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from lightning_influence.autodiff.functional import FlatParameters
+from lightning_influence.autodiff.running_stats import RunningStatistics
 from lightning_influence.errors import InfluenceConfigurationError
 
 
@@ -26,6 +27,8 @@ class TrackedParameters:
     groups: tuple[tuple[nn.Parameter, ...], ...]
     layout: FlatParameters
     untracked: dict[str, nn.Parameter]
+    running: dict[str, torch.Tensor] = field(default_factory=dict)
+    """The running buffers the training forward moves (BatchNorm in train mode), by name: part of the state."""
 
     @property
     def flat(self) -> list[nn.Parameter]:
@@ -46,8 +49,10 @@ class TrackedParameters:
             return self.layout.flatten(self.flat)
 
     def frozen(self) -> dict[str, torch.Tensor]:
-        """Copies of the untracked trainable parameters' values ``{name: Tensor}``."""
-        return {n: p.detach().clone() for n, p in self.untracked.items()}
+        """Copies of the untracked trainable parameters' and the running buffers' values ``{name: Tensor}``."""
+        frozen = {n: p.detach().clone() for n, p in self.untracked.items()}
+        frozen.update((n, b.detach().clone()) for n, b in self.running.items())
+        return frozen
 
     def grad(self, step: int) -> torch.Tensor | None:
         """The flat gradient ``Tensor[p]``; None when no tracked parameter has one (the step is skipped)."""
@@ -124,4 +129,7 @@ def select_parameters(
     if not seen:
         raise InfluenceConfigurationError("No trainable parameter to track: the optimizer holds none.")
     untracked = {n: p for n, p in module.named_parameters() if p.requires_grad and id(p) not in seen}
-    return TrackedParameters(tuple(groups), FlatParameters.from_groups(names), untracked)
+    stats = RunningStatistics.of(module)
+    buffers = dict(module.named_buffers())
+    running = {n: buffers[n] for n in ([] if stats is None else stats.buffer_names)}
+    return TrackedParameters(tuple(groups), FlatParameters.from_groups(names), untracked, running)

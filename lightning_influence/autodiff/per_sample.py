@@ -117,3 +117,19 @@ def rows_backward(outputs: torch.Tensor, leaf: torch.Tensor, pick: torch.Tensor,
     return rows[0] if len(rows) == 1 and rows[0].dim() == 2 else torch.cat([r.reshape(1, -1) for r in rows])
 
 
+def map_rows(fn: Callable[..., Any], *rows: Any, randomness: str = "error") -> Any:
+    """``torch.func.vmap(fn, randomness=randomness)(*rows)``; where an operation has no batching rule (``nn.LSTM``,
+    ``nn.GRU``), the same numbers from a loop over the rows, stacked (every argument is batched along dim 0: a
+    tensor, or a list of tensors)."""
+    try:
+        return vmap(fn, randomness=randomness)(*rows)
+    except RuntimeError as err:
+        if "Batching rule not implemented" not in str(err):
+            raise
+    first = rows[0]
+    count = (first[0] if isinstance(first, (list, tuple)) else first).shape[0]
+
+    def row(i: int) -> list[Any]:
+        return [[t[i] for t in r] if isinstance(r, (list, tuple)) else r[i] for r in rows]
+
+    return torch.stack([fn(*row(i)) for i in range(count)])

@@ -21,6 +21,8 @@ import torch
 from torch.func import grad
 
 from lightning_influence.autodiff.functional import FunctionalLoss
+from lightning_influence.autodiff.per_sample import map_rows
+from lightning_influence.autodiff.running_stats import differentiable_running_stats
 from lightning_influence.errors import NonFiniteInfluenceError
 
 Query = Any  # a batch, an iterable of batches, or a callable(module) -> scalar
@@ -159,6 +161,29 @@ def query_example_gradients(
     return out
 
 
+def running_stats_gradient(
+    loss: FunctionalLoss,
+    theta: torch.Tensor,
+    query: Query,
+    move: MoveFn,
+    frozen: dict | None = None,
+    per_example: bool = False,
+) -> torch.Tensor | None:
+    """``∇_r f``: the query's gradient with respect to the running buffers the training forward moves (BatchNorm's
+    running statistics, which an eval-mode query reads), ``Tensor[q]`` (``Tensor[n, q]`` per example); None when
+    the model moves none. The buffers' values come from ``frozen``, else from the module."""
+    stats = loss.running_stats
+    if stats is None:
+        return None
+    buffers = stats.read(loss.module, frozen).to(theta)
+
+    def value(flat: torch.Tensor) -> torch.Tensor:
+        return _values(loss, query, move, stats.with_values(frozen, flat), per_example)(theta)
+
+    with torch.enable_grad(), differentiable_running_stats(loss.module):
+        return (torch.func.jacrev if per_example else grad)(value)(buffers).detach()
+
+
 def _is_callable_query(query: Query) -> bool:
     return callable(query) and not is_batch(query) and not isinstance(query, Iterable)
 
@@ -227,12 +252,6 @@ class QueryEvaluator:
         error's message: e.g. ``"at the window ending at step 12"``)."""
         return QueryProbe(self, query, theta, frozen, where)
 
-    def registered_gradients(self, theta: torch.Tensor, frozen: dict | None = None) -> dict[str, torch.Tensor]:
-        """``{name: ∇q(θ)}`` for every registered query (at a training step's parameters)."""
-        return {
-            name: self.gradient(name, theta, frozen, "at the parameters of a training step") for name in self.registered
-        }
-
 
 def _values(loss: FunctionalLoss, query: Query, move: MoveFn, frozen: dict | None, per_example: bool):
     """``f(θ)`` as a function of θ: the mean per-sample loss over the query's batches (``Tensor[n]`` of its
@@ -282,24 +301,49 @@ class QueryProbe:
         with torch.enable_grad():
             return query_example_gradients(ev.loss, self.theta, self.query, ev.move, self.frozen, self.label)
 
-    def differences(self, deltas: torch.Tensor, per_example: bool = False, chunk_rows: int = 16) -> torch.Tensor:
-        """``f(θ + δ_r) − f(θ)`` for every row of ``deltas: Tensor[k, p]``: ``Tensor[k]`` (``Tensor[k, n]``
-        per query example with ``per_example``), the query evaluated at each counterfactual's parameters."""
+    def running_stats_gradient(self, per_example: bool = False) -> torch.Tensor | None:
+        """``∇_r f``: ``Tensor[q]`` (``Tensor[n, q]`` per example) for the running buffers the training forward
+        moves, None when it moves none (:func:`running_stats_gradient`)."""
         ev = self.evaluator
-        value = _values(ev.loss, self.query, ev.move, self.frozen, per_example)
-        theta = self.theta
+        return running_stats_gradient(ev.loss, self.theta, self.query, ev.move, self.frozen, per_example)
+
+    def differences(
+        self,
+        deltas: torch.Tensor,
+        per_example: bool = False,
+        chunk_rows: int = 16,
+        buffer_deltas: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``f(θ + δ_r, b + δb_r) − f(θ, b)`` for every row of ``deltas: Tensor[k, p]`` (and of ``buffer_deltas:
+        Tensor[k, q]``, the running buffers' shifts, when the model moves buffers): ``Tensor[k]`` (``Tensor[k, n]``
+        per query example with ``per_example``), the query evaluated at each counterfactual's parameters."""
+        ev, theta = self.evaluator, self.theta
+        stats = ev.loss.running_stats if buffer_deltas is not None else None
+        buffers = None if stats is None else stats.read(ev.loss.module, self.frozen).to(theta)
+
+        def value(d: torch.Tensor, db: torch.Tensor | None) -> torch.Tensor:
+            if stats is None or buffers is None or db is None:
+                return _values(ev.loss, self.query, ev.move, self.frozen, per_example)(theta + d)
+            frozen = stats.with_values(self.frozen, buffers + db)
+            return _values(ev.loss, self.query, ev.move, frozen, per_example)(theta + d)
+
         with torch.no_grad():
-            factual = value(theta)
+            factual = value(torch.zeros_like(theta), None)
             if not bool(torch.isfinite(factual).all()):
                 self._refuse_values(factual)
-            rows = [
-                torch.func.vmap(lambda d: value(theta + d))(deltas[i : i + chunk_rows].to(theta))
-                for i in range(0, deltas.shape[0], chunk_rows)
-            ]
+            rows = []
+            for i in range(0, deltas.shape[0], chunk_rows):
+                shift = deltas[i : i + chunk_rows].to(theta)
+                if stats is None or buffer_deltas is None:
+                    rows.append(map_rows(lambda d: value(d, None), shift))
+                else:
+                    rows.append(map_rows(value, shift, buffer_deltas[i : i + chunk_rows].to(theta)))
         if not rows:
             return torch.zeros((0, *factual.shape), dtype=deltas.dtype, device=deltas.device)
         out = (torch.cat(rows) - factual).to(deltas.dtype)
         unmoved = ~(deltas != 0).any(dim=1)  # the factual run itself: exactly 0, whatever vmap's rounding
+        if buffer_deltas is not None:
+            unmoved &= ~(buffer_deltas != 0).any(dim=1).to(unmoved.device)
         out[unmoved.to(out.device)] = 0
         return out
 

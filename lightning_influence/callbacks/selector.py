@@ -99,6 +99,10 @@ class InfluenceDataSelector(ExcludeSamples):
         self._last_step: int | None = None  # the fit's last optimizer step: a window ending there changes nothing
         self._started = False  # on_train_start ran: windows are acted on as they close
 
+    acts_on_every_sample = True
+    """The tracker's default path (``track="auto"``) then tracks every sample forward: the selector acts on every
+    sample's windows while training."""
+
     @property
     @override
     def state_key(self) -> str:

@@ -28,10 +28,11 @@ from typing_extensions import override
 
 from lightning_influence.autodiff.functional import PerSampleLossFn, RegularizerFn
 from lightning_influence.callbacks import trainer_probe as lit
-from lightning_influence.callbacks.outputs import attach_outputs
+from lightning_influence.callbacks.outputs import attach_outputs, publish_every_sample
 from lightning_influence.core.answers import TrackerAnswers
-from lightning_influence.core.build import build_fit
+from lightning_influence.core.build import build_fit, why_not_recorded
 from lightning_influence.core.config import GIB, TrackerConfig
+from lightning_influence.core.default_path import resolve_default_path
 from lightning_influence.core.fit import FitContext, TrackedFit
 from lightning_influence.errors import InfluenceConfigurationError, SelfCheckError
 from lightning_influence.estimators.registry import EstimatorName
@@ -51,7 +52,11 @@ class InfluenceTracker(Callback, TrackerAnswers):
     """Track accumulative, optimizer-aware influence of training samples while the model trains.
 
     Args:
-        track: ``None`` for every sample of the training set, or a sequence of training-set ids.
+        track: ``"auto"`` (default): every sample scored, the cheapest exact way for the training set at hand
+            (:mod:`~lightning_influence.core.default_path`): up to 64 samples, every sample tracked forward; more,
+            the run recorded and replayed once at the end of fit for the registered queries (every sample scored,
+            its windows logged), with 16 samples tracked forward for live windows. ``None``: forward states for
+            every sample. A sequence of training-set ids: forward states for those.
         loss_fn: ``(pl_module, batch) -> Tensor[B]`` of per-sample losses whose mean (plus
             ``regularizer``) is the training loss; default ``pl_module.per_sample_loss(batch)``.
         sample_ids: ``(batch) -> LongTensor[B]``; default: the :class:`IndexedDataset` convention.
@@ -71,7 +76,8 @@ class InfluenceTracker(Callback, TrackerAnswers):
             ``final_scores.json``); default ``<trainer.log_dir>/influence`` (next to the logger's logs).
         write_artifacts: write the files above (rank zero only) when queries are registered.
         log_top_k: how many most harmful / helpful sample ids the TensorBoard text table lists.
-        log_figure_every_n_windows: draw the influence figure every n-th window and at the end (tens of ms each).
+        log_figure_every_n_windows: draw the images (the influence figure and the pictures of the window's most
+            harmful and helpful samples) every n-th window and at the end (tens of ms each).
         curvature: ``"exact"``: Hessian-vector products of the real batch loss (the only option).
         params: which parameters to track: ``None`` (all trainable ones), or a sequence of name
             prefixes and/or ``nn.Module`` objects. Untracked parameters are held fixed in the
@@ -87,7 +93,8 @@ class InfluenceTracker(Callback, TrackerAnswers):
             reproduces the observed update (0 disables; not recommended).
         record_trajectory: record the run (sample ids, hyper-parameters, checkpoints) under
             ``<artifact dir>/trajectory`` so that ``influence(..., all_samples=True)`` scores every training
-            sample by an adjoint replay after fit; ``track=()`` then records without forward states.
+            sample by an adjoint replay after fit; ``track=()`` then records without forward states. None
+            (default): ``track="auto"`` decides; False with ``track="auto"`` tracks every sample forward.
         checkpoint_every_n_steps: store the parameters and optimizer state every n steps (default ≈ √T).
         record_batches: also store each step's batches, for data that cannot be read again identically.
         audit, audit_seed, audit_ids: track ``audit`` tracked samples drawn with ``audit_seed`` (or ``audit_ids``)
@@ -105,7 +112,7 @@ class InfluenceTracker(Callback, TrackerAnswers):
 
     def __init__(
         self,
-        track: Sequence[int] | torch.Tensor | None = None,
+        track: Sequence[int] | torch.Tensor | Literal["auto"] | None = "auto",
         loss_fn: PerSampleLossFn | None = None,
         sample_ids: SampleIdsFn | None = None,
         estimator: EstimatorName = "acc",
@@ -125,7 +132,7 @@ class InfluenceTracker(Callback, TrackerAnswers):
         hvp_chunk_size: int | None = None,
         hvp_memory_bytes: int = GIB // 4,
         self_check_steps: int = 2,
-        record_trajectory: bool = False,
+        record_trajectory: bool | None = None,
         checkpoint_every_n_steps: int | None = None,
         record_batches: bool = False,
         audit: int = 0,
@@ -221,18 +228,32 @@ class InfluenceTracker(Callback, TrackerAnswers):
 
     def _new_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> TrackedFit:
         self._namespace = lit.namespace(trainer, self)
-        config = self.config
+        context = self._context(trainer, pl_module)
+        num_samples = lit.training_set_size(trainer, self.config.num_samples)
+        online = any(getattr(sink, "acts_on_every_sample", False) for sink in self._window_sinks)
+        path = resolve_default_path(
+            self.config, num_samples, trainer.world_size, lambda c: why_not_recorded(c, pl_module, context), online
+        )
+        config = path.config
+        context.replay_at_end, context.answers_by_replay = path.replay_at_end, path.answers_by_replay
+        if path.line:
+            rank_zero_info(f"InfluenceTracker: {path.line}.")
         needs_dir = (
             config.record_trajectory or not config.states_in_checkpoint or (config.queries and config.write_artifacts)
         )
         # trainer.log_dir is a collective call under DDP: every rank asks
         self._artifact_dir = lit.artifact_dir(trainer, self.config.dirpath, self._namespace) if needs_dir else None
-        dataset, collate_fn = lit.training_data(trainer)
-        states_file = None
+        if self._artifact_dir is not None:
+            context.trajectory_dir = os.path.join(self._artifact_dir, "trajectory")
         if not config.states_in_checkpoint:
             assert self._artifact_dir is not None  # needs_dir: the states go next to the artifacts
-            states_file = os.path.join(self._artifact_dir, "states.pt")
-        context = FitContext(
+            context.states_file = os.path.join(self._artifact_dir, "states.pt")
+        move, optimizer = lit.batch_mover(trainer, next(p for p in pl_module.parameters())), trainer.optimizers[0]
+        return build_fit(config, pl_module, optimizer, num_samples, trainer.global_step, context, move, rank_zero_info)
+
+    def _context(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> FitContext:
+        dataset, collate_fn = lit.training_data(trainer)
+        return FitContext(
             micro_batch_weight=lit.micro_batch_weight(trainer),
             reduce=lit.reducer(trainer),
             agree=lit.agreement(trainer),
@@ -240,20 +261,13 @@ class InfluenceTracker(Callback, TrackerAnswers):
             mixed_precision=lit.is_mixed_precision(trainer),
             autocast=lit.autocast_setting(trainer),
             expect_indexed=lit.expects_indexed_batches(trainer, self.config.sample_ids),
-            trajectory_dir=None if self._artifact_dir is None else os.path.join(self._artifact_dir, "trajectory"),
             expected_steps=lit.expected_steps(trainer),
             gather_ids=lit.id_gatherer(trainer),
             writes_files=trainer.is_global_zero,
             world_size=trainer.world_size,
             train_dataset=dataset,
             collate_fn=collate_fn,
-            states_file=states_file,
             train_batch_size=lit.train_batch_size(pl_module),
-        )
-        num_samples = lit.training_set_size(trainer, self.config.num_samples)
-        move, optimizer = lit.batch_mover(trainer, next(p for p in pl_module.parameters())), trainer.optimizers[0]
-        return build_fit(
-            self.config, pl_module, optimizer, num_samples, trainer.global_step, context, move, rank_zero_info
         )
 
     @override
@@ -321,6 +335,12 @@ class InfluenceTracker(Callback, TrackerAnswers):
         if (fit := self._active()) is None:
             return
         fit.finish(lit.reducer(trainer))
+        if fit.context.replay_at_end and fit.config.queries:  # the default path: every sample, once, now
+            windows = self.replay_registered()
+            if trainer.is_global_zero:
+                results = {name: self.influence(name) for name in self.config.queries}
+                dirpath = self._artifact_dir if self.config.write_artifacts else None
+                publish_every_sample(trainer, fit, self._namespace, dirpath, windows, results)
         if fit.parts.audit is not None:  # the whole run, per registered query: warn when agreement is poor
             for name in self.config.queries:
                 report = fit.audit(name)

@@ -138,9 +138,9 @@ def resumed_from(trainer: pl.Trainer) -> str | None:
 
 
 def refuse_batch_coupled_layers(pl_module: nn.Module) -> None:
-    """BatchNorm in train mode (its running statistics are not propagated yet) is refused; a submodule registered
-    under two names cannot be re-parametrised by ``torch.func.functional_call`` without corrupting it. Dropout is
-    replayed (each micro-batch's random draws are captured and every evaluation of its loss reuses them)."""
+    """A submodule registered under two names cannot be re-parametrised by ``torch.func.functional_call`` without
+    corrupting it. Dropout is replayed (each micro-batch's random draws are captured and every evaluation of its loss
+    reuses them); BatchNorm in train mode is followed (its running statistics are part of the state)."""
     names: dict[int, str] = {}
     for name, mod in pl_module.named_modules(remove_duplicate=False):
         if id(mod) in names and any(True for _ in mod.parameters()):
@@ -151,15 +151,6 @@ def refuse_batch_coupled_layers(pl_module: nn.Module) -> None:
                 " between two modules (tied weights) is fine."
             )
         names.setdefault(id(mod), name)
-    problems = []  # every offending module in one error, so that one fix-and-rerun settles them all
-    for name, mod in pl_module.named_modules():
-        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.training:
-            problems.append(
-                f"Module {name!r} is a {type(mod).__name__} in training mode: it couples the samples of a batch,"
-                " so per-sample losses are not independent. Use LayerNorm/GroupNorm, or freeze it (eval mode)."
-            )
-    if problems:
-        raise InfluenceConfigurationError(" ".join(problems) if len(problems) == 1 else "\n".join(problems))
 
 
 def training_set_size(trainer: pl.Trainer, configured: int | None) -> int:

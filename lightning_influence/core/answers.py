@@ -18,9 +18,10 @@ from lightning_influence.core.config import TrackerConfig
 from lightning_influence.core.fit import TrackedFit
 from lightning_influence.estimators.base import Estimator
 from lightning_influence.estimators.engine import InfluenceEngine
+from lightning_influence.estimators.tracin import TracInAccumulator
 from lightning_influence.results.audit import AuditReport
 from lightning_influence.results.patterns import InfluencePatterns, classify_patterns
-from lightning_influence.results.result import InfluenceResult
+from lightning_influence.results.result import COUNTERFACTUAL, IN_RUN, InfluenceResult
 from lightning_influence.results.windows import WindowSnapshot
 from lightning_influence.trajectory.reader import load_trajectory
 from lightning_influence.trajectory.replay import TrajectoryReplay
@@ -55,6 +56,32 @@ class TrackerAnswers:
         if fit is not None and fit.tracked_ids.numel() == 0:
             raise ValueError(f"nothing is forward-tracked (track=()): {call} would be empty; {instead}")
 
+    @staticmethod
+    def _every_sample_by_default(fit: TrackedFit | None, query: Any = None) -> bool:
+        """What ``all_samples=None`` means: the replay after a recorded fit with nothing forward-tracked
+        (``track=()``), or on the default path (``track="auto"`` recorded the run, a few samples live) for a
+        registered query (``query`` a name, or None: self-influence); the forward states otherwise (``track=ids``)."""
+        if fit is None or fit.final is None or fit.parts.recorder is None:
+            return False
+        if fit.tracked_ids.numel() == 0:
+            return True
+        return fit.context.answers_by_replay and (query is None or isinstance(query, str))
+
+    def replay_registered(self) -> dict[str, list[WindowSnapshot]]:
+        """Every registered query's windows over every sample, by one adjoint replay of the recorded run for all of
+        them (then read back: the windows and the final scores of ``influence(name)``, ``windows(name)``); what the
+        default path runs at the end of fit. ``{name: [WindowSnapshot, ...]}``."""
+        fit = self._finished()
+        cache = self._replay_cache(fit)
+        names = [n for n in self.config.queries if ("windows", n, False) not in cache]
+        if names:
+            ends = sorted({w.end_step for n in names for w in fit.windows(n)}) or None
+            found = self._count_replay().all_windows({n: fit.parts.queries.resolve(n) for n in names}, ends)
+            for name, snapshots in found.items():
+                cache[("windows", name, False)] = snapshots
+                cache.setdefault(("influence", name, False), _final_scores(snapshots))
+        return {n: cache[("windows", n, False)] for n in self.config.queries}
+
     def _replay_cache(self, fit: TrackedFit) -> dict[tuple[str, str, bool], Any]:
         """The all-sample answers of registered queries already replayed in ``fit`` (a new fit starts afresh)."""
         held = self.__dict__.get("_replayed")
@@ -65,9 +92,10 @@ class TrackerAnswers:
 
     @property
     def replays(self) -> int:
-        """How many adjoint replays the ``all_samples=True`` answers of this tracker have run (all fits together).
-        The answer of a registered query is replayed once per fit and read back afterwards: a repeated
-        ``influence(name, all_samples=True)`` or ``windows(name, all_samples=True)`` leaves this count unchanged."""
+        """How many replays the ``all_samples=True`` answers of this tracker have run (all fits together).
+        The answer of a registered query, and the in-run :meth:`self_influence`, is replayed once per fit and read
+        back afterwards: a repeated ``influence(name, all_samples=True)``, ``windows(name, all_samples=True)`` or
+        ``self_influence(all_samples=True)`` leaves this count unchanged."""
         return int(self.__dict__.get("_replays", 0))
 
     def _count_replay(self) -> TrajectoryReplay:
@@ -75,7 +103,7 @@ class TrackerAnswers:
         self.__dict__["_replays"] = self.replays + 1
         return replay
 
-    def influence(self, query: Any, per_example: bool = False, all_samples: bool = False) -> InfluenceResult:
+    def influence(self, query: Any, per_example: bool = False, all_samples: bool | None = None) -> InfluenceResult:
         """Influence of every tracked training sample on ``query``.
 
         Args:
@@ -86,6 +114,9 @@ class TrackerAnswers:
                 of the recorded trajectory (``record_trajectory=True``); always the ``"first-order"`` numbers.
                 The answer of a registered query is replayed once per fit (keyed by name and ``per_example``)
                 and read back afterwards (:attr:`replays` counts the replays); any other query replays each time.
+                None (default): every sample on the default path (``track="auto"`` recorded the run) for a
+                registered query, or when nothing is forward-tracked (``track=()``); the forward-tracked samples
+                otherwise (``track=ids``). False: the forward-tracked samples.
 
         Raises:
             ValueError: without ``all_samples`` when nothing is forward-tracked (``track=()``, recording only).
@@ -98,10 +129,14 @@ class TrackerAnswers:
         if isinstance(query, str):
             self._check_registered(query)
         fit = self._finished()
+        if all_samples is None:
+            all_samples = self._every_sample_by_default(fit, query)
         if all_samples:
             if not isinstance(query, str):
                 return self._count_replay().influence(fit.parts.queries.resolve(query), per_example)
             cache, key = self._replay_cache(fit), ("influence", query, per_example)
+            if key not in cache and not per_example:
+                self.replay_registered()  # every registered query in one sweep, windows and final scores
             if key not in cache:
                 cache[key] = self._count_replay().influence(fit.parts.queries.resolve(query), per_example)
             held: InfluenceResult = cache[key]
@@ -114,24 +149,35 @@ class TrackerAnswers:
             "influence() without all_samples=True",
             f"ask influence({name}, all_samples=True) for every sample's scores from the recorded trajectory.",
         )
+        if per_example and isinstance(fit.estimator, TracInAccumulator):  # the per-example sums kept during training
+            per = fit.estimator.answer_registered(query, per_example=True).detach().cpu().clone()
+            mean = fit.estimator.answer_registered(query).detach().cpu().clone()
+            return InfluenceResult(fit.tracked_ids.clone(), mean, per, self.config.estimator)
         return fit.influence(query, per_example)
 
-    def self_influence(self, chunk_size: int = 64) -> InfluenceResult:
-        """Each tracked sample's influence on its own loss at the end of fit: ℓ_j(θ_-j(T)) − ℓ_j(θ(T)), predicted
-        as ⟨∇ℓ_j(θ_T), δθ_j(T)⟩ (with ``"exact"``: the difference itself). The samples are read back from the
-        training set by id, ``chunk_size`` at a time.
+    def self_influence(self, chunk_size: int = 64, all_samples: bool | None = None) -> InfluenceResult:
+        """Each sample's influence on its own loss; ``result.definition`` says which of two ([concepts.md:
+        Self-influence of every sample]):
+
+        - ``"counterfactual"`` (forward-tracked samples, the default when some are tracked): ℓ_j(θ_-j(T)) −
+          ℓ_j(θ(T)), predicted as ⟨∇ℓ_j(θ_T), δθ_j(T)⟩ (with ``"exact"``: the difference itself); the samples are
+          read back from the training set by id, ``chunk_size`` at a time. Not with ``"tracin"`` (no states).
+        - ``"in-run"`` (``all_samples=True``; by default (None) on the default path, ``track="auto"`` having
+          recorded the run, and with ``track=()``; needs a recorded run): every sample id of the training set,
+          s_j = Σ_t Σ_{m∋j} (η_t w_m/|B_m|) ⟨∇ℓ_j(θ_t), P_t ∇ℓ_j(θ_t)⟩ with P_t the optimizer's preconditioner at
+          step t (a sample no step consumed scores 0), by one forward replay of the recorded trajectory
+          (``chunk_size`` rows per per-sample-gradient call), once per fit: read back afterwards (:attr:`replays`
+          counts it).
 
         Removing a sample usually raises its own loss, so scores are mostly positive; an unusually large one
         means the model bends to fit that sample alone, the classic sign of a mislabelled sample: rank with
         ``result.most_helpful(n)`` (largest first). The sign convention is the one of every score.
         """
         fit = self._finished()
-        self._forward_tracked(
-            fit,
-            "self_influence() reads the forward states of tracked samples and",
-            "pass track=[ids] for the samples to check, or ask influence(batch_of_those_samples, per_example=True,"
-            " all_samples=True) and read each sample's score on its own example from the recorded trajectory.",
-        )
+        if all_samples is None:
+            all_samples = self._every_sample_by_default(fit)
+        if all_samples or fit.tracked_ids.numel() == 0:
+            return self._in_run_self_influence(fit, chunk_size)
         if not self.config.keeps_states:
             raise ValueError("self_influence() needs per-sample states; estimator='tracin' keeps none.")
         dataset, collate = fit.context.train_dataset, fit.context.collate_fn or default_collate
@@ -147,15 +193,19 @@ class TrackerAnswers:
         for start in range(0, fit.tracked_ids.numel(), chunk_size):
             ids = fit.tracked_ids[start : start + chunk_size]
             probe = fit.parts.queries.probe(collate([dataset[int(i)] for i in ids]), theta, frozen)
-            deltas = engine.theta[start : start + chunk_size]
-            if self.config.estimator_spec.exact:  # the loss of each sample at its own counterfactual parameters
-                parts.append(probe.differences(deltas, per_example=True).diagonal())
-            else:
-                parts.append((deltas * probe.example_gradients().to(deltas)).sum(dim=1))
+            parts.append(engine.own_scores(probe, slice(start, start + chunk_size)))
         scores = torch.cat(parts).detach().cpu() if parts else torch.zeros(0)
-        return InfluenceResult(fit.tracked_ids.clone(), scores, None, self.config.estimator)
+        return InfluenceResult(fit.tracked_ids.clone(), scores, None, self.config.estimator, COUNTERFACTUAL)
 
-    def windows(self, query: str, all_samples: bool = False) -> list[WindowSnapshot]:
+    def _in_run_self_influence(self, fit: TrackedFit, chunk_size: int) -> InfluenceResult:
+        """The in-run self-influence of every sample from the recorded trajectory, replayed once per fit."""
+        cache, key = self._replay_cache(fit), ("self_influence", IN_RUN, False)
+        if key not in cache:
+            cache[key] = self._count_replay().self_influence(chunk_size)
+        held: InfluenceResult = cache[key]
+        return dataclasses.replace(held, sample_ids=held.sample_ids.clone(), scores=held.scores.clone())
+
+    def windows(self, query: str, all_samples: bool | None = None) -> list[WindowSnapshot]:
         """The DIT window snapshots of registered query ``query``, in time order.
 
         Each :class:`WindowSnapshot` carries ``start_step``, ``end_step``, ``sample_ids: LongTensor[k]``
@@ -163,12 +213,15 @@ class TrackerAnswers:
         windows telescope: their scores sum to ``influence(query).scores``.
         Available during training (windows closed so far) and after fit. With ``all_samples=True`` (after
         fit, ``record_trajectory=True``), the same windows over every training sample, by the adjoint replay:
-        replayed once per fit and read back afterwards (:attr:`replays`).
+        replayed once per fit and read back afterwards (:attr:`replays`). None (default): every sample after a fit on
+        the default path (``track="auto"`` recorded the run) or with ``track=()``, else the tracked ones.
 
         Raises:
             ValueError: without ``all_samples`` when nothing is forward-tracked (``track=()``, recording only).
         """
         self._check_registered(query)
+        if all_samples is None:
+            all_samples = self._every_sample_by_default(self._fit, query)
         if not all_samples:
             self._forward_tracked(
                 self._fit,
@@ -177,12 +230,7 @@ class TrackerAnswers:
                 " trajectory.",
             )
             return [] if self._fit is None else self._fit.windows(query)
-        fit = self._finished()
-        cache, key = self._replay_cache(fit), ("windows", query, False)
-        if key not in cache:
-            boundaries = [w.end_step for w in fit.windows(query)]
-            cache[key] = self._count_replay().windows(query, fit.parts.queries.resolve(query), boundaries)
-        held: list[WindowSnapshot] = cache[key]
+        held = self.replay_registered()[query]
         return [dataclasses.replace(w, sample_ids=w.sample_ids.clone(), scores=w.scores.clone()) for w in held]
 
     def audit(self, query: Any) -> AuditReport:
@@ -258,8 +306,13 @@ class TrackerAnswers:
         """Classify tracked samples as stable / early / late / fluctuating from their window scores
         on ``query`` ([concepts.md: Time windows]); ``thresholds`` go to
         :func:`~lightning_influence.results.patterns.classify_patterns`. ValueError when nothing is
-        forward-tracked (``track=()``): classify the replayed windows of every sample instead."""
+        forward-tracked (``track=()``): classify the replayed windows of every sample instead. After a fit on the
+        default path (``track="auto"`` recorded the run), every sample's replayed windows are classified."""
         self._check_registered(query)
+        if self._every_sample_by_default(self._fit, query):
+            replayed = self.windows(query)
+            matrix = torch.stack([w.scores for w in replayed])
+            return classify_patterns(matrix, replayed[0].sample_ids, **thresholds)
         self._forward_tracked(
             self._fit,
             f"patterns({query!r})",
@@ -306,3 +359,9 @@ class TrackerAnswers:
     def global_step(self) -> int:
         """The Trainer's step count after the last optimizer step the tracker handled."""
         return self._current("global_step").state.global_step
+
+
+def _final_scores(windows: list[WindowSnapshot]) -> InfluenceResult:
+    """The scores at the last window's end, I(end) = Σ of the windows (``"first-order"``, the replay's numbers)."""
+    total = torch.stack([w.scores.to(torch.float64) for w in windows]).sum(dim=0).to(windows[0].scores.dtype)
+    return InfluenceResult(windows[0].sample_ids.clone(), total, estimator="first-order")

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import IterableDataset
 
 from lightning_influence.autodiff.draws import draws_randomly, needs_batch_forward
@@ -133,29 +134,63 @@ def _step_gradient(loss: FunctionalLoss, context: FitContext):
 
 
 def refuse_unreplayable_draws(config: TrackerConfig, module: nn.Module, context: FitContext) -> None:
-    """Draws the tracker cannot replay. Attention whose dropout runs inside ``scaled_dot_product_attention`` draws its
-    masks differently under torch.func's vmap and forward-mode transforms, which ``"exact"``, the audit and the
-    replay use: refused there (the forward ``"acc"`` / ``"first-order"`` / ``"tracin"`` differentiate it by plain
-    autograd, and are exact). Under DDP each process draws its own masks, which a one-process replay cannot."""
+    """Draws and buffers the tracker cannot follow. BatchNorm in train mode under DDP: each process moves its own
+    running statistics. Attention whose dropout runs inside ``scaled_dot_product_attention`` draws its masks
+    differently under torch.func's vmap and forward-mode transforms, which ``"exact"``, the audit and the replay use:
+    refused there (the forward ``"acc"`` / ``"first-order"`` / ``"tracin"`` differentiate it by plain autograd, and
+    are exact). Under DDP each process draws its own masks, which a one-process replay cannot."""
     if config.record_trajectory and draws_randomly(module) and context.world_size > 1:
         raise InfluenceConfigurationError(
             "record_trajectory=True under DDP with dropout: each process draws its own masks, and the replay of the"
             " recorded trajectory (on one process) replays rank zero's only. Forward tracking (track=[...]) works"
             " under DDP with dropout; or record on a single device."
         )
-    names = [
-        n for n, m in module.named_modules() if isinstance(m, nn.MultiheadAttention) and m.dropout > 0 and m.training
-    ]
+    moving = [n for n, m in module.named_modules() if isinstance(m, _BatchNorm) and m.training]
+    if moving and context.world_size > 1:
+        raise InfluenceConfigurationError(
+            f"BatchNorm {moving[0]!r} in train mode under data parallelism: each process moves its own running"
+            " statistics from its own samples (and DDP overwrites them with rank zero's before each forward), which"
+            " the tracker does not follow yet. Track on one device (devices=1), or, for a DDP run, use GroupNorm or"
+            " LayerNorm, or freeze the BatchNorm (eval mode)."
+        )
+    names = unreplayed_attention_dropouts(module)
     uses = [what for what, on in (("estimator='exact'", config.estimator_spec.exact), ("an audit", config.audits),
                                   ("record_trajectory=True", config.record_trajectory)) if on]  # fmt: skip
     if names and uses:
         raise InfluenceConfigurationError(
-            f"{' and '.join(uses)} with attention dropout ({', '.join(repr(n) for n in names)}): the attention draws"
-            " its dropout masks inside a fused kernel, which the vectorised transforms these need do not replay."
-            " Track forward with estimator='acc' or 'first-order' (exact for this model), or set the attention's"
-            " own dropout to 0 (for nn.TransformerEncoderLayer, layer.self_attn.dropout = 0.0 keeps the layer's"
-            " other dropouts)."
+            f"{' and '.join(uses)} with attention dropout ({', '.join(repr(n) for n in names)}): these draw their"
+            " masks differently under the vectorised transforms these need than in the training forward (the"
+            " attention's inside a fused kernel; nn.TransformerEncoderLayer's / DecoderLayer's residual dropouts"
+            " after it, as measured). Track forward with estimator='acc' or 'first-order' (exact for this model), or"
+            " set those to 0: layer.self_attn.dropout = 0.0 and layer.dropout1.p = layer.dropout2.p = 0.0 (and"
+            " dropout3 in a decoder layer) keep the layer's feed-forward dropout (layer.dropout)."
         )
+
+
+def unreplayed_attention_dropouts(module: nn.Module) -> list[str]:
+    """The active dropouts of attention that the vectorised transforms redraw: ``nn.MultiheadAttention``'s own, and
+    the residual dropouts of ``nn.TransformerEncoderLayer`` / ``nn.TransformerDecoderLayer`` after it."""
+    names = [
+        n for n, m in module.named_modules() if isinstance(m, nn.MultiheadAttention) and m.dropout > 0 and m.training
+    ]
+    for name, layer in module.named_modules():
+        if isinstance(layer, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)) and layer.training:
+            for part in ("dropout1", "dropout2", "dropout3"):
+                drop = getattr(layer, part, None)
+                if isinstance(drop, nn.Dropout) and drop.p > 0:
+                    names.append(f"{name}.{part}")
+    return names
+
+
+def why_not_recorded(config: TrackerConfig, module: nn.Module, context: FitContext) -> str | None:
+    """Why a recording of this fit would be refused (the refusal's message), or None: for the default path, which
+    records only what it can."""
+    try:
+        refuse_unrecordable(config, context)
+        refuse_unreplayable_draws(config, module, context)
+    except InfluenceConfigurationError as refusal:
+        return str(refusal)
+    return None
 
 
 def refuse_unrecordable(config: TrackerConfig, context: FitContext) -> None:
@@ -208,6 +243,8 @@ def make_recorder(
         world_size=context.world_size,
         record_batches=config.record_batches,
         windows={"every_n_steps": config.window_every_n_steps, "every_n_epochs": config.window_every_n_epochs},
+        # moved by the training forward: part of every checkpoint, and the replay's module must move them too
+        **({"running_buffers": list(recorded.running)} if recorded.running else {}),
     )
     assert context.trajectory_dir is not None
     return TrajectoryRecorder(
@@ -218,6 +255,7 @@ def make_recorder(
         context.gather_ids,
         context.writes_files,
         params=recorded if params.untracked else None,
+        running=recorded.running,
     )
 
 
@@ -286,12 +324,13 @@ def build_fit(
     )
     # TracIn needs only the learning rates, so any descending optimizer will do
     spec = model_optimizer(optimizer, "sgd" if not config.keeps_states else config.optimizer_model)
+    assert not isinstance(config.track, str)  # "auto" is resolved at train start (core/default_path.py)
     k, dtype = num_samples if config.track is None else config.track.numel(), params.dtype
     plan, hvp = plan_and_check(config, spec, loss, params, k, context, move, announce)
     tracked_ids = check_tracked_ids(config.track, num_samples)  # k ids at most: the budget allowed them
     queries = QueryEvaluator(loss, config.queries, move)
     inputs = EstimatorInputs(
-        loss, spec.jacobian, k, plan.chunk_rows, dtype, params.device, queries.registered_gradients,
+        loss, spec.jacobian, k, plan.chunk_rows, dtype, params.device, queries,
         hvp_choice=hvp, tune_hvp=config.hvp_chunk_size is None,  # a chunk size the user set is kept
         agree=context.agree,
     )  # fmt: skip

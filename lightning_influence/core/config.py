@@ -31,9 +31,13 @@ OPTIMIZER_MODELS = ("auto", "sgd")
 GIB = 2**30
 
 
-def _check_track(track: Sequence[int] | torch.Tensor | None, allow_empty: bool) -> torch.Tensor | None:
-    if track is None:
-        return None
+def _check_track(
+    track: Sequence[int] | torch.Tensor | Literal["auto"] | None, allow_empty: bool
+) -> torch.Tensor | Literal["auto"] | None:
+    if track is None or (isinstance(track, str) and track == "auto"):
+        return track
+    if isinstance(track, str):
+        raise ValueError(f"track must be 'auto', None (every sample) or a sequence of ids, got {track!r}.")
     track = torch.as_tensor(track)
     if track.numel() and (track.dtype.is_floating_point or track.dtype.is_complex or track.dtype == torch.bool):
         raise ValueError(f"track must hold integer training-set ids, got dtype {track.dtype}.")
@@ -59,12 +63,14 @@ def _check_positive(name: str, value: int | None, allow_none: bool = False) -> N
 class TrackerConfig:
     """What the user asked for; see :class:`~lightning_influence.InfluenceTracker` for each field.
 
-    ``track`` is ``None`` (every sample) or a ``LongTensor[k]`` of distinct ids; ``queries`` maps names
-    to batches / DataLoaders. Construction validates every field and raises ``ValueError`` /
+    ``track`` is ``"auto"`` (the default path, resolved at train start by
+    :func:`~lightning_influence.core.default_path.resolve_default_path`), ``None`` (every sample) or a
+    ``LongTensor[k]`` of distinct ids; ``record_trajectory`` None lets ``"auto"`` decide (else False). ``queries``
+    maps names to batches / DataLoaders. Construction validates every field and raises ``ValueError`` /
     ``TypeError`` naming the argument and the fix.
     """
 
-    track: torch.Tensor | None = None
+    track: torch.Tensor | Literal["auto"] | None = "auto"
     loss_fn: PerSampleLossFn | None = None
     sample_ids: SampleIdsFn = default_sample_ids
     estimator: EstimatorName = "acc"
@@ -84,7 +90,7 @@ class TrackerConfig:
     hvp_chunk_size: int | None = None
     hvp_memory_bytes: int = GIB // 4
     self_check_steps: int = 2
-    record_trajectory: bool = False
+    record_trajectory: bool | None = None
     checkpoint_every_n_steps: int | None = None
     record_batches: bool = False
     audit: int = 0
@@ -115,7 +121,7 @@ class TrackerConfig:
         ):
             raise ValueError(f"self_check_steps must be a non-negative integer, got {self.self_check_steps!r}.")
         _check_positive("checkpoint_every_n_steps", self.checkpoint_every_n_steps, allow_none=True)
-        if (self.record_batches or self.checkpoint_every_n_steps is not None) and not self.record_trajectory:
+        if (self.record_batches or self.checkpoint_every_n_steps is not None) and not self.may_record:
             raise ValueError("record_batches and checkpoint_every_n_steps need record_trajectory=True.")
         self._check_audit()
         if self.sample_preview not in ("auto", None) and not callable(self.sample_preview):
@@ -139,6 +145,11 @@ class TrackerConfig:
                 "The audit compares the main estimator with estimator='exact': with estimator='exact' every tracked"
                 " sample is already exact. Drop audit=, or audit another estimator ('acc', 'first-order', 'tracin')."
             )
+
+    @property
+    def may_record(self) -> bool:
+        """Whether the run may be recorded: ``record_trajectory=True``, or the default path left to decide."""
+        return bool(self.record_trajectory) or (self.record_trajectory is None and isinstance(self.track, str))
 
     @property
     def audits(self) -> bool:
@@ -195,7 +206,11 @@ class TrackerConfig:
 
     def state_key_fields(self) -> dict[str, Any]:
         """What distinguishes two trackers on one Trainer (Lightning's ``state_key``)."""
-        track = "all" if self.track is None else hashlib.sha1(self.track.numpy().tobytes()).hexdigest()[:12]
+        track = (
+            "all" if self.track is None
+            else "auto" if isinstance(self.track, str)
+            else hashlib.sha1(self.track.numpy().tobytes()).hexdigest()[:12]
+        )  # fmt: skip
         # only set options enter the key, so that trackers without them keep the keys of earlier checkpoints
         extra: dict[str, Any] = {"trajectory": True} if self.record_trajectory else {}
         if self.name is not None:

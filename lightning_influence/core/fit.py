@@ -93,6 +93,7 @@ class TrackedFit:
         ]
         """The step consumers, in booking order (a failure stops the booking and marks the fit broken)."""
         self.final: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None  # θ_T and the untracked values
+        self._pre_forward: dict[str, torch.Tensor] = {}  # the running buffers before the step's first forward
 
     @property
     def estimator(self) -> Estimator:
@@ -108,6 +109,9 @@ class TrackedFit:
                 " ...), or pass sample_ids=lambda batch: ... returning LongTensor[B] of training-set indices."
             )
         ids = validate_sample_ids(self.config.sample_ids(batch), None, self.num_samples)
+        running = self.parts.params.running
+        if running and not self._micro:  # the step's first forward: the running buffers r_t before it moves them
+            self._pre_forward = {n: b.detach().clone() for n, b in running.items()}
         if self._draws_devices is not None:
             batch = DrawnBatch(batch, RandomDraws.capture(self._draws_devices))
         self._micro.append(MicroBatchRecord(batch, ids, self.context.micro_batch_weight))
@@ -153,7 +157,7 @@ class TrackedFit:
             optimizer=OptimizerStep(groups, theta, raw_grad if bound is None else bound.clipped),
             raw_grad=raw_grad,
             clip=bound,
-            frozen=params.frozen(),
+            frozen={**params.frozen(), **self._pre_forward},  # the running buffers as the step found them
             loss_scale=loss_scale,
             pre_state=flat_optimizer_state(optimizer, params.flat) if wants_state else None,
         )
@@ -204,7 +208,8 @@ class TrackedFit:
         """The complete step record: what was read before the step, the micro-batches, the post-step state its
         optimizer model reads (Adam's moments)."""
         opt_step, keys = pending.optimizer, self.parts.post_state_keys
-        if keys:
+        # only the estimators of tracked samples and the audit read it (not a recording alone: track=())
+        if keys and (self.tracked_ids.numel() or self.parts.audit is not None):
             opt_step = opt_step.with_post_state(flat_optimizer_state(optimizer, self.parts.params.flat, keys))
         return replace(pending, optimizer=opt_step, micro_batches=tuple(micro))
 

@@ -60,6 +60,10 @@ class FitContext:
     collate_fn: Any = None
     states_file: str | None = None  # states_in_checkpoint=False: the states go here, not into checkpoints
     train_batch_size: int | None = None  # for the memory probe (None: the parameter formula)
+    # the default path's decisions (track="auto", core/default_path.py): the recorded run is replayed once at the end
+    # of fit for the registered queries, and influence(name) answers for every sample without a flag
+    replay_at_end: bool = False
+    answers_by_replay: bool = False
 
 
 @dataclass

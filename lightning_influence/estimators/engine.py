@@ -85,6 +85,10 @@ class InfluenceEngine(Estimator):
         # the blocks are views of one buffer, so that the per-step NaN/inf check is one reduction
         self._storage = torch.zeros(len(jacobian.blocks), num_tracked, p, dtype=dtype, device=device)
         self.states = dict(zip(jacobian.blocks, self._storage.unbind(0)))
+        stats = loss.running_stats  # running buffers (BatchNorm in train mode) are part of the state
+        self.buffer_states = (
+            None if stats is None else torch.zeros(num_tracked, stats.numel, dtype=dtype, device=device)
+        )
         self._dtype, self._device = dtype, device
         # a forward that draws is differentiated by plain autograd, row by row (FunctionalLoss.linearize)
         fixed = HvpChoice("loop" if loss.coupled else "vmap", self.chunk_size)
@@ -95,6 +99,17 @@ class InfluenceEngine(Estimator):
     def theta(self) -> torch.Tensor:
         """δθ for every tracked sample: ``Tensor[k, p]``."""
         return self.states["theta"]
+
+    def _advance_buffers(self, theta_t: torch.Tensor, batches: list, frozen: dict | None) -> None:
+        """δb ← d ⊙ δb + J_u δθ for the running buffers, from the pre-step δθ
+        (:mod:`~lightning_influence.autodiff.running_stats`); nothing when the model moves none."""
+        if self.buffer_states is None:
+            return
+        stats = self.loss.step_statistics(theta_t, batches, frozen)
+        assert stats is not None  # the loss has running statistics
+        for start in range(0, self.num_tracked, self.chunk_size):
+            stop = min(start + self.chunk_size, self.num_tracked)
+            stats.advance(self.buffer_states[start:stop], _as(self.theta[start:stop], theta_t.dtype))
 
     def book(self, record: StepRecord, parts: Sequence[MicroBatch], reduce: Reduce | None = None) -> torch.Tensor:
         return self.step(parts, record.optimizer, record.frozen, record.clip, reduce)
@@ -136,6 +151,7 @@ class InfluenceEngine(Estimator):
         for part, part_losses in zip(parts, losses):
             self.loss.check_batch_size(part.batch_size, part_losses.shape[0])
         source_rows, source = self._sources(parts, theta_t, frozen)
+        self._advance_buffers(theta_t, batches, frozen)  # before δθ moves: the buffers read the pre-step δθ
         exact = self.name == "acc"
         whole = self.hvp_choice.rows >= self.num_tracked  # one call: no slicing (at small k, every op counts)
         for start in range(0, self.num_tracked, self.hvp_choice.rows):
@@ -188,8 +204,26 @@ class InfluenceEngine(Estimator):
         return rows, sources[0] if sources else None
 
     def answer(self, probe: QueryProbe, per_example: bool = False) -> torch.Tensor:
-        """⟨∇q, δθ_j⟩ for every tracked sample (``Tensor[k]``, or ``Tensor[k, n]`` per query example)."""
-        return self.project(probe.example_gradients() if per_example else probe.gradient())
+        """⟨∇q, δθ_j⟩ (+ ⟨∇_b q, δb_j⟩ for the running buffers) for every tracked sample (``Tensor[k]``, or
+        ``Tensor[k, n]`` per query example)."""
+        scores = self.project(probe.example_gradients() if per_example else probe.gradient())
+        if self.buffer_states is None:
+            return scores
+        g_b = probe.running_stats_gradient(per_example)
+        assert g_b is not None  # the loss has running statistics
+        g_b = g_b.to(self.buffer_states)
+        return scores + self.buffer_states @ (g_b.T if per_example else g_b)
+
+    def own_scores(self, probe: QueryProbe, rows: slice) -> torch.Tensor:
+        """``Tensor[c]``: state row ``rows.start + i`` scored on the i-th example of ``probe``'s batch (a sample's
+        influence on its own loss when the batch holds the rows' samples)."""
+        deltas = self.theta[rows]
+        scores = (deltas * probe.example_gradients().to(deltas)).sum(dim=1)
+        if self.buffer_states is None:
+            return scores
+        g_b = probe.running_stats_gradient(per_example=True)
+        assert g_b is not None  # the loss has running statistics
+        return scores + (self.buffer_states[rows] * g_b.to(deltas)).sum(dim=1)
 
     def project(self, gradient: torch.Tensor) -> torch.Tensor:
         """Scores ``⟨∇q, δθ_j⟩`` for every tracked sample: ``Tensor[k]`` (or ``Tensor[k, n]`` for
@@ -199,9 +233,11 @@ class InfluenceEngine(Estimator):
 
     def check_finite(self, step: int, sample_ids: torch.Tensor) -> None:
         """Raise :class:`NonFiniteInfluenceError` naming the step and the first bad samples."""
-        if math.isfinite(self._storage.sum().item()):  # one reduction over every block, in the common case
+        buffers = 0.0 if self.buffer_states is None else self.buffer_states.sum().item()
+        if math.isfinite(self._storage.sum().item() + buffers):  # one reduction per tensor, in the common case
             return
-        for block, state in self.states.items():
+        blocks = dict(self.states, **({} if self.buffer_states is None else {"running buffers": self.buffer_states}))
+        for block, state in blocks.items():
             bad = ~torch.isfinite(state).all(dim=1)
             if bad.any():
                 ids = sample_ids[bad.nonzero().flatten().cpu()].tolist()
@@ -212,12 +248,20 @@ class InfluenceEngine(Estimator):
                 )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"states": {b: s.detach().cpu().clone() for b, s in self.states.items()}}
+        state: dict[str, Any] = {"states": {b: s.detach().cpu().clone() for b, s in self.states.items()}}
+        if self.buffer_states is not None:
+            state["buffer_states"] = self.buffer_states.detach().cpu().clone()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved = state["states"]
         if {b: tuple(t.shape) for b, t in saved.items()} != {b: tuple(t.shape) for b, t in self.states.items()}:
             raise ValueError("The saved influence states have other blocks or shapes than this engine's.")
+        if self.buffer_states is not None:
+            buffers = state.get("buffer_states")
+            if buffers is None or tuple(buffers.shape) != tuple(self.buffer_states.shape):
+                raise ValueError("The saved influence states hold no running-buffer states of this engine's shape.")
+            self.buffer_states.copy_(buffers)
         for b, s in saved.items():
             self.states[b].copy_(s)
 

@@ -18,9 +18,10 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from torch.func import grad, vmap
+from torch.func import grad
 
 from lightning_influence.autodiff.functional import FunctionalLoss
+from lightning_influence.autodiff.per_sample import map_rows
 from lightning_influence.estimators.base import QueryProbe, Reduce
 from lightning_influence.estimators.engine import InfluenceEngine
 from lightning_influence.optimizers import OptimizerJacobian
@@ -59,12 +60,29 @@ class ExactEngine(InfluenceEngine):
         for start in range(0, self.num_tracked, self.chunk_size):
             stop = min(start + self.chunk_size, self.num_tracked)
             chunk = {b: s[start:stop] for b, s in self.states.items()}
+            self._move_buffers(record, batches, chunk["theta"], start, stop)  # from the pre-step δθ
             delta_g = self._gradient_differences(record, parts, chunk["theta"], present[start:stop], start, factual)
             delta_g = reduce(delta_g)
             if record.clip is not None:
                 delta_g = record.clip.perturb(delta_g, exact=True)
             self.jacobian.advance(chunk, delta_g, record.optimizer, exact=True)
         return reduce(factual)
+
+    def _move_buffers(self, record: StepRecord, batches: list, deltas: torch.Tensor, start: int, stop: int) -> None:
+        """δb ← d ⊙ δb + u(θ_t + δθ) − u(θ_t): each counterfactual's running buffers moved by its own forward
+        (:mod:`~lightning_influence.autodiff.running_stats`); nothing when the model moves none."""
+        if self.buffer_states is None:
+            return
+        theta_t, frozen = record.theta, record.frozen
+        with torch.no_grad():
+            factual, decay = self.loss.fold_statistics(theta_t, batches, frozen)
+
+            def update(delta: torch.Tensor) -> torch.Tensor:
+                return self.loss.fold_statistics(theta_t + delta, batches, frozen)[0]
+
+            moved = map_rows(update, deltas.to(theta_t.dtype), randomness="same") - factual
+        rows = self.buffer_states[start:stop]
+        rows.mul_(decay.to(rows)).add_(moved.to(rows))
 
     def _gradient_differences(
         self,
@@ -98,10 +116,16 @@ class ExactEngine(InfluenceEngine):
 
         shifted = deltas.index_select(0, active).to(theta_t.dtype)
         # every counterfactual replays the batch's own draws (a DrawnBatch restores them inside)
-        cf = vmap(counterfactual, in_dims=(0, [0] * len(masks)), randomness="same")(shifted, masks)
+        cf = map_rows(counterfactual, shifted, masks, randomness="same")
         out.index_copy_(0, active, (cf - factual).to(out.dtype))
         return out
 
+    def own_scores(self, probe: QueryProbe, rows: slice) -> torch.Tensor:
+        """The loss of each sample at its own counterfactual parameters (and buffers), minus the factual one."""
+        buffers = None if self.buffer_states is None else self.buffer_states[rows]
+        return probe.differences(self.theta[rows], per_example=True, buffer_deltas=buffers).diagonal()
+
     def answer(self, probe: QueryProbe, per_example: bool = False) -> torch.Tensor:
-        """The true differences f(θ + δθ_j) − f(θ): ``Tensor[k]`` (``Tensor[k, n]`` per query example)."""
-        return probe.differences(self.theta, per_example)
+        """The true differences f(θ + δθ_j, b + δb_j) − f(θ, b) (b the running buffers, if any): ``Tensor[k]``
+        (``Tensor[k, n]`` per query example)."""
+        return probe.differences(self.theta, per_example, buffer_deltas=self.buffer_states)

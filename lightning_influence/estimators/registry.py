@@ -13,10 +13,11 @@ import torch
 
 from lightning_influence.autodiff.functional import FunctionalLoss
 from lightning_influence.autodiff.hvp_plan import HvpChoice
+from lightning_influence.autodiff.queries import QueryEvaluator
 from lightning_influence.estimators.base import Estimator
 from lightning_influence.estimators.engine import InfluenceEngine
 from lightning_influence.estimators.exact import ExactEngine
-from lightning_influence.estimators.tracin import QueryGradients, TracInAccumulator
+from lightning_influence.estimators.tracin import TracInAccumulator
 from lightning_influence.optimizers import OptimizerJacobian
 from lightning_influence.records import Agree
 
@@ -33,7 +34,7 @@ class EstimatorInputs:
     chunk_rows: int
     dtype: torch.dtype
     device: torch.device
-    query_gradients: QueryGradients
+    queries: QueryEvaluator
     hvp_choice: HvpChoice | None = None
     tune_hvp: bool = True  # False when the user fixed the HVP chunk size
     agree: Agree | None = None  # rank zero's choice on every data-parallel process (None: one process)
@@ -91,7 +92,7 @@ ESTIMATORS: dict[str, EstimatorSpec] = {
         ),
         EstimatorSpec(
             "tracin", False, False, False, False, False, False,
-            lambda i: TracInAccumulator(i.loss, i.num_tracked, i.query_gradients, i.dtype, i.device),
+            lambda i: TracInAccumulator(i.loss, i.num_tracked, i.queries, i.dtype, i.device),
             "no propagation: running sums on the registered queries",
         ),
     )

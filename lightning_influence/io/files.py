@@ -3,7 +3,8 @@
 - Appended JSON lines are flushed and fsynced one by one; a crash leaves at most a partial last line, which
   readers skip with a warning and writers cut before appending again.
 - Whole files are written to a temporary file next to the target, fsynced and moved onto it: a file is
-  either its old self or whole.
+  either its old self or whole. Many small files made durable together may defer their fsyncs to one
+  :func:`sync_files` call (``atomic_write(..., sync=False)``).
 - Every record carries ``format`` and ``version``; a reader refuses another format or a newer version.
 - A folder a run writes holds a lock file while it does (:class:`FolderLock`): created exclusively, naming the
   process; a second live writer is refused, a lock whose process has died is stale and taken over.
@@ -23,7 +24,7 @@ import uuid
 import warnings
 import weakref
 from pathlib import Path
-from typing import Any, Callable, Iterator, Union
+from typing import Any, Callable, Iterable, Iterator, Union
 
 import torch
 
@@ -125,15 +126,21 @@ def append_line(path: Path, line: str) -> None:
         os.fsync(f.fileno())
 
 
-def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
+def atomic_write(path: Path, write: Callable[[Any], None], sync: bool = True) -> None:
     """Call ``write(binary file)`` on a temporary file next to ``path``, fsync it and move it onto ``path``.
-    Temporary names start with ``.`` and end with ``.tmp``; the file gets the umask's usual mode."""
+    Temporary names start with ``.`` and end with ``.tmp``; the file gets the umask's usual mode.
+
+    ``sync=False`` skips the fsync: the move is still atomic for every reader (a crash of the process leaves the old
+    file or the whole new one), but after a crash of the machine the new file may be empty until
+    :func:`sync_files` has run on it. A writer that makes many small files durable together (a trajectory's
+    per-step batches, at its next checkpoint) calls that once for all of them."""
     tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
     try:
         with open(tmp, "xb") as f:
             write(f)
             f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -141,6 +148,18 @@ def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
         except OSError:
             pass
         raise
+
+
+def sync_files(paths: Iterable[Path]) -> None:
+    """fsync each of ``paths`` (files written with ``atomic_write(..., sync=False)``); a file that is gone (a run
+    cut back since) is skipped."""
+    for path in paths:
+        try:
+            f = open(path, "rb+")  # noqa: SIM115 - closed below; a writable handle, which fsync needs on Windows
+        except FileNotFoundError:
+            continue
+        with f:
+            os.fsync(f.fileno())
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -72,9 +72,7 @@ class OptimizerStep:
 
     def with_post_state(self, state: Mapping[str, torch.Tensor | None]) -> OptimizerStep:
         """The same step with the optimizer's flat post-step state (``{key: Tensor[p]}``), once it has stepped."""
-        return replace(
-            self, exp_avg=state.get("exp_avg"), exp_avg_sq=state.get("exp_avg_sq"), post_state=dict(state)
-        )
+        return replace(self, exp_avg=state.get("exp_avg"), exp_avg_sq=state.get("exp_avg_sq"), post_state=dict(state))
 
     def lr_vector(self) -> torch.Tensor:
         """``Tensor[p]``: the learning rate that applies to each coordinate."""

@@ -4,7 +4,8 @@ Every logger gets, at ``step = report.end_step`` unless told otherwise, the scal
 ``<namespace>/<query>/audit/<name>`` for ``name`` in :data:`AUDIT_SCALARS` (nan where undefined).
 A :class:`~lightning.pytorch.loggers.TensorBoardLogger` also gets, through its ``SummaryWriter``:
 
-- ``<namespace>/<query>/audit/worst_samples``: a markdown table of the worst-estimated samples;
+- ``<namespace>/<query>/audit/worst_samples``: the report's advice (what it means, what to do) and a markdown
+  table of the worst-estimated samples;
 - ``<namespace>/<query>/audit/scatter``: an image (only when matplotlib is installed) of the
   estimates against the exact scores, with the diagonal and the worst samples labelled by id.
 
@@ -48,9 +49,11 @@ def _summary(report: AuditReport) -> str:
 
 
 def audit_table(report: AuditReport) -> str:
-    """Markdown: a summary line, then ``| rank | sample id | exact | estimated | estimated − exact |``
-    for the report's worst samples (negative = harmful)."""
+    """Markdown: a summary line, the report's :attr:`~lightning_influence.results.audit.AuditReport.advice` (what the
+    numbers mean and what to do), then ``| rank | sample id | exact | estimated | estimated − exact |`` for the
+    report's worst samples (negative = harmful)."""
     title = f"**{report.query}**: audit against the exact counterfactual f(θ_-j) − f(θ), {_summary(report)}."
+    title += f"\n\n{report.advice}"
     if not report.worst:
         return f"{title}\n\n_no audited samples_"
     lines = ["| rank | sample id | exact | estimated | estimated − exact |", "|---:|---:|---:|---:|---:|"]

@@ -1,5 +1,6 @@
-"""Every closed window to the Trainer's loggers: scalars, histogram and tables at each window, the figure every n
-windows, previews of the most harmful and helpful samples (TensorBoard). Rank zero; the callback attaches it."""
+"""Every closed window to the Trainer's loggers: scalars, histogram and tables at each window; every n windows (and
+for the last at the end of fit) the figure and labelled pictures of the window's most harmful and most helpful samples
+(TensorBoard). Rank zero; the callback attaches it."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from lightning_influence.reporting.windows import (
     metric_key,
     window_figure_image,
 )
-from lightning_influence.results.previews import PreviewFn, preview_images
+from lightning_influence.results.previews import PreviewFn, labelled_grid, preview_images, sample_labels
 from lightning_influence.results.windows import WindowSnapshot
 
 
@@ -56,7 +57,9 @@ class LoggerSink:
         self._cumulative: dict[str, tuple[int, torch.Tensor]] = {}  # query -> (window index, float64 sum so far)
 
     def window(self, snapshot: WindowSnapshot, recorder: Any) -> None:
-        """Every window's scalars, histogram and table; the figure every ``figure_every``-th window only.
+        """Every window's scalars, histogram and table; the images (the figure and the labelled pictures of the
+        window's most harmful and most helpful samples) every ``figure_every``-th window only, as their encoding and
+        writing cost several times the rest of the window's reporting; the last window's at the end of fit.
 
         The cumulative scores of the tables are summed as the windows close (one row added per window); the matrix
         of every window so far is asked of the recorder only for a figure, so a window costs the same at the
@@ -81,7 +84,8 @@ class LoggerSink:
         else:
             self._undrawn[query] = (snapshot, recorder)
         self._last[query] = (snapshot, recorder)
-        self._log_samples(snapshot, snapshot.scores, "samples")
+        if figure:
+            self._log_samples(snapshot, snapshot.scores, "samples")
 
     def _cumulative_at(self, snapshot: WindowSnapshot, recorder: Any) -> torch.Tensor:
         """``Tensor[k]`` float64: ``snapshot.query``'s window scores summed over its windows so far, this one
@@ -96,22 +100,38 @@ class LoggerSink:
         return total
 
     def _log_samples(self, snapshot: WindowSnapshot, scores: torch.Tensor, what: str) -> None:
-        """Images of the most harmful and most helpful samples by ``scores`` (TensorBoard, with a preview)."""
+        """One picture each of the (up to 8) most harmful and most helpful samples by ``scores`` (TensorBoard, with a
+        preview): :func:`~lightning_influence.results.previews.labelled_grid`, each image enlarged and captioned
+        with its id, training label and score. Harmful means a negative score and helpful a positive one, as in the
+        ``top_samples`` tables: a side without such a sample (or a NaN score) logs no picture."""
         boards = [logger for logger in self.loggers if isinstance(logger, TensorBoardLogger)]
         if not boards or self.preview is None or not scores.numel():
             return
-        order = np.argsort(scores.detach().cpu().to(torch.float64).numpy())  # NaN last, as torch.argsort
-        n = min(8, scores.numel())
+        values = scores.detach().cpu().to(torch.float64).numpy()
+        # stable sorts, NaN last: ranked as the tables rank (ties by position)
+        harmful = [i for i in np.argsort(values, kind="stable")[:8].tolist() if values[i] < 0]
+        helpful = [i for i in np.argsort(-values, kind="stable")[:8].tolist() if values[i] > 0]
         ids = snapshot.sample_ids.tolist()
-        for name, rows in ((f"most_harmful_{what}", order[:n]), (f"most_helpful_{what}", order[::-1][:n])):
-            images = preview_images(self.preview, self.dataset, [ids[i] for i in rows.tolist()])
-            for logger in boards if images is not None else ():
-                key = metric_key(snapshot.query, name, self.namespace)
-                step = logger_step(snapshot.end_step)
-                logger.experiment.add_images(key, images, global_step=step, dataformats="NCHW")
+        where = f"in window {snapshot.index}" if what == "samples" else "over the run (cumulative)"
+        for side, rows in (("harmful", harmful), ("helpful", helpful)):
+            chosen = [ids[i] for i in rows]
+            images = preview_images(self.preview, self.dataset, chosen)
+            if images is None:
+                continue
+            sign = "< 0" if side == "harmful" else "> 0"
+            title = f"{snapshot.query}: most {side} {where}, score {sign}"
+            try:
+                grid = labelled_grid(images, chosen, values[rows].tolist(), sample_labels(self.dataset, chosen), title)
+            except Exception:  # noqa: BLE001 - a picture must never end a training run (e.g. a preview's odd shape)
+                continue
+            key = metric_key(snapshot.query, f"most_{side}_{what}", self.namespace)
+            for logger in boards:  # one picture, as a batch of one (so it is counted with the sample previews)
+                logger.experiment.add_images(key, grid[None], global_step=logger_step(snapshot.end_step))
 
     def final(self, results: Any, metadata: Any) -> None:
-        """The end of fit: the figure of each query's last window, if it was not drawn when it closed."""
+        """The end of fit: the pictures of the whole run's most harmful and most helpful samples (by cumulative
+        score), and the figure and sample pictures of each query's last window, if they were not drawn when it
+        closed."""
         boards = [logger for logger in self.loggers if isinstance(logger, TensorBoardLogger)]
         for snapshot, _ in self._last.values():  # the whole run's most harmful / helpful samples
             self._log_samples(snapshot, self._cumulative[snapshot.query][1], "samples_overall")
@@ -119,6 +139,7 @@ class LoggerSink:
             history = recorder.window_matrix(snapshot.query)
             end_steps = [s.end_step for s in recorder.windows(snapshot.query)]
             image = window_figure_image(snapshot, history, end_steps)
+            self._log_samples(snapshot, snapshot.scores, "samples")
             for logger in boards if image is not None else ():
                 key = metric_key(snapshot.query, "strongest_over_windows", self.namespace)
                 logger.experiment.add_image(key, image, global_step=logger_step(snapshot.end_step), dataformats="CHW")

@@ -16,7 +16,8 @@ A :class:`~lightning.pytorch.loggers.TensorBoardLogger` also gets, through its `
 - ``influence/<query>/top_samples``: a markdown table of the most harmful and most helpful
   samples of the window, with their cumulative scores so far;
 - ``influence/<query>/strongest_over_windows``: an image (only when matplotlib is installed) of
-  the cumulative influence over the windows of the samples strongest in cumulative value.
+  the cumulative scores over the windows of the 3 most harmful and the 3 most helpful samples by
+  cumulative score (:func:`strongest_cumulative`), as its title says.
 
 Figures are drawn with matplotlib's Agg canvas without pyplot, so no GUI backend is touched and
 no figure is left open. Sign convention: negative = harmful to the query, positive = helpful.
@@ -38,6 +39,7 @@ __all__ = [
     "SCALAR_NAMES",
     "log_window",
     "metric_key",
+    "strongest_cumulative",
     "strongest_over_windows_figure",
     "top_samples_table",
     "window_summary",
@@ -117,6 +119,18 @@ _HARMFUL_COLORS = ("#d62728", "#ff7f0e", "#8c564b", "#e377c2", "#bcbd22")
 _HELPFUL_COLORS = ("#1f77b4", "#2ca02c", "#17becf", "#9467bd", "#7f7f7f")
 
 
+def strongest_cumulative(history: torch.Tensor, num_per_side: int = 3) -> tuple[list[int], list[int]]:
+    """The columns of ``history: Tensor[W, k]`` (window scores, one row per window) that
+    :func:`strongest_over_windows_figure` plots: the ``num_per_side`` samples with the most negative cumulative score
+    (summed over the ``W`` windows; most harmful first) and the ``num_per_side`` with the most positive (most helpful
+    first). A zero or NaN sum is on neither side; ties rank by position."""
+    history = history.detach().cpu().to(torch.float64).reshape(-1, history.shape[-1])  # [k]: one window
+    last = history.sum(0).tolist()
+    harmful = sorted((j for j, v in enumerate(last) if v < 0), key=last.__getitem__)[:num_per_side]
+    helpful = sorted((j for j, v in enumerate(last) if v > 0), key=last.__getitem__, reverse=True)[:num_per_side]
+    return harmful, helpful
+
+
 def strongest_over_windows_figure(
     history: torch.Tensor,
     sample_ids: torch.Tensor,
@@ -124,12 +138,14 @@ def strongest_over_windows_figure(
     num_per_side: int = 3,
     title: str | None = None,
 ) -> Any:
-    """A matplotlib ``Figure`` of cumulative influence over the windows.
+    """A matplotlib ``Figure`` of cumulative scores over the windows, of the strongest samples on each side.
 
-    Plots, from 0 at the start of training, the running sum of ``history: Tensor[W, k]`` for the
-    ``num_per_side`` samples with the most negative and the ``num_per_side`` with the most
-    positive cumulative score, labelled by sample id. The x axis is ``end_steps`` (the windows'
-    end steps) when given, otherwise the number of windows closed.
+    Plots, from 0 at the start of training, the running sum of ``history: Tensor[W, k]`` (window scores, one row
+    per window) for the samples :func:`strongest_cumulative` picks: the ``num_per_side`` with the most negative
+    cumulative score after the last window (most harmful; solid, warm colours) and the ``num_per_side`` with the
+    most positive (most helpful; dashed, cool colours), labelled by sample id. The title says so, under ``title``
+    when given. The x axis is ``end_steps`` (the windows' end steps) when given, otherwise the number of windows
+    closed.
 
     Raises ``ImportError`` when matplotlib is missing. The figure is not registered with pyplot:
     there is nothing to close.
@@ -138,9 +154,7 @@ def strongest_over_windows_figure(
 
     cumulative = history.detach().cpu().to(torch.float64).reshape(history.shape[0], -1).cumsum(0)
     ids = sample_ids.detach().cpu().reshape(-1).tolist()
-    last = cumulative[-1] if cumulative.shape[0] else torch.zeros(len(ids), dtype=torch.float64)
-    harmful = [j for j in torch.argsort(last, stable=True).tolist() if last[j] < 0][:num_per_side]
-    helpful = [j for j in torch.argsort(last, descending=True, stable=True).tolist() if last[j] > 0][:num_per_side]
+    harmful, helpful = strongest_cumulative(history, num_per_side) if cumulative.shape[0] else ([], [])
     if end_steps is None:
         x = list(range(cumulative.shape[0] + 1))
         xlabel = "windows closed"
@@ -149,7 +163,7 @@ def strongest_over_windows_figure(
         xlabel = "optimizer step"
 
     # TensorBoard shows images in ~330 px cards: a small canvas with large type stays readable there
-    fig = Figure(figsize=(5.0, 3.4), dpi=72)
+    fig = Figure(figsize=(6.0, 3.6), dpi=72)
     ax = fig.add_subplot()
     ax.axhline(0.0, color="0.6", linewidth=1.0)
     for kind, chosen, colors, style in (
@@ -161,10 +175,10 @@ def strongest_over_windows_figure(
             color = colors[rank % len(colors)]
             ax.plot(x, y, style, marker="o", markersize=4, linewidth=2, color=color, label=f"id {ids[j]} ({kind})")
     ax.set_xlabel(xlabel, fontsize=12)
-    ax.set_ylabel("cumulative influence", fontsize=12)
+    ax.set_ylabel("cumulative score", fontsize=12)
     ax.tick_params(labelsize=11)
-    if title:
-        ax.set_title(title, fontsize=12)
+    what = f"top {num_per_side} harmful (< 0) and helpful (> 0) by cumulative score"
+    ax.set_title(f"{title}\n{what}" if title else what, fontsize=11, loc="left")
     ax.grid(alpha=0.3)
     if harmful or helpful:
         ax.legend(fontsize=10, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
@@ -195,7 +209,7 @@ def window_figure_image(
             history,
             snapshot.sample_ids,
             end_steps,
-            title=f"{snapshot.query}, after window {snapshot.index} (− harmful, + helpful)",
+            title=f"{snapshot.query}, after window {snapshot.index}",
         )
         return render_figure(fig, tight_layout=False)  # laid out when it was made
     except ImportError:  # matplotlib is optional
@@ -333,7 +347,7 @@ def add_custom_scalars(loggers: Iterable[Logger], query: str, namespace: str = "
             [metric_key(query, n, namespace) for n in ("helpful_mass", "harmful_mass")],
         ],
         "harmful samples": ["Multiline", [metric_key(query, "num_harmful", namespace)]],
-        "strongest |score|": ["Multiline", [metric_key(query, "strongest", namespace)]],
+        "strongest window score (largest |score|, signed)": ["Multiline", [metric_key(query, "strongest", namespace)]],
     }
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):

@@ -24,6 +24,7 @@ __all__ = [
     "NUM_WORST",
     "AuditReport",
     "agreement_metrics",
+    "audit_advice",
     "audit_report",
     "poor_agreement_message",
     "window_label",
@@ -105,6 +106,16 @@ class AuditReport:
             f"N={self.num_samples}, spearman={format_number(self.spearman)}, pearson={format_number(self.pearson)}, "
             f"relative_error={format_number(self.relative_error)}, sign_agreement={format_number(self.sign_agreement)})"
         )
+
+    def __str__(self) -> str:
+        return f"{self!r}\n{self.advice}"
+
+    @property
+    def advice(self) -> str:
+        """What the numbers mean for this run and what to do, with the default thresholds of :meth:`is_poor`
+        (see :func:`audit_advice`): e.g. ``"Poor agreement ...: relative error 1.1 ...: the linearisation is far
+        from the retrained run ...; the ranking is still usable (Spearman 0.93) ... What usually helps here: ..."``."""
+        return audit_advice(self)
 
     def is_poor(self, min_spearman: float = 0.8, max_relative_error: float = 0.5) -> bool:
         """True when the Spearman correlation is below ``min_spearman`` or the relative error above
@@ -251,20 +262,129 @@ def audit_report(
     )
 
 
+def _estimator_name(report: AuditReport) -> str:
+    return f"the {report.estimator!r} estimator" if report.estimator else "the main estimator"
+
+
+def _advice(report: AuditReport, min_spearman: float, max_relative_error: float) -> tuple[str, str, str]:
+    """``(verdict, meaning, what to do)`` of :func:`audit_advice`; the last two are empty for a good agreement."""
+    n, rho, rel = report.num_samples, report.spearman, report.relative_error
+    where = "over the whole run" if report.start_step is None and report.end_step is None else f"over {report.window}"
+    if n == 0:
+        return (
+            f"No audited sample {where}: nothing to judge.",
+            "",
+            "Pass audit=N (N ≥ 2, e.g. audit=8) or audit_ids=[...] of tracked samples.",
+        )
+    if math.isnan(rel):
+        return (
+            f"Poor agreement {where} ({n} audited samples): the scores are not finite (NaN or inf).",
+            "Neither the ranking nor the magnitudes can be used.",
+            'What usually helps here: float64 (Trainer(precision="64-true")), a smaller learning rate, and finite'
+            " inputs and losses.",
+        )
+    rank_known = not math.isnan(rho)
+    rank_ok, size_ok = rank_known and rho >= min_spearman, rel <= max_relative_error
+    spearman, error = format_number(rho), format_number(rel)
+    if (rank_ok or not rank_known) and size_ok:
+        ranking = (
+            f"the ranking (Spearman {spearman} ≥ {min_spearman:g}) and the magnitudes are usable"
+            if rank_known
+            else "the magnitudes are usable; the ranking cannot be judged (Spearman undefined: fewer than 2 audited"
+            " samples or constant scores)"
+        )
+        return (
+            f"Good agreement {where} ({n} audited samples): relative error {error} (≤ {max_relative_error:g}):"
+            f" {_estimator_name(report)} follows the exact counterfactual f(θ_-j) − f(θ) on this run; {ranking}.",
+            "",
+            "",
+        )
+    meaning = f"{_magnitude(report, where, max_relative_error)}; {_ranking(report, min_spearman, size_ok)}."
+    if report.sign_agreement < 0.75:
+        agree = format_number(100.0 * report.sign_agreement)
+        meaning += f" Signs agree for only {agree}%: helpful/harmful labels are unreliable."
+    return (
+        f"Poor agreement {where} ({n} audited samples).",
+        meaning,
+        "What usually helps here: " + "; ".join(_remedies(report)) + ".",
+    )
+
+
+def _magnitude(report: AuditReport, where: str, max_relative_error: float) -> str:
+    """Whether the magnitudes of a poor report are usable (its relative error), capitalised."""
+    error = format_number(report.relative_error)
+    if report.relative_error <= max_relative_error:
+        close = f"relative error {error} ≤ {max_relative_error:g}"
+        return f"The magnitudes are close ({close}, carried by the largest scores)"
+    named = f"the {report.estimator!r} linearisation" if report.estimator else "the linearisation"
+    if report.estimator == "tracin":
+        named = "TracIn (no propagation, no optimizer model)"
+    model = f"{named} is far from the retrained run"
+    if math.isinf(report.relative_error):
+        model = "the exact scores are all 0 while the estimates are not"
+    return (
+        f"Relative error {error} {where} (wanted ≤ {max_relative_error:g}): {model}, so the scores are not predicted"
+        " loss changes"
+    )
+
+
+def _ranking(report: AuditReport, min_spearman: float, size_ok: bool) -> str:
+    """Whether the ranking of a poor report is usable (its Spearman correlation)."""
+    rho = report.spearman
+    if math.isnan(rho):
+        return "the ranking cannot be judged (Spearman undefined: fewer than 2 audited samples or constant scores)"
+    if rho >= min_spearman:
+        return (
+            f"the ranking is still usable (Spearman {format_number(rho)} ≥ {min_spearman:g}): read the order"
+            " (most_harmful(n), most_helpful(n)), not the values"
+        )
+    ranking = f"the ranking is not usable (Spearman {format_number(rho)}, wanted ≥ {min_spearman:g})"
+    return ranking + (": only the few largest |scores| are reliable" if size_ok else "")
+
+
+def _remedies(report: AuditReport) -> list[str]:
+    """What usually helps a poor report, sized from its window and naming its largest gaps."""
+    steps = None if report.start_step is None or report.end_step is None else report.end_step - report.start_step
+    if steps is not None and steps > 1:
+        windows = f"shorter windows (e.g. window_every_n_steps={max(1, steps // 4)}: this one spans {steps} steps)"
+    else:
+        windows = "shorter windows (a smaller window_every_n_steps; tracker.audit_windows(name) shows where it drifts)"
+    ids = [sid for sid, _, _ in report.worst[:3]]
+    exact = f'estimator="exact" for the samples that matter (track=[...]; the largest gaps here: ids {ids})'
+    if report.estimator == "tracin":  # a baseline: propagation, not a shorter horizon, is what it lacks
+        return ['estimator="acc" (TracIn is the no-propagation baseline)', exact, windows, "a smaller learning rate"]
+    todo = [windows, "a smaller learning rate", exact]
+    if report.estimator == "first-order":
+        todo.append('estimator="acc" rather than "first-order"')
+    return [*todo, 'float64 (Trainer(precision="64-true")) for a float32 run']
+
+
+def audit_advice(report: AuditReport, min_spearman: float = 0.8, max_relative_error: float = 0.5) -> str:
+    """What a report means and what to do, with this run's numbers (:attr:`AuditReport.advice` uses the defaults).
+
+    Good agreement: one sentence saying the ranking and the magnitudes are usable. Poor agreement (see
+    :meth:`AuditReport.is_poor`): whether the magnitudes are usable (the relative error: far from the retrained run,
+    so not predicted loss changes), whether the ranking still is (the Spearman correlation), how far the signs agree,
+    and what usually helps: shorter windows (sized from this window), a smaller learning rate, ``estimator="exact"``
+    for the samples that matter (naming the largest gaps), ``"acc"`` for ``"first-order"`` or ``"tracin"``, float64.
+    """
+    return " ".join(part for part in _advice(report, min_spearman, max_relative_error) if part)
+
+
 def poor_agreement_message(report: AuditReport, min_spearman: float = 0.8, max_relative_error: float = 0.5) -> str:
-    """The end-of-fit warning for a poor audit: what was measured, and what usually helps."""
-    estimator = repr(report.estimator) if report.estimator else "main"
+    """The end-of-fit warning for a poor audit: what was measured, what it means, and what to do (the report's
+    :func:`audit_advice`)."""
     worst = "; ".join(f"id {i}: exact {ex:+.3e}, estimated {est:+.3e}" for i, ex, est in report.worst[:3])
+    _, meaning, todo = _advice(report, min_spearman, max_relative_error)
     return (
         f"Influence audit of query {report.query!r} ({report.window}, {report.num_samples} audited samples): "
-        f"the {estimator} estimator agrees poorly with the exact counterfactual f(θ_-j) − f(θ) measured on this "
+        f"{_estimator_name(report)} agrees poorly with the exact counterfactual f(θ_-j) − f(θ) measured on this "
         f"run. Spearman {format_number(report.spearman)} (wanted ≥ {min_spearman:g}), "
         f"Pearson {format_number(report.pearson)}, "
         f"relative error {format_number(report.relative_error)} (wanted ≤ {max_relative_error:g}), signs agree for "
         f"{format_number(100.0 * report.sign_agreement)}% of the samples."
         + (f" Largest gaps: {worst}." if worst else "")
-        + " What usually helps: a shorter learning-rate horizon (a smaller learning rate, or fewer optimizer "
-        'steps between windows, e.g. a smaller window_every_n_steps); float64 (Trainer(precision="64-true")); '
-        'estimator="exact" for the samples that matter (track=[...]); estimator="acc" rather than '
-        '"first-order". This is a measurement on this run, not a bound.'
+        + (f" {meaning}" if meaning else "")
+        + (f" {todo}" if todo else "")
+        + " This is a measurement on this run, not a bound."
     )

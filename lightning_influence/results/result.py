@@ -19,13 +19,23 @@ class InfluenceResult:
             loss), **positive = helpful**.
         per_example: ``Tensor[k, n]`` scores on each of the query's n examples, when asked for
             (their mean over n is ``scores``).
-        estimator: which estimator produced the scores.
+        estimator: which estimator produced the scores (``"in-run"`` for the in-run self-influence).
+        definition: which quantity the scores hold, for answers that have more than one: ``None`` for the influence
+            on a query (the quantity above); :data:`COUNTERFACTUAL` (``"counterfactual"``) for the self-influence of
+            forward-tracked samples, ℓ_j(θ_-j(T)) − ℓ_j(θ(T)); :data:`IN_RUN` (``"in-run"``) for the in-run
+            self-influence of every sample of a recorded run, Σ_t Σ_{m∋j} (η_t w_m/|B_m|) ⟨∇ℓ_j(θ_t), P_t ∇ℓ_j(θ_t)⟩
+            (P_t the optimizer's preconditioner; [concepts.md: Self-influence of every sample]). Both self-influences
+            have the sign of every score (positive: the sample helps its own loss).
+        approximation: how the scores approximate the estimator's, when they do (e.g. a low-rank sketch of many query
+            examples' gradients, with its measured error against exact rows); None: they are the estimator's.
     """
 
     sample_ids: torch.Tensor
     scores: torch.Tensor
     per_example: torch.Tensor | None = None
     estimator: str = "acc"
+    definition: str | None = None
+    approximation: str | None = None
 
     def __len__(self) -> int:
         return self.sample_ids.numel()
@@ -40,6 +50,8 @@ class InfluenceResult:
             self.scores[order],
             None if self.per_example is None else self.per_example[order],
             self.estimator,
+            self.definition,
+            self.approximation,
         )
 
     def most_harmful(self, n: int = 10) -> InfluenceResult:
@@ -63,8 +75,12 @@ class InfluenceResult:
         return dict(iter(self))
 
     def summary(self) -> str:
-        """One line: how many samples, which estimator, how many harmful."""
-        return f"InfluenceResult(k={len(self)}, estimator={self.estimator!r}, harmful={int((self.scores < 0).sum())})"
+        """One line: how many samples, which estimator (and definition, when set), how many harmful."""
+        definition = "" if self.definition is None else f", definition={self.definition!r}"
+        if self.approximation is not None:
+            definition += f", approximation={self.approximation!r}"
+        harmful = int((self.scores < 0).sum())
+        return f"InfluenceResult(k={len(self)}, estimator={self.estimator!r}{definition}, harmful={harmful})"
 
     def _rows(self, limit: int) -> list[tuple[int, float] | None]:
         """``(sample_id, score)`` rows to show, in stored order: all, or the first and last ``limit // 2``
@@ -115,10 +131,14 @@ class InfluenceResult:
             {"sample_id": ids.repeat(n), "query_index": list(range(n)) * len(ids), "score": table.reshape(-1).numpy()}
         )
 
-    def show(self, dataset, n: int = 8, preview=None):
+    def show(self, dataset, n: int = 8, preview=None, columns: int = 8):
         """A matplotlib figure of the first ``n`` samples of this result (e.g. ``result.most_harmful(8).show(ds)``),
-        each titled with its id and score. ``preview(dataset, ids) -> Tensor[N, C, H, W]`` defaults to the
-        training items' image tensors (:func:`~lightning_influence.results.previews.image_preview`)."""
+        ``columns`` per row. Each image is titled ``id <sample id> · label <training label>`` (the label where the
+        item has one: :func:`~lightning_influence.results.previews.sample_labels`) over its score, red when harmful
+        (negative), blue when helpful (positive); the figure's title recalls the convention. ``preview(dataset, ids)
+        -> Tensor[N, C, H, W]`` defaults to the training items' image tensors
+        (:func:`~lightning_influence.results.previews.image_preview`). Needs matplotlib (``pip install
+        lightning-influence[plots]``)."""
         import matplotlib.pyplot as plt
 
         from lightning_influence.results.previews import image_preview, preview_images
@@ -127,18 +147,24 @@ class InfluenceResult:
         images = preview_images(preview or image_preview, dataset, ids)
         if images is None:
             raise ValueError("These samples are not images: pass preview=lambda dataset, ids: Tensor[N, C, H, W].")
-        fig, axes = plt.subplots(1, len(ids), figsize=(1.7 * len(ids), 2.2), squeeze=False)
-        for ax, image, sample_id, score in zip(axes[0], images, ids, scores):
+        columns = max(1, min(columns, len(ids)))
+        rows = -(-len(ids) // columns)
+        fig, axes = plt.subplots(rows, columns, figsize=(1.9 * columns, 2.3 * rows + 0.4), squeeze=False)
+        for ax in axes.flat[len(ids) :]:
+            fig.delaxes(ax)
+        for ax, image, caption, score in zip(axes.flat, images, _captions(dataset, ids, scores), scores):
             picture = image.permute(1, 2, 0).numpy()
-            ax.imshow(picture[..., 0] if picture.shape[-1] == 1 else picture, cmap="gray")
-            ax.set_title(f"{sample_id}\n{score:+.2e}", fontsize=9)
+            ax.imshow(picture[..., 0] if picture.shape[-1] == 1 else picture, cmap="gray", interpolation="nearest")
+            ax.set_title(caption, fontsize=10, color=_score_color(score))
             ax.axis("off")
+        fig.suptitle("score < 0: harmful, > 0: helpful", fontsize=10)
         fig.tight_layout()
         return fig
 
     def save(self, path) -> None:
         """Write the result to ``path`` (``torch.save`` of plain tensors and strings: ``{"format":
-        "lightning-influence/result", "version": 1, "sample_ids", "scores", "per_example", "estimator"}``)."""
+        "lightning-influence/result", "version": 1, "sample_ids", "scores", "per_example", "estimator",
+        "definition", "approximation"}``; files written before these existed load with None)."""
         document = {
             "format": RESULT_FORMAT,
             "version": 1,
@@ -146,6 +172,8 @@ class InfluenceResult:
             "scores": self.scores.detach().cpu(),
             "per_example": None if self.per_example is None else self.per_example.detach().cpu(),
             "estimator": self.estimator,
+            "definition": self.definition,
+            "approximation": self.approximation,
         }
         torch.save(document, path)
 
@@ -155,7 +183,33 @@ class InfluenceResult:
         document = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(document, dict) or document.get("format") != RESULT_FORMAT:
             raise ValueError(f"{path} is not an InfluenceResult file (expected format {RESULT_FORMAT!r}).")
-        return cls(document["sample_ids"], document["scores"], document["per_example"], document["estimator"])
+        definition = document.get("definition")  # absent from files of earlier versions
+        return cls(
+            document["sample_ids"], document["scores"], document["per_example"], document["estimator"], definition,
+            document.get("approximation"),
+        )  # fmt: skip
+
+
+def _captions(dataset, ids: list[int], scores: list[float]) -> list[str]:
+    """:meth:`InfluenceResult.show`'s image titles: ``id 12 · label 3`` (no label part without one), the score."""
+    from lightning_influence.results.previews import format_score, sample_labels
+
+    labels = sample_labels(dataset, ids)
+    return [
+        f"id {i}" + ("" if label is None else f" · label {label}") + f"\n{format_score(score)}"
+        for i, label, score in zip(ids, labels, scores)
+    ]
+
+
+def _score_color(score: float) -> str:
+    """Red when harmful (negative), blue when helpful (positive), grey for zero or NaN."""
+    from lightning_influence.results.previews import score_color
+
+    return "#{:02x}{:02x}{:02x}".format(*score_color(score))
 
 
 RESULT_FORMAT = "lightning-influence/result"
+COUNTERFACTUAL = "counterfactual"
+"""``InfluenceResult.definition`` of the self-influence of forward-tracked samples: ℓ_j(θ_-j(T)) − ℓ_j(θ(T))."""
+IN_RUN = "in-run"
+"""``InfluenceResult.definition`` of the in-run self-influence of every sample of a recorded run."""

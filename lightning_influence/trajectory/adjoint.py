@@ -21,7 +21,16 @@ kept, and the memory is the adjoint (rows × p per block) plus the score table (
 :class:`AdjointSweep` is incremental, for a replay that rebuilds the steps segment by segment in
 reverse order: ``seed`` rows at the current boundary, ``step_back`` over each step. Rows seeded at
 boundary s with ∇q(θ_s) end with I_j(s) = ⟨∇q(θ_s), δθ_j(s)⟩, the forward ``"first-order"`` value; a
-window [a, b] is I(b) − I(a). Nothing here knows Lightning.
+window [a, b] is I(b) − I(a).
+
+A model whose training forward moves running buffers (BatchNorm in train mode) has them in its state
+(:mod:`~lightning_influence.autodiff.running_stats`): r_{t+1} = d ⊙ r_t + u_t(θ_t). Their adjoint λ_b is seeded with
+the query's gradient in the buffers, and going back over step t
+
+    λθ_t += J_uᵀ λb_{t+1}        λb_t = d ⊙ λb_{t+1}
+
+(the buffers carry no source term: the sample's weight does not enter the batch statistics). Nothing here knows
+Lightning.
 """
 
 from __future__ import annotations
@@ -86,13 +95,18 @@ class AdjointSweep:
         p = loss.layout.numel
         self.adjoint = {b: torch.zeros(num_rows, p, dtype=dtype, device=device) for b in jacobian.blocks}
         self.scores = torch.zeros(num_rows, num_samples, dtype=dtype, device=device)
+        stats = loss.running_stats  # λ_b: the running buffers' adjoint, when the forward moves any
+        self.buffer_adjoint = None if stats is None else torch.zeros(num_rows, stats.numel, dtype=dtype, device=device)
         # rows never seeded stay exactly 0 (the maps are linear): they cost nothing
         self._active = torch.zeros(num_rows, dtype=torch.bool, device=device)
 
-    def seed(self, rows: torch.Tensor, vectors: torch.Tensor) -> None:
-        """Start rows at the current time (a boundary s): λθ[rows] += vectors (``Tensor[r, p]``, e.g. ∇q(θ_s))."""
+    def seed(self, rows: torch.Tensor, vectors: torch.Tensor, buffer_vectors: torch.Tensor | None = None) -> None:
+        """Start rows at the current time (a boundary s): λθ[rows] += vectors (``Tensor[r, p]``, e.g. ∇q(θ_s)), and
+        λb[rows] += buffer_vectors (``Tensor[r, q]``, the query's gradient in the running buffers) if any."""
         rows = rows.to(self.scores.device)
         self.adjoint["theta"].index_add_(0, rows, vectors.to(self.scores))
+        if self.buffer_adjoint is not None and buffer_vectors is not None:
+            self.buffer_adjoint.index_add_(0, rows, buffer_vectors.to(self.scores))
         self._active[rows] = True
 
     def step_back(self, step: AdjointStep) -> None:
@@ -105,6 +119,7 @@ class AdjointSweep:
             rows = active[start : start + size]
             blocks = {b: a.index_select(0, rows) for b, a in self.adjoint.items()}
             self._back(rows, blocks, step)
+            self._back_buffers(rows, blocks, step)
             for b, a in self.adjoint.items():
                 a.index_copy_(0, rows, blocks[b])
 
@@ -122,6 +137,17 @@ class AdjointSweep:
         blocks["theta"] += hu.to(blocks["theta"].dtype)
         for (_, ids, weight), batch_dots in zip(step.micro_batches, dots):
             self._collect(rows, ids, weight, batch_dots)
+
+    def _back_buffers(self, rows: torch.Tensor, blocks: dict[str, torch.Tensor], step: AdjointStep) -> None:
+        """λθ_t += J_uᵀ λb_{t+1} on ``blocks["theta"]``, then λb_t = d ⊙ λb_{t+1} in place (nothing without buffers)."""
+        if self.buffer_adjoint is None:
+            return
+        batches = [batch for batch, _, _ in step.micro_batches]
+        stats = self.loss.step_statistics(step.opt_step.theta, batches, step.frozen)
+        assert stats is not None  # the loss has running statistics
+        adjoint = self.buffer_adjoint.index_select(0, rows)
+        blocks["theta"] += stats.vjp(adjoint).to(blocks["theta"].dtype)
+        self.buffer_adjoint.index_copy_(0, rows, adjoint * stats.decay.to(adjoint))
 
     def _collect(self, rows: torch.Tensor, ids: torch.Tensor, weight: float, dots: torch.Tensor) -> None:
         """scores[rows, ids] += −(w/|B|) ⟨u_r, ∇ℓ_i(θ)⟩ for every row r and batch sample i (``dots: Tensor[c, B]``)."""

@@ -147,9 +147,12 @@ def atomic_json(path: Path, document: dict[str, Any]) -> None:
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
-def atomic_torch_save(path: Path, obj: Any) -> None:
-    """``torch.save(obj)`` to ``path`` atomically."""
-    atomic_write(path, lambda f: torch.save(obj, f))
+def atomic_torch_save(path: Path, obj: Any, sync: bool = True) -> None:
+    """``torch.save(obj)`` to ``path`` atomically (``sync=False``: not fsynced, see :func:`files.atomic_write`)."""
+    if sync:
+        atomic_write(path, lambda f: torch.save(obj, f))
+    else:
+        atomic_write(path, lambda f: torch.save(obj, f), sync=False)
 
 
 def step_file(directory: Path, step: int) -> Path:
@@ -165,18 +168,34 @@ def listed_steps(directory: Path) -> list[int]:
     return sorted(int(m.group(1)) for m in found if m)
 
 
-def storable(value: Any, where: str) -> Any:
+def _compact_cpu(t: torch.Tensor) -> bool:
+    """``t`` is on the CPU, contiguous, and its storage holds exactly its elements (torch.save writes the whole
+    storage of a tensor: a view of a larger one would store all of it)."""
+    return (
+        t.device.type == "cpu"
+        and t.is_contiguous()
+        and t.storage_offset() == 0
+        and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    )
+
+
+def storable(value: Any, where: str, copy: bool = True) -> Any:
     """A copy of ``value`` that ``torch.load(weights_only=True)`` reads back: tensors detached, on the CPU, with
-    their own compact storage; lists, tuples, dicts, str, int, float, bool, None kept. Else ``TypeError``."""
+    their own compact storage; lists, tuples, dicts, str, int, float, bool, None kept. Else ``TypeError``.
+
+    ``copy=False``: a tensor already on the CPU with its own compact storage is kept as it is (detached), not
+    copied; for tensors the caller owns and no one changes until they are saved (a recording's fresh copies)."""
     if isinstance(value, torch.Tensor):
+        if not copy and _compact_cpu(value):
+            return value.detach()
         return value.detach().to("cpu", copy=True).contiguous()
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, list) or type(value) is tuple:  # not named tuples: weights_only cannot load them
-        items = [storable(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        items = [storable(v, f"{where}[{i}]", copy) for i, v in enumerate(value)]
         return items if isinstance(value, list) else tuple(items)
     if isinstance(value, dict):
-        return {k: storable(v, f"{where}[{k!r}]") for k, v in value.items()}
+        return {k: storable(v, f"{where}[{k!r}]", copy) for k, v in value.items()}
     raise TypeError(
         f"{where}: {type(value).__name__} cannot be stored for torch.load(weights_only=True); "
         "use tensors, numbers, strings, lists, tuples and dicts."

@@ -230,14 +230,29 @@ class Trajectory:
 
         ``module``: the trained architecture (its parameter values are not used); ``train_dataset[i]``: sample i as in
         training; ``loss_fn``: ``(module, batch) -> Tensor[B]`` (default ``module.per_sample_loss``). ``kwargs``:
-        ``per_example``, and :class:`~lightning_influence.trajectory.replay.TrajectoryReplay`'s options
+        ``per_example`` (and ``energy``, the query sketch of ``TrajectoryReplay.influence``), and
+        :class:`~lightning_influence.trajectory.replay.TrajectoryReplay`'s options
         (``regularizer``, ``collate_fn``, ``move``, ``progress``, ``chunk_size``, ``tolerances``).
         """
         from lightning_influence.trajectory.replay import TrajectoryReplay  # the replay imports this module
 
         per_example = bool(kwargs.pop("per_example", False))
+        energy = kwargs.pop("energy", None)
         replay = TrajectoryReplay(self, module, train_dataset, loss_fn=loss_fn, **kwargs)
-        return replay.influence(query, per_example=per_example)
+        return replay.influence(query, per_example=per_example, energy=energy)
+
+    def self_influence(self, module: Any, train_dataset: Any, loss_fn: Any = None, **kwargs: Any) -> Any:
+        """The in-run self-influence of every sample id in [0, num_samples): an
+        :class:`~lightning_influence.results.result.InfluenceResult` with ``estimator`` and ``definition``
+        ``"in-run"``, s_j = Σ_t Σ_{m∋j} (η_t w_m/|B_m|) ⟨∇ℓ_j(θ_t), P_t ∇ℓ_j(θ_t)⟩ (P_t the optimizer's
+        preconditioner; positive = helpful to its own loss; 0 for a sample no step consumed). Arguments as in
+        :meth:`influence`; ``kwargs``: ``chunk_size`` (batch rows per per-sample-gradient call) and
+        :class:`~lightning_influence.trajectory.replay.TrajectoryReplay`'s other options."""
+        from lightning_influence.trajectory.replay import TrajectoryReplay  # the replay imports this module
+
+        chunk_size = kwargs.pop("chunk_size", None)
+        replay = TrajectoryReplay(self, module, train_dataset, loss_fn=loss_fn, **kwargs)
+        return replay.self_influence(chunk_size)
 
     def windows(
         self,

@@ -19,56 +19,28 @@ I(a). Nothing here knows Lightning.
 from __future__ import annotations
 
 import bisect
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import torch
-from torch import nn
-from torch.utils.data import IterableDataset, default_collate
 from tqdm import tqdm
 
-from lightning_influence.autodiff.draws import DrawnBatch, moved
-from lightning_influence.autodiff.functional import FunctionalLoss, PerSampleLossFn, RegularizerFn
-from lightning_influence.autodiff.queries import query_example_gradients, query_gradient
-from lightning_influence.errors import ReplayInputError
-from lightning_influence.optimizers import OptimizerStep
+from lightning_influence.autodiff.queries import query_example_gradients, query_gradient, running_stats_gradient
 from lightning_influence.results.result import InfluenceResult
 from lightning_influence.results.windows import WindowSnapshot
-from lightning_influence.trajectory.adjoint import AdjointStep, AdjointSweep
-from lightning_influence.trajectory.format import BATCH_DIR, StepEntry, listed_steps
-from lightning_influence.trajectory.reader import Trajectory, load_trajectory
-from lightning_influence.trajectory.steps import (
-    TOLERANCES,
-    AutocastLoss,
-    FingerprintCheck,
-    ReplayedStep,
-    ReplayMismatchError,
-    autocast_from_meta,
-    batch_caster,
-    check_autocast_device,
-    check_module,
-    default_loss_fn,
-    group_steps,
-    jacobian_from_meta,
-    layout_from_meta,
-    make_clip,
-    recorded_dtype,
-    step_gradient,
-    working_module,
-)
+from lightning_influence.trajectory.adjoint import AdjointSweep
+from lightning_influence.trajectory.format import StepEntry
+from lightning_influence.trajectory.query_sketch import QuerySketch, check_rows, sketch_error
+from lightning_influence.trajectory.rerun import RecordedRun, RunState
+from lightning_influence.trajectory.steps import TOLERANCES, ReplayMismatchError
 from lightning_influence.trajectory.windows import window_ends, window_snapshots
 
 __all__ = ["TOLERANCES", "ReplayMismatchError", "TrajectoryReplay"]
 
 
-class _State(NamedTuple):
-    """Parameters ``theta: Tensor[p]`` at a point of the run, the frozen values there, and how to name it."""
-
-    theta: torch.Tensor
-    frozen: dict[str, torch.Tensor] | None
-    label: str
+QueryVectors = tuple[torch.Tensor, "torch.Tensor | None"]
+"""A query's gradients at a point: ``(Tensor[n, p] in θ, Tensor[n, q] in the running buffers or None)``."""
 
 
 class _Rows:
@@ -102,19 +74,19 @@ class _Sweep:
     adjoint: AdjointSweep
     rows: _Rows
     queries: Mapping[str, Any]
-    gradients: Callable[[Any, _State], torch.Tensor]  # (query, state) -> Tensor[n, p]
+    gradients: Callable[[Any, RunState], QueryVectors]
     bar: Any
 
-    def seed(self, position: int, state: _State) -> None:
+    def seed(self, position: int, state: RunState) -> None:
         """Seed the rows of every boundary at ``position`` with their query's gradients at ``state``."""
-        cache: dict[str, torch.Tensor] = {}
+        cache: dict[str, QueryVectors] = {}
         for name, rows in self.rows.at.get(position, []):
             if name not in cache:
                 cache[name] = self.gradients(self.queries[name], state)
-            self.adjoint.seed(rows, cache[name])
+            self.adjoint.seed(rows, *cache[name])
 
 
-class TrajectoryReplay:
+class TrajectoryReplay(RecordedRun):
     """Scores of every training sample for any query, from a trajectory recorded while training.
 
     Args:
@@ -148,58 +120,6 @@ class TrajectoryReplay:
     :class:`ReplayMismatchError` when a replayed step does not reproduce the recorded one.
     """
 
-    def __init__(
-        self,
-        trajectory: Trajectory | str | os.PathLike,
-        module: nn.Module,
-        train_dataset: Any,
-        loss_fn: PerSampleLossFn | None = None,
-        regularizer: RegularizerFn | None = None,
-        collate_fn: Callable[[list], Any] | None = None,
-        move: Callable[[Any], Any] | None = None,
-        progress: bool = True,
-        chunk_size: int | None = None,
-        tolerances: tuple[float, float] | None = None,
-    ) -> None:
-        self.trajectory = trajectory if isinstance(trajectory, Trajectory) else load_trajectory(trajectory)
-        self.trajectory._check_finished()
-        meta = self.trajectory.meta
-        self.dtype, self.layout = recorded_dtype(meta), layout_from_meta(meta)
-        check_module(module, self.layout)
-        self.module = working_module(module, self.dtype)
-        self.device = next((p.device for p in module.parameters()), torch.device("cpu"))
-        self.jacobian = jacobian_from_meta(meta)
-        loss_fn = loss_fn or default_loss_fn(module)
-        self.loss = FunctionalLoss(self.module, loss_fn, self.layout, regularizer)  # queries: no autocast
-        # the steps' loss, under the training forward's autocast when the run had one (bf16-mixed, 16-mixed): the
-        # recomputed gradients, HVPs and directional derivatives are those of the step as it ran
-        self.autocast = autocast_from_meta(meta)
-        check_autocast_device(self.autocast, self.device)
-        self.step_loss = (
-            self.loss
-            if self.autocast is None
-            else AutocastLoss(self.module, loss_fn, self.layout, regularizer, autocast=self.autocast)
-        )
-        self.train_dataset, self.collate_fn = train_dataset, collate_fn or default_collate
-        self.move = move or batch_caster(self.dtype, self.device)
-        self.progress, self.chunk_size = progress, chunk_size
-        self.num_samples = int(meta["num_samples"])
-        self.check = FingerprintCheck(meta, self.dtype, tolerances)
-        self._segments = self.trajectory.segments()
-        if not self._segments:
-            raise ValueError(f"{self.trajectory.path}: the trajectory holds no recorded step to replay.")
-        self._entries: list[StepEntry] = [e for _, entries in self._segments for e in entries]
-        self._steps = [e.step for e in self._entries]
-        self._check_dataset()
-        final = self.trajectory.final_step
-        self.final_step: int = self._steps[-1] + 1 if final is None else int(final)
-
-    @property
-    def sample_ids(self) -> torch.Tensor:
-        """``LongTensor[k]``: every sample id that took part in a recorded step, sorted."""
-        ids = {i for e in self._entries for micro, _ in e.micro_batches for i in micro}
-        return torch.tensor(sorted(ids), dtype=torch.long)
-
     def scores(
         self, queries: Mapping[str, Any], boundaries: Sequence[int], per_example: bool = False
     ) -> dict[str, torch.Tensor]:
@@ -215,9 +135,22 @@ class TrajectoryReplay:
             ``{name: Tensor[len(boundaries), num_samples]}`` (``Tensor[len(boundaries), n, num_samples]`` with
             ``per_example``) on the CPU; samples in no step score 0. Sign: negative = harmful.
         """
+        end = self._final_state()
+        counts = {name: self._count(queries[name], end, per_example) for name in queries}
+        return self._sweep(queries, boundaries, counts, lambda q, s: self._query_gradients(q, s, per_example),
+                           per_example)  # fmt: skip
+
+    def _sweep(
+        self,
+        queries: Mapping[str, Any],
+        boundaries: Sequence[int],
+        counts: Mapping[str, int],
+        gradients: Callable[[Any, RunState], QueryVectors],
+        per_example: bool = True,
+    ) -> dict[str, torch.Tensor]:
+        """:meth:`scores` with the rows' vectors from ``gradients(query, state)`` (``counts[name]`` rows each)."""
         names, bounds = list(queries), self._check_boundaries(boundaries)
         end = self._final_state()
-        counts = {name: self._count(queries[name], end, per_example) for name in names}
         rows = _Rows(names, [bisect.bisect_left(self._steps, s) for s in bounds], counts)
         sweep_dtype = torch.promote_types(self.dtype, torch.float32)
         adjoint = AdjointSweep(
@@ -225,16 +158,21 @@ class TrajectoryReplay:
         )
         position = len(self._entries)
         with tqdm(total=2 * position, disable=not self.progress, desc="Influence replay", unit="step") as bar:
-            sweep = _Sweep(adjoint, rows, queries, lambda q, s: self._query_gradients(q, s, per_example), bar)
+            sweep = _Sweep(adjoint, rows, queries, gradients, bar)
             for start, entries in reversed(self._segments):
                 end = self._segment(start, entries, position, end, sweep)
                 position -= len(entries)
         tables = {name: rows.table(adjoint.scores, name, len(bounds)) for name in names}
         return tables if per_example else {name: t[:, 0] for name, t in tables.items()}
 
-    def influence(self, query: Any, per_example: bool = False) -> InfluenceResult:
+    def influence(self, query: Any, per_example: bool = False, energy: float | None = None) -> InfluenceResult:
         """Scores at the final step for every sample in :attr:`sample_ids` (estimator ``"first-order"``);
-        ``per_example``: also ``Tensor[k, n]`` per query example (their mean is ``scores``)."""
+        ``per_example``: also ``Tensor[k, n]`` per query example (their mean is ``scores``), one adjoint row per
+        example. ``energy`` (with ``per_example``): sweep the directions the examples' gradients span instead
+        (:mod:`~lightning_influence.trajectory.query_sketch`): ``1.0`` their rank (exact), less a truncated SVD keeping
+        that share of their energy, whose error on a few exact rows swept alongside ``result.approximation`` reports."""
+        if per_example and energy is not None:
+            return self._sketched(query, energy)
         table = self.scores({"query": query}, [self.final_step], per_example)["query"][0]
         ids = self.sample_ids
         if per_example:
@@ -242,144 +180,91 @@ class TrajectoryReplay:
             return InfluenceResult(ids, examples.mean(dim=1), examples, estimator="first-order")
         return InfluenceResult(ids, table[ids], estimator="first-order")
 
+    def _sketched(self, query: Any, energy: float, checks: int = 4) -> InfluenceResult:
+        """:meth:`influence` per example by the query sketch, with ``checks`` exact rows to measure it."""
+        end = self._final_state()
+        if end is None:
+            theta, _, frozen = self._load_checkpoint(self._segments[-1][0])
+            end = RunState(theta, frozen, "")
+        theta_part, buffer_part = self._query_gradients(query, end, per_example=True)
+        full = theta_part if buffer_part is None else torch.cat([theta_part, buffer_part.to(theta_part)], dim=1)
+        sketch, exact_rows = QuerySketch.of(full, energy), check_rows(full.shape[0], checks)
+        vectors = torch.cat([sketch.directions, full[exact_rows]])
+        p = theta_part.shape[1]
+
+        def given(_: Any, __: RunState) -> QueryVectors:
+            return vectors[:, :p], None if buffer_part is None else vectors[:, p:]
+
+        table = self._sweep({"rows": None}, [self.final_step], {"rows": vectors.shape[0]}, given)["rows"][0]
+        examples = sketch.expand(table[: sketch.rank])
+        error = sketch_error(examples[exact_rows], table[sketch.rank :])
+        ids = self.sample_ids
+        per = examples[:, ids].T.contiguous()
+        note = (
+            f"query sketch: {sketch.rank} directions for {full.shape[0]} examples ({sketch.kept:.4%} of their"
+            f" gradients' energy); max relative error {error:.2e} on {exact_rows.numel()} examples swept exactly"
+        )
+        return InfluenceResult(ids, per.mean(dim=1), per, estimator="first-order", approximation=note)
+
     def windows(self, name: str, query: Any, boundaries: Sequence[int] | None = None) -> list[WindowSnapshot]:
         """Window scores I(b) − I(a) of ``query`` (named ``name``) between consecutive boundaries, over
         :attr:`sample_ids`. Default boundaries: ``meta["windows"]`` (every n steps: the multiples of n; every n
         epochs: the step count after each n-th epoch's last step) and the final step. The first window starts at
         the first recorded step; a window's epoch is that of its last step."""
+        return self.all_windows({name: query}, boundaries)[name]
+
+    def all_windows(
+        self, queries: Mapping[str, Any], boundaries: Sequence[int] | None = None
+    ) -> dict[str, list[WindowSnapshot]]:
+        """:meth:`windows` of every query of ``{name: query}`` at once, in one backward sweep."""
         start = self._steps[0]
         ends = window_ends(self.trajectory.meta.get("windows"), self._entries, self.final_step, boundaries)
-        table = self.scores({name: query}, ends)[name]
+        tables = self.scores(queries, ends)
         epochs = [self._entries[bisect.bisect_left(self._steps, b) - 1].epoch for b in ends]
-        return window_snapshots(name, start, ends, epochs, self.sample_ids, table)
+        return {name: window_snapshots(name, start, ends, epochs, self.sample_ids, t) for name, t in tables.items()}
 
-    def _check_dataset(self) -> None:
-        """Before any work: the training set can give every sample of the steps whose batches were not recorded."""
-        recorded = set(listed_steps(self.trajectory.path / BATCH_DIR))
-        unrecorded = [e for e in self._entries if e.step not in recorded]
-        if not unrecorded or self.train_dataset is None:  # None: _fetch names the first step that needs the data
-            return
-        path, dataset, first = self.trajectory.path, self.train_dataset, unrecorded[0].step
-        if isinstance(dataset, IterableDataset):
-            raise ReplayInputError(
-                f"{path}: the batches of step {first} (and {len(unrecorded) - 1} more) were not recorded, and the"
-                f" training set ({type(dataset).__name__}) is an IterableDataset: the replay cannot read its samples"
-                " by id. Record the run with InfluenceTracker(record_trajectory=True, record_batches=True), or pass a"
-                " map-style dataset whose dataset[i] is the sample of id i."
-            )
-        try:
-            size = len(dataset)
-        except TypeError:  # no length: a missing id shows as the dataset's own error
-            return
-        largest = max((i for e in unrecorded for ids, _ in e.micro_batches for i in ids), default=-1)
-        if largest >= size:
-            raise ReplayInputError(
-                f"{path}: the training set holds {size} samples, but the recorded run had num_samples="
-                f"{self.num_samples} and used sample id {largest} (in a step whose batches were not recorded): it is"
-                " not the training set of the run. Pass the dataset the run trained on (dataset[i] the sample of id"
-                " i), or record the run with record_batches=True."
-            )
-
-    # -- the sweep ---------------------------------------------------------------------------------------------
-
-    def _segment(self, start: int, entries: list[StepEntry], position: int, end: _State | None, sweep: _Sweep):
+    def _segment(self, start: int, entries: list[StepEntry], position: int, end: RunState | None, sweep: _Sweep):
         """Replay the segment of checkpoint ``start`` (its steps end at ``position``), check it ends on ``end``, and
         sweep the adjoint back to the checkpoint; returns the checkpoint's state (the end of the previous one)."""
         theta, opt_state, frozen = self._load_checkpoint(start)
-        replayed, theta_end = self._replay(entries, theta, opt_state, frozen, sweep.bar)
+        replayed, theta_end, states = self._replay(entries, theta, opt_state, frozen, sweep.bar)
+        moved_to = states.pop()  # the frozen values after the segment; states[i]: before its step i
         if end is not None:
             where = f"after replaying step {entries[-1].step}, compared with {end.label},"
             self.check.check(self.check.of(end.theta), theta_end, "parameters", where)
-        after = end if end is not None else _State(theta_end, frozen, f"the parameters after step {entries[-1].step}")
+            self._check_buffers(end, moved_to, where)
+        label = f"the parameters after step {entries[-1].step}"
+        after = end if end is not None else RunState(theta_end, moved_to, label)
         while replayed:  # pop: each step is freed once swept
-            step = replayed.pop()
+            step, step_frozen = replayed.pop(), states.pop()
             sweep.seed(position, after)
-            sweep.adjoint.step_back(self._adjoint_step(step, frozen))
+            sweep.adjoint.step_back(self._adjoint_step(step, step_frozen))
             sweep.bar.update()
-            after, position = _State(step.opt_step.theta, frozen, ""), position - 1
-        return _State(theta, frozen, f"the checkpoint of step {start}")
+            after, position = RunState(step.opt_step.theta, step_frozen, ""), position - 1
+        return RunState(theta, frozen, f"the checkpoint of step {start}")
 
-    def _replay(self, entries, theta, opt_state, frozen, bar) -> tuple[list[ReplayedStep], torch.Tensor]:
-        """Replay ``entries`` forward from θ and the optimizer state; returns the steps and the parameters after."""
-        out = []
-        for entry in entries:
-            where = f"at optimizer step {entry.step} (epoch {entry.epoch})"
-            self.check.check(entry.fingerprint.get("theta"), theta, "parameters", where)
-            micro = self._fetch(entry)
-            raw = step_gradient(self.step_loss, theta, [(moved(b, self.move), i, w) for b, i, w in micro], frozen)
-            self.check.check(entry.fingerprint.get("grad"), raw, "gradient", where)
-            clip = make_clip(entry.clip, raw)
-            opt_step = OptimizerStep(group_steps(entry, self.layout), theta, raw if clip is None else clip.clipped)
-            theta, opt_state = self.jacobian.apply(opt_step, opt_state)
-            opt_step = opt_step.with_post_state(opt_state)
-            out.append(ReplayedStep(entry, opt_step, micro, clip))
-            bar.update()
-        return out, theta
-
-    def _fetch(self, entry: StepEntry) -> list[tuple[Any, torch.Tensor, float]]:
-        """The step's micro-batches ``[(batch, ids, w_m)]``: recorded, else collated from the training set."""
-        ids = [torch.tensor(micro, dtype=torch.long) for micro, _ in entry.micro_batches]
-        bad = [int(i) for t in ids for i in t if not 0 <= i < self.num_samples]
-        if bad:
-            raise ValueError(f"Step {entry.step} holds sample ids {bad[:5]} outside [0, {self.num_samples}).")
-        batches = self.trajectory.batches(entry.step)
-        if batches is None:
-            if self.train_dataset is None:
-                raise ValueError(f"Step {entry.step}'s batches were not recorded: pass the train_dataset to replay.")
-            batches = [self.collate_fn([self.train_dataset[int(i)] for i in t]) for t in ids]
-        elif len(batches) != len(ids):
-            raise ValueError(f"Step {entry.step}: {len(batches)} recorded batches for {len(ids)} micro-batches.")
-        draws = self.trajectory.draws(entry.step)
-        if draws is not None:  # a model that draws (dropout): each micro-batch replays its forward's draws
-            batches = [DrawnBatch(b, d) for b, d in zip(batches, draws)]
-        return [(b, t, float(w)) for b, t, (_, w) in zip(batches, ids, entry.micro_batches)]
-
-    def _adjoint_step(self, step: ReplayedStep, frozen: dict | None) -> AdjointStep:
-        micro = [(moved(b, self.move), ids.to(self.device), w) for b, ids, w in step.micro_batches]
-        return AdjointStep(step.opt_step, micro, step.clip, frozen)
-
-    # -- states, queries, boundaries ---------------------------------------------------------------------------
-
-    def _load_checkpoint(self, step: int) -> tuple[torch.Tensor, dict, dict | None]:
-        """θ (``Tensor[p]``), the pre-step optimizer state and the frozen values of the checkpoint of ``step``."""
-        document = self.trajectory.checkpoint(step, map_location=self.device)
-        theta = self._theta(document, f"the checkpoint of step {step}")
-        opt_state = {
-            k: None if v is None else v.to(self.device, self.dtype)
-            for k, v in (document.get("optimizer_state") or {}).items()
-        }
-        return theta, opt_state, document.get("frozen") or None
-
-    def _final_state(self) -> _State | None:
-        """θ_T and the frozen values of ``final.pt`` (None when the run wrote none)."""
-        if self.trajectory.final_step is None:
-            return None
-        document = self.trajectory.final(map_location=self.device)
-        label = f"the final parameters (step {self.final_step})"
-        return _State(self._theta(document, label), document.get("frozen") or None, label)
-
-    def _theta(self, document: Mapping[str, Any], label: str) -> torch.Tensor:
-        theta = document["theta"].to(self.device, self.dtype).reshape(-1)
-        if theta.numel() != self.layout.numel:
-            raise ValueError(f"{label} holds {theta.numel()} parameters, the layout {self.layout.numel}.")
-        return theta
-
-    def _query_gradients(self, query: Any, state: _State, per_example: bool) -> torch.Tensor:
-        """``Tensor[n, p]``: ∇q(θ) (n = 1), or the per-example gradients of a batch query."""
+    def _query_gradients(self, query: Any, state: RunState, per_example: bool) -> QueryVectors:
+        """``(Tensor[n, p], Tensor[n, q] | None)``: ∇q(θ) (n = 1), or the per-example gradients of a batch query, and
+        their gradients in the running buffers (None when the model moves none)."""
         label = f"The query at {state.label}" if state.label else "The query"
         with torch.enable_grad():
             if per_example:
-                return query_example_gradients(self.loss, state.theta, query, self.move, state.frozen, label=label)
-            return query_gradient(self.loss, state.theta, query, self.move, state.frozen, label=label)[None]
+                g = query_example_gradients(self.loss, state.theta, query, self.move, state.frozen, label=label)
+            else:
+                g = query_gradient(self.loss, state.theta, query, self.move, state.frozen, label=label)[None]
+        buffers = running_stats_gradient(self.loss, state.theta, query, self.move, state.frozen, per_example)
+        if buffers is not None and not per_example:
+            buffers = buffers[None]
+        return g, buffers
 
-    def _count(self, query: Any, end: _State | None, per_example: bool) -> int:
+    def _count(self, query: Any, end: RunState | None, per_example: bool) -> int:
         """Query vectors per boundary: 1, or the number of examples (evaluated at the final parameters)."""
         if not per_example:
             return 1
         if end is None:
             theta, _, frozen = self._load_checkpoint(self._segments[-1][0])
-            end = _State(theta, frozen, "")
-        return int(self._query_gradients(query, end, per_example).shape[0])
+            end = RunState(theta, frozen, "")
+        return int(self._query_gradients(query, end, per_example)[0].shape[0])
 
     def _check_boundaries(self, boundaries: Sequence[int]) -> list[int]:
         bounds = [int(s) for s in boundaries]

@@ -187,6 +187,25 @@ def check_module(module: nn.Module, layout: FlatParameters) -> None:
         )
 
 
+def check_running_buffers(meta: dict[str, Any], loss: FunctionalLoss) -> None:
+    """:class:`ReplayInputError` unless the module moves the running buffers the recorded run moved
+    (``meta["running_buffers"]``: its BatchNorm layers in train mode), with the fix."""
+    recorded = list(meta.get("running_buffers") or [])
+    moving = [] if loss.running_stats is None else loss.running_stats.buffer_names
+    if recorded == moving:
+        return
+    if recorded and not moving:
+        raise ReplayInputError(
+            f"The recorded run trained its BatchNorm layers in train mode (moving {recorded[0]!r}, ...), and the module"
+            " passed to the replay has them in eval mode: pass it in train mode (module.train()), as in training."
+        )
+    raise ReplayInputError(
+        f"The module moves the running buffers {moving[:4]} in its training forward, the recorded run moved"
+        f" {recorded[:4] or 'none'}: put the module's layers in the modes they trained in (module.train(), then"
+        " .eval() on the layers that were frozen)."
+    )
+
+
 def working_module(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     """``module`` itself when its floating tensors have the recorded dtype, else a copy cast to it (the user's
     module is never modified)."""

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from lightning_influence.errors import TrajectoryWriteError
-from lightning_influence.io.files import FolderLock, PathLike
+from lightning_influence.io.files import FolderLock, PathLike, sync_files
 from lightning_influence.trajectory.format import (
     BATCH_DIR,
     BATCH_FORMAT,
@@ -120,6 +120,12 @@ class TrajectoryWriter:
 
     Only one process (rank 0) should write. Step lines are flushed at every step and fsynced at every
     checkpoint, at ``write_final`` and ``close``; checkpoints, batches and final state are written atomically.
+    Checkpoints and the final state are fsynced as they are written; a step's batch and draws files are fsynced
+    with the step lines (one batch of fsyncs per checkpoint instead of one per step): after a crash of the
+    machine, what was written since the last checkpoint may be lost, as its step lines may.
+    Tensors given to :meth:`write_checkpoint` and :meth:`write_final` are saved as they are when the call runs
+    (CPU tensors with their own compact storage are not copied first): a caller that writes from another thread
+    passes copies that nothing changes meanwhile (the recorder does).
 
     From its start to ``close`` (or a failure) the writer holds ``writing.lock`` in the folder (its process id):
     another live writer of the folder raises :class:`~lightning_influence.errors.FolderInUseError`, and
@@ -136,6 +142,7 @@ class TrajectoryWriter:
         self.last_step: int | None = None
         self.final_step: int | None = None
         self._failure: TrajectoryWriteError | None = None
+        self._unsynced: list[Path] = []  # per-step files written since the last sync point (fsynced together)
         self._lock = FolderLock(self.dirpath / WRITING_FILE, "one trajectory folder")
         self._lock.acquire(
             "Record each run into its own folder: InfluenceTracker(dirpath=...) or another"
@@ -232,6 +239,9 @@ class TrajectoryWriter:
             raise RuntimeError(f"TrajectoryWriter({self.dirpath}) is closed.")
 
     def _sync_steps(self) -> None:
+        """Make every step written so far durable: its batch and draws files, then ``steps.jsonl``."""
+        unsynced, self._unsynced = self._unsynced, []
+        sync_files(unsynced)
         self._steps.flush()
         os.fsync(self._steps.fileno())
 
@@ -253,10 +263,11 @@ class TrajectoryWriter:
         if draws is not None:
             document = {"format": DRAWS_FORMAT, "version": TRAJECTORY_VERSION, "step": step, "draws": draws}
             files.append((self.dirpath / DRAWS_DIR, document))
-        for directory, document in files:
+        for directory, document in files:  # fsynced together at the next checkpoint (or the end): _sync_steps()
             with self._writing(step_file(directory, step), step):
                 directory.mkdir(exist_ok=True)
-                atomic_torch_save(step_file(directory, step), document)
+                atomic_torch_save(step_file(directory, step), document, sync=False)
+                self._unsynced.append(step_file(directory, step))
         with self._writing(self.dirpath / STEPS_FILE, step):
             self._steps.write(line + "\n")
             self._steps.flush()
@@ -282,9 +293,9 @@ class TrajectoryWriter:
         if step < 0 or (self.last_step is not None and step < self.last_step):
             raise ValueError(f"Checkpoint of step {step} after step {self.last_step} was written.")
         document = {"format": CHECKPOINT_FORMAT, "version": TRAJECTORY_VERSION, "step": int(step)}
-        document["theta"] = storable(theta, "theta")
-        document["optimizer_state"] = storable(dict(optimizer_state), "optimizer_state")
-        document["frozen"] = storable(dict(frozen), "frozen")
+        document["theta"] = storable(theta, "theta", copy=False)
+        document["optimizer_state"] = storable(dict(optimizer_state), "optimizer_state", copy=False)
+        document["frozen"] = storable(dict(frozen), "frozen", copy=False)
         with self._writing(self.dirpath / STEPS_FILE, step):
             self._sync_steps()
         file = step_file(self.dirpath / CHECKPOINT_DIR, step)
@@ -298,8 +309,8 @@ class TrajectoryWriter:
         if self.last_step is not None and step <= self.last_step:
             raise ValueError(f"Final state at step {step}, but step {self.last_step} was written: it must come after.")
         document = {"format": FINAL_FORMAT, "version": TRAJECTORY_VERSION, "step": int(step)}
-        document["theta"] = storable(theta, "theta")
-        document["frozen"] = storable(dict(frozen), "frozen")
+        document["theta"] = storable(theta, "theta", copy=False)
+        document["frozen"] = storable(dict(frozen), "frozen", copy=False)
         with self._writing(self.dirpath / STEPS_FILE, step):
             self._sync_steps()
         with self._writing(self.dirpath / FINAL_FILE, step):

@@ -170,6 +170,7 @@ def run_shards(out: str, timeout_s: float) -> None:
         out, SHARDS["epochs"], [tracker, tracin, recorder], timeout_s, loggers, use_distributed_sampler=False
     )
     rank = int(os.environ.get("LOCAL_RANK", 0))  # the Trainer has not set global_rank on the module yet
+    measured = _measure_another_plan_on_rank_one(rank)
     model = TinyClassifier(make_net(), adamw)
     trainer.fit(model, fixed_loader(x, y, rank_schedule(rank)))
     _save(
@@ -177,8 +178,34 @@ def run_shards(out: str, timeout_s: float) -> None:
         trainer,
         tracker,
         recorder,
-        {"tracin_scores": tracin.influence("val_tracin").scores.clone()},
+        {
+            "tracin_scores": tracin.influence("val_tracin").scores.clone(),
+            "hvp_choice": tracker.engine.hvp_choice,
+            "measured_choice": measured[0] if measured else None,
+        },
     )
+
+
+def _measure_another_plan_on_rank_one(rank: int) -> list:
+    """On rank 1, the HVP timing at train start picks another method and chunk than rank zero's would (as a busy
+    machine can make it): the fit must still chunk, and all-reduce, as rank zero does, or the collectives mismatch
+    (gloo's "Connection reset by peer"). Returns the list that receives rank 1's own measurement."""
+    measured: list = []
+    if rank != 1:
+        return measured
+    import lightning_influence.core.memory as memory
+    from lightning_influence.autodiff.hvp_plan import HvpChoice
+
+    real = memory.choose_hvp
+
+    def another(*args, **kwargs):
+        choice = real(*args, **kwargs)
+        other = HvpChoice("loop" if choice.method == "vmap" else "vmap", max(1, choice.rows - 1))
+        measured.append(other)
+        return other
+
+    memory.choose_hvp = another
+    return measured
 
 
 def run_accumulate(out: str, timeout_s: float) -> None:

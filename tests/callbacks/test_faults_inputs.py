@@ -159,12 +159,12 @@ def test_states_over_budget_are_refused_before_anything_is_allocated(make_traine
     """Every sample of a 10^8-sample stream tracked: the states alone are 10^8 × 15 × 8 bytes, refused from their
     figure in well under a second, without allocating the ids (0.8 GiB) or anything of that size."""
     loader = DataLoader(IterableXY(*data), batch_size=8)
-    tracker = InfluenceTracker(num_samples=10**8, sample_ids=lambda batch: batch[-1])
+    tracker = InfluenceTracker(track=None, num_samples=10**8, sample_ids=lambda batch: batch[-1])
     with pytest.raises(InfluenceConfigurationError, match=r"needs ≈ 33.53 GiB at its peak, while a checkpoint is saved"
                        r" \(3 × the states' 11.18 GiB: .*k=100000000 samples × p=15 parameters × 1 state block\(s\) ×"
                        r" 8 bytes. That is over max_memory_bytes=4294967296 \(4.00 GiB\)"):  # fmt: skip
         fit(make_trainer, make_model(), loader, tracker, enable_checkpointing=True)
-    without_checkpoints = InfluenceTracker(num_samples=10**8, sample_ids=lambda batch: batch[-1])
+    without_checkpoints = InfluenceTracker(track=None, num_samples=10**8, sample_ids=lambda batch: batch[-1])
     with pytest.raises(InfluenceConfigurationError, match=r"needs ≈ 11.18 GiB at its peak, during a step"):
         fit(make_trainer, make_model(), loader, without_checkpoints)
 
@@ -189,13 +189,14 @@ def test_memory_check_uses_the_checkpoint_peak(make_trainer, make_model, data):
     big = IndexedDataset(TensorDataset(x.repeat(4, 1), y.repeat(4)))
     loader = DataLoader(big, batch_size=8)
     states = 96 * 15 * 8
-    tracker = InfluenceTracker(hvp_chunk_size=1, max_memory_bytes=int(2.5 * states))
+    tracker = InfluenceTracker(track=None, hvp_chunk_size=1, max_memory_bytes=int(2.5 * states))
     with pytest.raises(InfluenceConfigurationError, match=r"needs ≈ 33.75 KiB at its peak, while a checkpoint is saved"
                        r" \(3 × the states' 11.25 KiB: .*k=96 samples × p=15 .*over max_memory_bytes=28800"
                        r" \(28.12 KiB\). Track fewer samples"):  # fmt: skip
         fit(make_trainer, make_model(), loader, tracker, enable_checkpointing=True)
     # a Trainer that saves no checkpoint never reaches that peak: the same budget covers its steps
-    fit(make_trainer, make_model(), loader, InfluenceTracker(hvp_chunk_size=1, max_memory_bytes=int(2.5 * states)))
+    budget = int(2.5 * states)
+    fit(make_trainer, make_model(), loader, InfluenceTracker(track=None, hvp_chunk_size=1, max_memory_bytes=budget))
     # the step's own peak, when it is the larger one, is named as such
     tracker = InfluenceTracker(track=[0, 1], max_memory_bytes=3 * 2 * 15 * 8 + 1)
     with pytest.raises(InfluenceConfigurationError, match=r"at its peak, during a step \(the states' 0.23 KiB and"

@@ -66,7 +66,12 @@ class Recorded(TinyClassifier):
 
 
 def _selected_run(
-    schedule, estimator="first-order", callbacks=(), ckpt_path=None, windows=None, selector_first=False,
+    schedule,
+    estimator="first-order",
+    callbacks=(),
+    ckpt_path=None,
+    windows=None,
+    selector_first=False,
     **selector_kwargs,
 ):
     x, y, query = _data()

@@ -1,7 +1,8 @@
 """The answers of a record-only tracker (``track=()``, ``record_trajectory=True``), float64:
 
-- an answer that would be empty or all zeros for want of forward states raises a ValueError naming what to ask for
-  instead (``influence``, ``windows``, ``patterns``, ``self_influence``, ``audit``);
+- ``influence``, ``windows`` and ``patterns`` answer for every sample from the recorded trajectory, without a flag;
+  ``self_influence`` with the in-run self-influence of every sample (``definition == "in-run"``); asking for the
+  forward-tracked samples (``all_samples=False``) or an audit raises a ValueError naming what to ask for instead;
 - ``all_samples=True`` answers of a registered query are replayed once per fit, then read back (``tracker.replays``),
   equal to a fresh replay's; other queries replay every time; a new fit replays again;
 - ``tracker.dirpath`` is the resolved artifact folder (None before fit and without files);
@@ -56,18 +57,22 @@ def recorded(tmp_path_factory) -> InfluenceTracker:
     return tracker
 
 
-def test_forward_answers_of_a_record_only_fit_say_what_to_ask_instead(recorded):
+def test_a_record_only_fit_answers_for_every_sample_and_names_what_it_cannot(recorded):
+    every = recorded.influence("val")  # nothing forward-tracked: the replay, without a flag
+    assert torch.equal(every.sample_ids, torch.arange(N)) and every.estimator == "first-order"
+    torch.testing.assert_close(every.scores, recorded.influence("val", all_samples=True).scores)
+    windows = recorded.windows("val")
+    assert len(windows) > 1 and all(torch.equal(w.sample_ids, torch.arange(N)) for w in windows)
+    assert torch.equal(recorded.patterns("val").sample_ids, torch.arange(N))
+    per = recorded.influence(_query(), per_example=True)  # any query: replayed
+    assert per.per_example is not None and per.per_example.shape == (N, 8)
     asks = r"nothing is forward-tracked \(track=\(\)\)"
     with pytest.raises(ValueError, match=asks + r".*ask influence\('val', all_samples=True\) for every sample's"):
-        recorded.influence("val")
-    with pytest.raises(ValueError, match=asks + r".*ask influence\(query, all_samples=True\)"):
-        recorded.influence(_query(), per_example=True)
+        recorded.influence("val", all_samples=False)
     with pytest.raises(ValueError, match=asks + r".*ask windows\('val', all_samples=True\)"):
-        recorded.windows("val")
-    with pytest.raises(ValueError, match=asks + r".*classify every sample's replayed windows"):
-        recorded.patterns("val")
-    with pytest.raises(ValueError, match=asks + r": self_influence\(\).*pass track=\[ids\]"):
-        recorded.self_influence()
+        recorded.windows("val", all_samples=False)
+    in_run = recorded.self_influence()  # every sample, from the recording (tests/trajectory/test_self_influence.py)
+    assert in_run.definition == "in-run" and torch.equal(in_run.sample_ids, torch.arange(N))
     with pytest.raises(ValueError, match=asks + r": audit\(\).*pass track=\[ids\] \(with audit=N\)"):
         recorded.audit("val")
     assert recorded.audit_windows("val") == []  # no audit ran: nothing to report, as before
@@ -84,10 +89,10 @@ def test_the_replayed_answer_of_a_registered_query_is_cached(tmp_path):
     again = tracker.influence("val", all_samples=True)
     assert tracker.replays == 1  # read back, not replayed
     fresh = tracker.replay(progress=False).influence(_query())
-    torch.testing.assert_close(again.scores, fresh.scores, rtol=0, atol=0)
+    torch.testing.assert_close(again.scores, fresh.scores)  # the sum of the replayed windows
     assert torch.equal(again.sample_ids, fresh.sample_ids) and again.estimator == fresh.estimator == "first-order"
     again.scores.zero_()  # the caller's copy: the cache is untouched
-    assert torch.equal(tracker.influence("val", all_samples=True).scores, fresh.scores)
+    torch.testing.assert_close(tracker.influence("val", all_samples=True).scores, fresh.scores)
 
     per = tracker.influence("val", per_example=True, all_samples=True)  # another key: one more replay
     assert tracker.replays == 2 and per.per_example is not None and per.per_example.shape == (N, 8)
@@ -95,21 +100,21 @@ def test_the_replayed_answer_of_a_registered_query_is_cached(tmp_path):
     torch.testing.assert_close(cached.per_example, per.per_example)
     assert tracker.replays == 2
 
-    windows = tracker.windows("val", all_samples=True)
-    assert tracker.replays == 3 and len(windows) > 1
+    windows = tracker.windows("val", all_samples=True)  # replayed with the final scores, in the same sweep
+    assert tracker.replays == 3 - 1 and len(windows) > 1
     fresh_windows = tracker.replay(progress=False).windows("val", _query(), [w.end_step for w in windows])
     for got, want in zip(tracker.windows("val", all_samples=True), fresh_windows):
         assert (got.start_step, got.end_step) == (want.start_step, want.end_step)
         assert torch.equal(got.sample_ids, want.sample_ids) and torch.equal(got.scores, want.scores)
-    assert tracker.replays == 3
+    assert tracker.replays == 2
 
     tracker.influence(_query(), all_samples=True)  # not a registered query: replayed every time
     tracker.influence(_query(), all_samples=True)
-    assert tracker.replays == 5
+    assert tracker.replays == 4
 
     _fit(_tracker(tmp_path / "other"))  # another tracker's fit leaves this one's cache alone
     tracker.influence("val", all_samples=True)
-    assert tracker.replays == 5
+    assert tracker.replays == 4
 
 
 def test_a_new_fit_replays_again(tmp_path):
@@ -128,6 +133,7 @@ def test_forward_tracked_samples_answer_as_before(tmp_path):
     assert forward.sample_ids.tolist() == [0, 3, 5] and bool(forward.scores.abs().sum() > 0)
     assert len(tracker.windows("val")) > 1 and tracker.patterns("val") is not None
     assert tracker.self_influence().scores.numel() == 3 and tracker.audit("val").sample_ids.numel() == 2
+    assert tracker.self_influence().definition == "counterfactual"
     replayed = tracker.influence("val", all_samples=True)  # the duality with the forward first-order scores
     torch.testing.assert_close(replayed.scores[[0, 3, 5]], forward.scores, rtol=1e-8, atol=1e-12)
 

@@ -128,8 +128,30 @@ def test_the_replay_of_a_recorded_run_replays_its_draws_and_equals_the_forward_e
 def test_attention_dropout_is_refused_where_transforms_would_redraw_it(kwargs, use, tmp_path):
     x, y, query = _data()
     tracker = InfluenceTracker(queries={"q": query}, dirpath=tmp_path, **kwargs)
-    with pytest.raises(InfluenceConfigurationError, match=rf"{use} with attention dropout \('net.layer.self_attn'\)"):
+    names = r"\('net.layer.self_attn', 'net.layer.dropout1', 'net.layer.dropout2'\)"
+    with pytest.raises(InfluenceConfigurationError, match=rf"{use} with attention dropout {names}"):
         _fit(Encoder().double(), OPTIMIZERS["adamw"][0], x, y, tracker=tracker)
+
+
+def test_the_fix_the_attention_refusal_names_works():
+    """The refusal's fix (attention and residual dropouts at 0) keeps the feed-forward dropout, and "exact" is then
+    the retrained run (it was not with the residual dropouts on: the step-0 self-check failed by 8e-2)."""
+    make_opt, _ = OPTIMIZERS["momentum"]
+    x, y, query = _data()
+
+    def net() -> Encoder:
+        model = Encoder().double()
+        model.layer.self_attn.dropout = 0.0
+        model.layer.dropout1.p = model.layer.dropout2.p = 0.0
+        assert model.layer.dropout.p > 0  # the feed-forward dropout still draws
+        return model
+
+    tracker = InfluenceTracker(track=list(PROBES), estimator="exact", queries={"q": query})
+    base = eval_query_loss(_fit(net(), make_opt, x, y, tracker=tracker), query)
+    got = tracker.influence("q").scores
+    for row, j in enumerate(PROBES):
+        truth = eval_query_loss(_fit(net(), make_opt, x, y, _weights(j, 0.0)), query) - base
+        assert abs(float(got[row]) - truth) <= 1e-6 * abs(truth) + 1e-12, (j, float(got[row]), truth)
 
 
 def test_recording_a_model_that_draws_is_refused_under_ddp_only():

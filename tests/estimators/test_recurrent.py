@@ -65,6 +65,21 @@ def test_first_order_is_the_derivative_of_the_training_run(cell, opt, tmp_path):
     torch.testing.assert_close(replayed.scores[rows], got, rtol=1e-6, atol=1e-12)
 
 
+@pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU], ids=["lstm", "gru"])
+def test_exact_is_the_retrained_run_without_the_sample(cell):
+    """``"exact"`` evaluates each counterfactual's step gradient and query by a loop where vmap has no batching rule."""
+    make_opt, _ = OPTIMIZERS["adamw"]
+    x, y, query = _data()
+    tracker = InfluenceTracker(track=list(PROBES), estimator="exact", queries={"q": query})
+    base = eval_query_loss(seeded_fit(Recurrent(cell), make_opt, x, y, SCHEDULE, callbacks=[tracker]), query)
+    got = tracker.influence("q").scores
+    for row, j in enumerate(PROBES):
+        w = torch.ones(N, dtype=torch.float64)
+        w[j] = 0.0
+        truth = eval_query_loss(seeded_fit(Recurrent(cell), make_opt, x, y, SCHEDULE, w), query) - base
+        assert abs(float(got[row]) - truth) <= 1e-6 * abs(truth) + 1e-12, (j, float(got[row]), truth)
+
+
 def test_a_float32_lstm_without_forward_mode_derivatives_gets_the_same_products_by_reverse_mode():
     x, y, _ = _data()
     out = {}

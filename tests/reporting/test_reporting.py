@@ -25,6 +25,7 @@ from lightning_influence.reporting.windows import (
     SCALAR_NAMES,
     log_window,
     metric_key,
+    strongest_cumulative,
     strongest_over_windows_figure,
     top_samples_table,
     window_summary,
@@ -115,6 +116,35 @@ def test_figure_plots_the_strongest_cumulative_samples():
     assert list(lines["id 13 (helpful)"].get_ydata()) == [0.0, -0.25, -0.75, 3.25]
     assert ax.get_xlabel() == "optimizer step"
     assert strongest_over_windows_figure(SCORES["val"], IDS).axes[0].get_xlabel() == "windows closed"
+
+
+def test_the_figure_plots_what_its_title_says():
+    """The title promises the top samples on each side by cumulative score, and their cumulative scores: the
+    lines are those samples (most negative, most positive cumulative score after the last window), nothing else."""
+    pytest.importorskip("matplotlib")
+    gen = torch.Generator().manual_seed(1)
+    history = torch.randn(6, 40, generator=gen, dtype=torch.float64)
+    ids = torch.arange(500, 540)
+    fig = strongest_over_windows_figure(history, ids, num_per_side=3, title="val, after window 5")
+    (ax,) = fig.axes
+    assert ax.get_title(loc="left") == "val, after window 5\ntop 3 harmful (< 0) and helpful (> 0) by cumulative score"
+    assert ax.get_ylabel() == "cumulative score"
+    total = history.sum(0)
+    harmful, helpful = strongest_cumulative(history, 3)
+    assert harmful == total.argsort()[:3].tolist() and helpful == total.argsort(descending=True)[:3].tolist()
+    lines = {line.get_label(): line for line in ax.get_lines() if not line.get_label().startswith("_")}
+    expected = [f"id {500 + j} (harmful)" for j in harmful] + [f"id {500 + j} (helpful)" for j in helpful]
+    assert list(lines) == expected
+    for j in harmful + helpful:
+        kind = "harmful" if j in harmful else "helpful"
+        ydata = list(lines[f"id {500 + j} ({kind})"].get_ydata())
+        assert ydata == pytest.approx([0.0, *history[:, j].cumsum(0).tolist()])
+
+
+def test_strongest_cumulative_leaves_zero_and_nan_out():
+    history = torch.tensor([[1.0, -2.0, 0.0, float("nan"), 3.0], [1.0, 0.5, 0.0, 1.0, -4.0]])
+    assert strongest_cumulative(history, 2) == ([1, 4], [0])
+    assert strongest_cumulative(history[0], 1) == ([1], [4])  # one window as Tensor[k]
 
 
 # --------------------------------------------------------------------------- loggers

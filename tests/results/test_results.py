@@ -142,7 +142,9 @@ def test_the_most_harmful_and_helpful_samples_are_shown_as_images(tmp_path):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Flatten(), nn.Linear(36, 3)).double()
     dataset = IndexedDataset(TensorDataset(images, labels))
-    tracker = InfluenceTracker(queries={"val": (images[:4], labels[:4])}, window_every_n_epochs=1)
+    tracker = InfluenceTracker(
+        queries={"val": (images[:4], labels[:4])}, window_every_n_epochs=1, log_figure_every_n_windows=1
+    )  # the pictures of a window's samples follow the figure's schedule
     logger = TensorBoardLogger(tmp_path, name="tb")
     lightning_trainer(2, callbacks=[tracker], logger=logger).fit(
         TinyClassifier(net, lambda m: torch.optim.SGD(m.parameters(), lr=0.1)), DataLoader(dataset, batch_size=4)
@@ -152,10 +154,14 @@ def test_the_most_harmful_and_helpful_samples_are_shown_as_images(tmp_path):
     tags = events.Tags()["images"]
     for name in ("most_harmful_samples", "most_helpful_samples", "most_harmful_samples_overall"):
         assert f"influence/val/{name}" in tags, tags
-    assert [e.step for e in events.Images("influence/val/most_harmful_samples")] == [3, 7]  # one grid per window
-    figure = tracker.influence("val").most_helpful(5).show(dataset)
-    assert len(figure.axes) == 5 and figure.axes[0].get_title().startswith(
-        str(int(tracker.influence("val").most_helpful(1).sample_ids[0]))
-    )
+    harmful = events.Images("influence/val/most_harmful_samples")
+    assert [e.step for e in harmful] == [3, 7]  # one labelled grid per window
+    assert harmful[0].width >= 4 * 64 and harmful[0].height >= 2 * 64  # 8 images of 6×6, enlarged to 66×66
+    helpful = tracker.influence("val").most_helpful(5)
+    figure = helpful.show(dataset)
+    sample_id = int(helpful.sample_ids[0])
+    title = figure.axes[0].get_title()
+    assert len(figure.axes) == 5 and title.startswith(f"id {sample_id} · label {int(labels[sample_id])}\n")
+    assert title.endswith(f"{float(helpful.scores[0]):+.2e}")
     with pytest.raises(ValueError, match="not images"):
         tracker.influence("val").show(IndexedDataset(TensorDataset(torch.randn(16, 36), labels)))

@@ -375,10 +375,10 @@ def test_only_one_segment_is_held_at_a_time(recorded, tmp_path_factory, monkeypa
     def spy(self, entries, *args):
         gc.collect()
         assert all(ref() is None for ref in alive), "an earlier segment's steps are still alive"
-        steps, theta = original(self, entries, *args)
+        steps, theta, frozen = original(self, entries, *args)
         sizes.append(len(steps))
         alive.extend(weakref.ref(x) for s in steps for x in (s, s.opt_step))
-        return steps, theta
+        return steps, theta, frozen
 
     monkeypatch.setattr(TrajectoryReplay, "_replay", spy)
     replay(rec).influence(rec.query)
