@@ -8,6 +8,11 @@ saves one PNG per view to ``--out`` (the pictures in docs/tensorboard.md come fr
     python docs/screenshots.py influence_logs --out docs/images
 
 Nothing leaves the machine: TensorBoard listens on 127.0.0.1 only and is stopped at the end.
+
+Without a browser, ``--extract TAG_PART`` saves the last image of every logged image tag that contains ``TAG_PART``
+exactly as TensorBoard's images tab shows it (read from the event files), e.g.:
+
+    python docs/screenshots.py influence_logs --extract all_samples --out docs/images/quickstart_default
 """
 
 from __future__ import annotations
@@ -56,12 +61,32 @@ def screenshot(browser: str, url: str, path: str, size: str) -> None:
     )  # fmt: skip
 
 
+def extract_images(logdir: str, out: str, part: str) -> None:
+    """Save the last image of each image tag holding ``part`` in ``logdir``'s event files, as ``<tag>.png``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    os.makedirs(out, exist_ok=True)
+    for root, _, files in os.walk(logdir):
+        for name in (f for f in files if f.startswith("events.out.tfevents")):
+            events = EventAccumulator(os.path.join(root, name), size_guidance={"images": 0}).Reload()
+            for tag in (t for t in events.Tags()["images"] if part in t):
+                image = events.Images(tag)[-1]
+                path = os.path.join(out, tag.rsplit("/", 1)[-1] + ".png")
+                with open(path, "wb") as file:
+                    file.write(image.encoded_image_string)
+                print(f"{path}: {tag} at step {image.step}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("logdir", help="the TensorBoard log folder of a run (e.g. influence_logs)")
     ap.add_argument("--out", default="screenshots", help="where the PNG files go")
     ap.add_argument("--size", default="1400,1000", help="browser window size, width,height")
+    ap.add_argument("--extract", default=None, help="no browser: save the logged images whose tag holds this")
     args = ap.parse_args()
+    if args.extract is not None:
+        extract_images(args.logdir, args.out, args.extract)
+        return
     browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if browser is None:
         sys.exit("No Chromium found: install it (Debian: apt-get install chromium).")
