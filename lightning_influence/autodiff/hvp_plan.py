@@ -69,6 +69,17 @@ class HvpChoice:
     rows: int
     seconds: dict[str, float] = field(default_factory=dict)
 
+    def step_seconds(self, num_rows: int) -> float | None:
+        """The measured time of one step's HVPs over ``num_rows`` rows with this choice (its graph built once, then the
+        rows at its measured cost per row); None when nothing was measured."""
+        if self.method == "loop" and "loop/row" in self.seconds:
+            return self.seconds.get("loop build", 0.0) + num_rows * self.seconds["loop/row"]
+        per_row = self.seconds.get(f"vmap×{self.rows}/row")
+        if self.method == "vmap" and per_row is not None:
+            calls = math.ceil(num_rows / max(1, self.rows))
+            return self.seconds.get("vmap build", 0.0) + calls * self.rows * per_row
+        return None
+
     def __str__(self) -> str:
         measured = ", ".join(f"{name} {s * 1e3:.2f} ms" for name, s in self.seconds.items())
         return f"{self.method} over {self.rows} row(s)" + (f" ({measured})" if measured else "")

@@ -68,8 +68,14 @@ def describe_plan(config: TrackerConfig, spec: OptimizerSpec, plan: MemoryPlan, 
         f" {plan.state_bytes / GIB:.3f} GiB of states + {plan.work_bytes / GIB:.3f} GiB HVP workspace ({how}):"
         f" peak ≈ {plan.total_bytes / GIB:.3f} GiB above training (≈ {saving / GIB:.3f} GiB while a checkpoint is"
         f" saved); per step: {plan.hvp_calls} HVP call(s) of ≤{chunk} rows ({_method(hvp)}, ≈ {k if plan.blocks else 0}"
-        " HVPs) plus per-sample gradients of the tracked samples in the batch."
+        f" HVPs{_timed(hvp, k if plan.blocks else 0)}) plus per-sample gradients of the tracked samples in the batch."
     )
+
+
+def _timed(hvp: HvpChoice | None, k: int) -> str:
+    """``"; ≈ 12.3 ms, timed on a training batch before the first step"`` when the HVP's methods were timed."""
+    seconds = None if hvp is None or k == 0 else hvp.step_seconds(k)
+    return "" if seconds is None else f"; ≈ {seconds * 1e3:.1f} ms, timed on a training batch before the first step"
 
 
 def _method(hvp: HvpChoice | None) -> str:

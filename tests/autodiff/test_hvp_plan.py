@@ -11,7 +11,7 @@ from torch import nn
 
 from lightning_influence import InfluenceTracker
 from lightning_influence.autodiff.functional import FlatParameters, FunctionalLoss
-from lightning_influence.autodiff.hvp_plan import choose_hvp
+from lightning_influence.autodiff.hvp_plan import HvpChoice, choose_hvp
 from lightning_influence.testing import (
     TinyClassifier,
     cross_entropy_losses,
@@ -125,3 +125,11 @@ def test_a_tuned_tracker_gives_the_same_scores_as_a_fixed_chunk():
         assert choice is not None and (choice.seconds == {}) == (chunk is not None)
         scores.append(tracker.influence("q").scores)
     torch.testing.assert_close(scores[0], scores[1], rtol=1e-10, atol=1e-14)
+
+
+def test_the_step_estimate_is_the_measured_build_plus_the_rows():
+    loop = HvpChoice("loop", 4, {"loop build": 0.010, "loop/row": 0.002})
+    assert abs(loop.step_seconds(5) - (0.010 + 5 * 0.002)) < 1e-12
+    vmapped = HvpChoice("vmap", 8, {"vmap build": 0.004, "vmap×8/row": 0.001})
+    assert abs(vmapped.step_seconds(10) - (0.004 + 2 * 8 * 0.001)) < 1e-12  # two calls of 8 rows
+    assert HvpChoice("vmap", 8).step_seconds(10) is None  # nothing measured
