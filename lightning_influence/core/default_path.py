@@ -87,14 +87,14 @@ def resolve_default_path(
             f" every-sample replay: {refused}"
         )
         return DefaultPath(dataclasses.replace(config, track=live, record_trajectory=False), line=line)
-    at_end = world_size == 1
+    at_end = world_size == 1  # a multi-process fit: every rank would replay; the user asks where it runs
     after = (
         "replayed once at the end of fit for the registered queries"
         if at_end
-        else "replayed when asked (influence(name) after fit; not at the end of a multi-process fit)"
+        else "replayed when asked (influence(name, all_samples=True) after fit; not at the end of a multi-process fit)"
     )
     line = (
         f"every one of the {num_samples} samples scored by the recorded run, {after}; {live.numel()} tracked forward"
         " for the live windows (track=[ids] to choose them, track=None for forward states of all)"
     )
-    return DefaultPath(recording, replay_at_end=at_end, answers_by_replay=True, line=line)
+    return DefaultPath(recording, replay_at_end=at_end, answers_by_replay=at_end, line=line)
