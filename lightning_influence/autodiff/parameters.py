@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lightning_influence.autodiff.functional import FlatParameters
+from lightning_influence.autodiff.layout import FlatParameters
 from lightning_influence.autodiff.running_stats import RunningStatistics
 from lightning_influence.errors import InfluenceConfigurationError
 
@@ -48,10 +48,12 @@ class TrackedParameters:
         with torch.no_grad():  # no graph, and no detach per parameter (one dispatch each, every step)
             return self.layout.flatten(self.flat)
 
-    def frozen(self) -> dict[str, torch.Tensor]:
-        """Copies of the untracked trainable parameters' and the running buffers' values ``{name: Tensor}``."""
+    def frozen(self, running: bool = True) -> dict[str, torch.Tensor]:
+        """Copies of the untracked trainable parameters' values ``{name: Tensor}``, and of the running buffers' (now)
+        unless ``running`` is False."""
         frozen = {n: p.detach().clone() for n, p in self.untracked.items()}
-        frozen.update((n, b.detach().clone()) for n, b in self.running.items())
+        if running:
+            frozen.update((n, b.detach().clone()) for n, b in self.running.items())
         return frozen
 
     def grad(self, step: int) -> torch.Tensor | None:

@@ -157,7 +157,7 @@ class TrackedFit:
             optimizer=OptimizerStep(groups, theta, raw_grad if bound is None else bound.clipped),
             raw_grad=raw_grad,
             clip=bound,
-            frozen={**params.frozen(), **self._pre_forward},  # the running buffers as the step found them
+            frozen={**params.frozen(running=False), **self._pre_forward},  # the running buffers as the step found them
             loss_scale=loss_scale,
             pre_state=flat_optimizer_state(optimizer, params.flat) if wants_state else None,
         )

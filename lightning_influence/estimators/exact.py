@@ -57,10 +57,12 @@ class ExactEngine(InfluenceEngine):
         present = torch.zeros(self.num_tracked, dtype=torch.bool)
         for p in parts:
             present[p.state_rows] = True
+        buffers = self._factual_buffers(record, batches)
         for start in range(0, self.num_tracked, self.chunk_size):
             stop = min(start + self.chunk_size, self.num_tracked)
             chunk = {b: s[start:stop] for b, s in self.states.items()}
-            self._move_buffers(record, batches, chunk["theta"], start, stop)  # from the pre-step δθ
+            if buffers is not None:
+                self._move_buffers(record, batches, chunk["theta"], slice(start, stop), buffers)  # pre-step δθ
             delta_g = self._gradient_differences(record, parts, chunk["theta"], present[start:stop], start, factual)
             delta_g = reduce(delta_g)
             if record.clip is not None:
@@ -68,21 +70,29 @@ class ExactEngine(InfluenceEngine):
             self.jacobian.advance(chunk, delta_g, record.optimizer, exact=True)
         return reduce(factual)
 
-    def _move_buffers(self, record: StepRecord, batches: list, deltas: torch.Tensor, start: int, stop: int) -> None:
-        """δb ← d ⊙ δb + u(θ_t + δθ) − u(θ_t): each counterfactual's running buffers moved by its own forward
-        (:mod:`~lightning_influence.autodiff.running_stats`); nothing when the model moves none."""
+    def _factual_buffers(self, record: StepRecord, batches: list) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(u(θ_t), d)`` of the step's running-buffer map, once per step; None when the model moves no buffer."""
         if self.buffer_states is None:
-            return
-        theta_t, frozen = record.theta, record.frozen
+            return None
         with torch.no_grad():
-            factual, decay = self.loss.fold_statistics(theta_t, batches, frozen)
+            return self.loss.fold_statistics(record.theta, batches, record.frozen)
 
-            def update(delta: torch.Tensor) -> torch.Tensor:
-                return self.loss.fold_statistics(theta_t + delta, batches, frozen)[0]
+    def _move_buffers(
+        self, record: StepRecord, batches: list, deltas: torch.Tensor, rows: slice, factual: tuple[torch.Tensor, ...]
+    ) -> None:
+        """δb ← d ⊙ δb + u(θ_t + δθ) − u(θ_t) for the state ``rows``: each counterfactual's running buffers moved by its
+        own forward (:mod:`~lightning_influence.autodiff.running_stats`); ``factual`` = ``(u(θ_t), d)``."""
+        assert self.buffer_states is not None  # factual buffers exist only then
+        theta_t, frozen = record.theta, record.frozen
+        update_t, decay = factual
 
-            moved = map_rows(update, deltas.to(theta_t.dtype), randomness="same") - factual
-        rows = self.buffer_states[start:stop]
-        rows.mul_(decay.to(rows)).add_(moved.to(rows))
+        def update(delta: torch.Tensor) -> torch.Tensor:
+            return self.loss.fold_statistics(theta_t + delta, batches, frozen)[0]
+
+        with torch.no_grad():
+            moved = map_rows(update, deltas.to(theta_t.dtype), randomness="same") - update_t
+        states = self.buffer_states[rows]
+        states.mul_(decay.to(states)).add_(moved.to(states))
 
     def _gradient_differences(
         self,

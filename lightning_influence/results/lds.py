@@ -136,11 +136,6 @@ def _spearman_columns(predicted: torch.Tensor, actual: torch.Tensor) -> torch.Te
     return out
 
 
-def _nanmean(values: torch.Tensor) -> float:
-    finite = values[torch.isfinite(values)]
-    return float(finite.mean()) if finite.numel() else math.nan
-
-
 def lds_from(
     predicted: torch.Tensor,
     actual: torch.Tensor,
@@ -174,12 +169,12 @@ def lds_from(
     means = []
     for _ in range(num_bootstrap):
         rows = torch.randint(0, num_subsets, (num_subsets,), generator=gen)
-        means.append(_nanmean(_spearman_columns(predicted[rows], actual[rows])))
+        means.append(float(torch.nanmean(_spearman_columns(predicted[rows], actual[rows]))))
     boot = torch.tensor(means, dtype=torch.float64)
     boot = boot[torch.isfinite(boot)]
     stderr = float(boot.std()) if boot.numel() >= 2 else math.nan
     return LDSReport(
-        mean=_nanmean(per_example),
+        mean=float(torch.nanmean(per_example)),
         stderr=stderr,
         per_example=per_example,
         num_subsets=num_subsets,

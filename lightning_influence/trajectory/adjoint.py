@@ -119,9 +119,9 @@ class AdjointSweep:
             rows = active[start : start + size]
             blocks = {b: a.index_select(0, rows) for b, a in self.adjoint.items()}
             self._back(rows, blocks, step)
-            self._back_buffers(rows, blocks, step)
             for b, a in self.adjoint.items():
                 a.index_copy_(0, rows, blocks[b])
+        self._back_buffers(active, step)  # after the chunks: their transposes read λθ_{t+1}
 
     def _back(self, rows: torch.Tensor, blocks: dict[str, torch.Tensor], step: AdjointStep) -> None:
         """λ_{t+1} → λ_t in place on ``blocks`` (each ``Tensor[c, p]``), and the step's score terms of ``rows``."""
@@ -138,15 +138,17 @@ class AdjointSweep:
         for (_, ids, weight), batch_dots in zip(step.micro_batches, dots):
             self._collect(rows, ids, weight, batch_dots)
 
-    def _back_buffers(self, rows: torch.Tensor, blocks: dict[str, torch.Tensor], step: AdjointStep) -> None:
-        """λθ_t += J_uᵀ λb_{t+1} on ``blocks["theta"]``, then λb_t = d ⊙ λb_{t+1} in place (nothing without buffers)."""
+    def _back_buffers(self, rows: torch.Tensor, step: AdjointStep) -> None:
+        """λθ_t += J_uᵀ λb_{t+1}, then λb_t = d ⊙ λb_{t+1}, for ``rows`` (all at once: λb is q ≪ p wide; the step's
+        buffer map is built once); nothing without running buffers."""
         if self.buffer_adjoint is None:
             return
         batches = [batch for batch, _, _ in step.micro_batches]
         stats = self.loss.step_statistics(step.opt_step.theta, batches, step.frozen)
         assert stats is not None  # the loss has running statistics
         adjoint = self.buffer_adjoint.index_select(0, rows)
-        blocks["theta"] += stats.vjp(adjoint).to(blocks["theta"].dtype)
+        theta = self.adjoint["theta"]
+        theta.index_add_(0, rows, stats.vjp(adjoint).to(theta.dtype))
         self.buffer_adjoint.index_copy_(0, rows, adjoint * stats.decay.to(adjoint))
 
     def _collect(self, rows: torch.Tensor, ids: torch.Tensor, weight: float, dots: torch.Tensor) -> None:

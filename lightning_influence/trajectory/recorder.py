@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 
 from lightning_influence.autodiff.draws import DrawnBatch, unwrap
-from lightning_influence.autodiff.functional import FlatParameters
+from lightning_influence.autodiff.layout import FlatParameters
 from lightning_influence.autodiff.parameters import TrackedParameters
 from lightning_influence.optimizers import flat_optimizer_state, read_step_groups
 from lightning_influence.optimizers.clipping import GradientClip, NormClip, ValueClip

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from lightning_influence.autodiff.functional import FlatParameters, FunctionalLoss, PerSampleLossFn
+from lightning_influence.autodiff.functional import FunctionalLoss, PerSampleLossFn
+from lightning_influence.autodiff.layout import FlatParameters
 from lightning_influence.errors import ReplayInputError, ReplayMismatchError
 from lightning_influence.optimizers import (
     GroupStep,
