@@ -18,6 +18,7 @@ from lightning_influence import _legacy_modules
 from lightning_influence.callbacks.datamodels import linear_datamodeling_score
 from lightning_influence.callbacks.exclusion import ExcludeSamples
 from lightning_influence.callbacks.offline import OfflineSelection, most_harmful_ids, offline_selection
+from lightning_influence.callbacks.processes import load_trajectory
 from lightning_influence.callbacks.selector import InfluenceDataSelector
 from lightning_influence.callbacks.tracker import InfluenceTracker
 from lightning_influence.core.config import TrackerConfig
@@ -46,7 +47,7 @@ from lightning_influence.results.result import InfluenceResult
 from lightning_influence.results.selection import SelectionDecision, SelectionPolicy
 from lightning_influence.results.windows import WindowSnapshot
 from lightning_influence.sample_ids import IndexedDataset, default_sample_ids
-from lightning_influence.trajectory.reader import Trajectory, load_trajectory
+from lightning_influence.trajectory.reader import Trajectory
 from lightning_influence.trajectory.replay import TrajectoryReplay
 
 __version__ = "0.1.0"

@@ -59,8 +59,10 @@ def test_the_rooms_that_kept_a_flat_modules_name_still_export_its_names():
     from lightning_influence.reporting import log_window, metric_key
     from lightning_influence.reporting.windows import log_window as window_logger
     from lightning_influence.trajectory import Trajectory, load_trajectory
+    from lightning_influence.trajectory.reader import load_trajectory as read_trajectory
 
-    assert Trajectory is li.Trajectory and load_trajectory is li.load_trajectory
+    # the package's load_trajectory is the reader's with Lightning Fabric's launcher for devices=N
+    assert Trajectory is li.Trajectory and load_trajectory is read_trajectory
     assert Estimator is BaseEstimator and issubclass(NoStates, Estimator)
     assert log_window is window_logger and callable(metric_key)
 

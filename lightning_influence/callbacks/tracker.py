@@ -265,6 +265,7 @@ class InfluenceTracker(Callback, TrackerAnswers):
             gather_ids=lit.id_gatherer(trainer),
             writes_files=trainer.is_global_zero,
             world_size=trainer.world_size,
+            rank=trainer.global_rank,
             train_dataset=dataset,
             collate_fn=collate_fn,
             train_batch_size=lit.train_batch_size(pl_module),
@@ -315,7 +316,8 @@ class InfluenceTracker(Callback, TrackerAnswers):
             pl_module.log("tracker_ms", tracker_ms, prog_bar=True, logger=False)
             if fit.state.steps_booked == 3:
                 assert fit.clock.last is not None  # progress_ms() answered: a step was booked
-                rank_zero_info(lit.cost_message(fit.clock.last, lit.expected_steps(trainer), 3))
+                steps, tracked = lit.expected_steps(trainer), fit.tracked_ids.numel()
+                rank_zero_info(lit.cost_message(fit.clock.last, steps, 3, tracked))
         if fit.schedule.closes_after_step(trainer.global_step):
             fit.close_windows(trainer.global_step, trainer.current_epoch)
 

@@ -301,13 +301,16 @@ def expected_steps(trainer: pl.Trainer) -> int | None:
     return int(steps) if steps != float("inf") else None
 
 
-def cost_message(seconds_per_step: float, total_steps: int | None, done: int) -> str:
-    """The measured cost, its projection over the fit, and the cheaper settings."""
+def cost_message(seconds_per_step: float, total_steps: int | None, done: int, tracked: int = 1) -> str:
+    """The measured cost, its projection over the fit, and the cheaper settings (none to offer when ``tracked`` is 0:
+    the cost is the recording's)."""
     remaining = None if total_steps is None else seconds_per_step * max(total_steps - done, 0)
     total = "" if remaining is None else f"; ≈ {remaining:.0f} s more for this fit"
+    measured = f"InfluenceTracker: measured {seconds_per_step * 1e3:.1f} ms of tracker work per optimizer step{total}."
+    if tracked == 0:
+        return measured
     return (
-        f"InfluenceTracker: measured {seconds_per_step * 1e3:.1f} ms of tracker work per optimizer step{total}."
-        " Cheaper: fewer tracked samples (track=[...]), fewer tracked parameters (params=['head']), or"
+        f"{measured} Cheaper: fewer tracked samples (track=[...]), fewer tracked parameters (params=['head']), or"
         " track=() with record_trajectory=True and influence(..., all_samples=True) after fit."
     )
 

@@ -25,6 +25,7 @@ from lightning_influence.results.result import COUNTERFACTUAL, IN_RUN, Influence
 from lightning_influence.results.windows import WindowSnapshot
 from lightning_influence.trajectory.reader import load_trajectory
 from lightning_influence.trajectory.replay import TrajectoryReplay
+from lightning_influence.trajectory.shards import ReplayShard
 
 
 class TrackerAnswers:
@@ -282,7 +283,9 @@ class TrackerAnswers:
 
     def replay(self, progress: bool = True) -> TrajectoryReplay:
         """The adjoint replay over this fit's recorded trajectory (what ``all_samples=True`` uses), once every file
-        the fit submitted is written (the recording thread is waited for)."""
+        the fit submitted is written (the recording thread is waited for). After a fit on several processes (DDP)
+        the replay is shared by them, each replaying its part of every step's batch as in training
+        (:mod:`~lightning_influence.trajectory.shards`): every process must ask, as for any collective."""
         fit = self._finished()
         if fit.parts.recorder is None:
             raise RuntimeError(
@@ -290,7 +293,11 @@ class TrackerAnswers:
                 " (track=() records without forward states)."
             )
         fit.parts.recorder.flush()
-        loss = fit.parts.queries.loss
+        loss, context, shard = fit.parts.queries.loss, fit.context, None
+        if context.world_size > 1 and context.reduce is not None:
+            if context.agree is not None:
+                context.agree(None)  # a barrier: rank zero has written every file when the others read them
+            shard = ReplayShard(context.rank, context.world_size, context.reduce)
         return TrajectoryReplay(
             load_trajectory(fit.parts.recorder.dirpath),
             loss.module,
@@ -299,7 +306,8 @@ class TrackerAnswers:
             regularizer=loss.regularizer,
             collate_fn=fit.context.collate_fn,
             move=fit.parts.queries.move,
-            progress=progress,
+            progress=progress and context.rank == 0,
+            shard=shard,
         )
 
     def patterns(self, query: str, **thresholds: float) -> InfluencePatterns:

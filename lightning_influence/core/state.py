@@ -56,6 +56,7 @@ class FitContext:
     gather_ids: Any = None  # every process's ids of a micro-batch (recording.GatherIds); None: one process
     writes_files: bool = True  # rank zero
     world_size: int = 1
+    rank: int = 0  # this process's global rank (a replay after a multi-process fit is shared by the processes)
     train_dataset: Any = None  # for the all-sample replay
     collate_fn: Any = None
     states_file: str | None = None  # states_in_checkpoint=False: the states go here, not into checkpoints

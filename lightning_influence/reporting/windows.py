@@ -204,6 +204,8 @@ def window_figure_image(
     snapshot: WindowSnapshot, history: torch.Tensor, end_steps: Sequence[int] | None
 ) -> np.ndarray | None:
     fig = None
+    if snapshot.sample_ids.numel() == 0:  # nothing forward-tracked (track=()): the replay draws every sample's
+        return None
     try:
         fig = strongest_over_windows_figure(
             history,

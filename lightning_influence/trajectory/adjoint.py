@@ -36,7 +36,7 @@ Lightning.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -74,6 +74,9 @@ class AdjointSweep:
         dtype, device: of the adjoints and the scores.
         chunk_size: rows per vectorised HVP / JVP call (None: all active rows at once); bounds the
             working memory of the model's forward and backward passes.
+        reduce: on one of several processes sharing the replay (:mod:`~lightning_influence.trajectory.shards`), the
+            sum over the processes of a tensor: each holds a part of each step's micro-batches, and H u is the sum of
+            the parts (None: one process). The score table then holds this process's samples' terms only.
 
     ``scores: Tensor[num_rows, num_samples]`` accumulates Σ_t ⟨λ_{t+1}, b_t^{(j)}⟩: the predicted
     ⟨∇q, δθ_j⟩ with the sign of [concepts.md: The counterfactual run] (negative = harmful).
@@ -88,8 +91,10 @@ class AdjointSweep:
         dtype: torch.dtype,
         device: torch.device,
         chunk_size: int | None = None,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self.loss = loss
+        self.reduce = reduce
         self.jacobian = jacobian
         self.chunk_size = chunk_size
         p = loss.layout.numel
@@ -133,7 +138,12 @@ class AdjointSweep:
         batches = [batch for batch, _, _ in step.micro_batches]
         weights = [float(w) for _, _, w in step.micro_batches]
         # one forward-over-reverse pass per row gives H u (H symmetric: Hᵀu = Hu) and every ⟨u, ∇ℓ_i⟩
-        hu, dots = self.loss.hvp_and_directional(theta, batches, u, step.frozen, weights)
+        if batches:
+            hu, dots = self.loss.hvp_and_directional(theta, batches, u, step.frozen, weights)
+        else:  # a process of a shared replay that holds none of this step's samples
+            hu, dots = torch.zeros_like(u), ()
+        if self.reduce is not None:
+            hu = self.reduce(hu)
         blocks["theta"] += hu.to(blocks["theta"].dtype)
         for (_, ids, weight), batch_dots in zip(step.micro_batches, dots):
             self._collect(rows, ids, weight, batch_dots)

@@ -106,6 +106,7 @@ from lightning_influence.trajectory.format import (
     read_step_lines,
     step_file,
 )
+from lightning_influence.trajectory.processes import Launcher, ReplayTask, answer
 from lightning_influence.trajectory.writer import TrajectoryWriter
 
 __all__ = [
@@ -134,10 +135,20 @@ class Trajectory:
         checkpoint_steps: sorted steps t with a ``checkpoints/step_<t>.pt``.
         final_step: T of ``final.pt``, or None without one.
         complete: whether ``end.json`` exists (the writer was closed after the run).
+        launcher: starts the processes of a replay with ``devices > 1``
+            (:data:`~lightning_influence.trajectory.processes.Launcher`; None: one process only).
     """
 
-    def __init__(self, path: Path, header: dict[str, Any], steps: list[StepEntry], final_step: int | None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        header: dict[str, Any],
+        steps: list[StepEntry],
+        final_step: int | None,
+        launcher: Launcher | None = None,
+    ) -> None:
         self.path = path
+        self.launcher = launcher
         self.meta: dict[str, Any] = dict(header.get("meta", {}))
         self.resumes: list[int] = [int(s) for s in header.get("resumes", [])]
         self.steps = steps
@@ -224,35 +235,50 @@ class Trajectory:
                 out.append((start, [entry]))
         return out
 
-    def influence(self, module: Any, train_dataset: Any, query: Any, loss_fn: Any = None, **kwargs: Any) -> Any:
+    def influence(
+        self,
+        module: Any,
+        train_dataset: Any,
+        query: Any,
+        loss_fn: Any = None,
+        devices: int = 1,
+        accelerator: str = "cpu",
+        **kwargs: Any,
+    ) -> Any:
         """Scores of every sample that took part in a step on ``query`` at the final step: an
         :class:`~lightning_influence.results.result.InfluenceResult` (estimator ``"first-order"``; negative = harmful).
 
         ``module``: the trained architecture (its parameter values are not used); ``train_dataset[i]``: sample i as in
-        training; ``loss_fn``: ``(module, batch) -> Tensor[B]`` (default ``module.per_sample_loss``). ``kwargs``:
-        ``per_example`` (and ``energy``, the query sketch of ``TrajectoryReplay.influence``), and
+        training; ``loss_fn``: ``(module, batch) -> Tensor[B]`` (default ``module.per_sample_loss``). ``devices``: the
+        processes that share the replay, each a part of every step's batch
+        (:mod:`~lightning_influence.trajectory.shards`), started on ``accelerator`` by the trajectory's launcher
+        (Lightning Fabric's for the package's ``load_trajectory``). ``kwargs``: ``per_example`` (and ``energy``, the
+        query sketch of ``TrajectoryReplay.influence``), and
         :class:`~lightning_influence.trajectory.replay.TrajectoryReplay`'s options
         (``regularizer``, ``collate_fn``, ``move``, ``progress``, ``chunk_size``, ``tolerances``).
         """
-        from lightning_influence.trajectory.replay import TrajectoryReplay  # the replay imports this module
+        asked = {"per_example": bool(kwargs.pop("per_example", False)), "energy": kwargs.pop("energy", None)}
+        task = self._task(module, train_dataset, loss_fn, "influence", (query,), asked, kwargs)
+        return answer(task, devices, accelerator, self.launcher)
 
-        per_example = bool(kwargs.pop("per_example", False))
-        energy = kwargs.pop("energy", None)
-        replay = TrajectoryReplay(self, module, train_dataset, loss_fn=loss_fn, **kwargs)
-        return replay.influence(query, per_example=per_example, energy=energy)
-
-    def self_influence(self, module: Any, train_dataset: Any, loss_fn: Any = None, **kwargs: Any) -> Any:
+    def self_influence(
+        self,
+        module: Any,
+        train_dataset: Any,
+        loss_fn: Any = None,
+        devices: int = 1,
+        accelerator: str = "cpu",
+        **kwargs: Any,
+    ) -> Any:
         """The in-run self-influence of every sample id in [0, num_samples): an
         :class:`~lightning_influence.results.result.InfluenceResult` with ``estimator`` and ``definition``
         ``"in-run"``, s_j = Σ_t Σ_{m∋j} (η_t w_m/|B_m|) ⟨∇ℓ_j(θ_t), P_t ∇ℓ_j(θ_t)⟩ (P_t the optimizer's
         preconditioner; positive = helpful to its own loss; 0 for a sample no step consumed). Arguments as in
         :meth:`influence`; ``kwargs``: ``chunk_size`` (batch rows per per-sample-gradient call) and
         :class:`~lightning_influence.trajectory.replay.TrajectoryReplay`'s other options."""
-        from lightning_influence.trajectory.replay import TrajectoryReplay  # the replay imports this module
-
-        chunk_size = kwargs.pop("chunk_size", None)
-        replay = TrajectoryReplay(self, module, train_dataset, loss_fn=loss_fn, **kwargs)
-        return replay.self_influence(chunk_size)
+        asked = {"chunk_size": kwargs.pop("chunk_size", None)}
+        task = self._task(module, train_dataset, loss_fn, "self_influence", (), asked, kwargs)
+        return answer(task, devices, accelerator, self.launcher)
 
     def windows(
         self,
@@ -262,15 +288,18 @@ class Trajectory:
         query: Any,
         boundaries: Any = None,
         loss_fn: Any = None,
+        devices: int = 1,
+        accelerator: str = "cpu",
         **kwargs: Any,
     ) -> list:
         """Window scores I(b) − I(a) of ``query`` (named ``name``) between consecutive boundaries (default: the recorded
         window schedule and the final step): a list of :class:`~lightning_influence.results.windows.WindowSnapshot`.
         Arguments as in :meth:`influence`."""
-        from lightning_influence.trajectory.replay import TrajectoryReplay  # the replay imports this module
+        task = self._task(module, train_dataset, loss_fn, "windows", (name, query, boundaries), {}, kwargs)
+        return answer(task, devices, accelerator, self.launcher)
 
-        replay = TrajectoryReplay(self, module, train_dataset, loss_fn=loss_fn, **kwargs)
-        return replay.windows(name, query, boundaries)
+    def _task(self, module, train_dataset, loss_fn, method, args, asked, options) -> ReplayTask:
+        return ReplayTask(self, module, train_dataset, method, args, asked, {"loss_fn": loss_fn, **options})
 
     def check_contiguous(self, allow_gaps: bool = True) -> None:
         """``ValueError`` listing every problem: steps that do not strictly increase, a first step without a
@@ -314,11 +343,13 @@ def _refuse_in_progress(folder: Path) -> None:
         )
 
 
-def load_trajectory(path: PathLike) -> Trajectory:
+def load_trajectory(path: PathLike, launcher: Launcher | None = None) -> Trajectory:
     """Read a trajectory written by :class:`TrajectoryWriter`.
 
     Args:
         path: the trajectory folder, or its parent artifact folder containing ``trajectory/``.
+        launcher: starts the processes of a replay on several (``devices > 1``); the package's public
+            ``load_trajectory`` passes Lightning Fabric's.
 
     A trajectory whose writer did not finish (no ``end.json``: a crashed, failed or running fit) loads, with
     ``complete`` False, for inspection; a replay of it (:meth:`Trajectory.influence`, ``TrajectoryReplay``) raises
@@ -346,4 +377,4 @@ def load_trajectory(path: PathLike) -> Trajectory:
     if (folder / END_FILE).is_file():
         check_header(json.loads((folder / END_FILE).read_text(encoding="utf-8")), END_FORMAT, str(folder / END_FILE))
     _refuse_in_progress(folder)  # a writer that started while this read
-    return Trajectory(folder, header, steps, final_step)
+    return Trajectory(folder, header, steps, final_step, launcher)

@@ -69,21 +69,27 @@ class _Rows:
 
 @dataclass
 class _Sweep:
-    """One backward pass: the adjoint, its rows, the queries and the progress bar."""
+    """One backward pass: the adjoint, its rows, the queries and the progress bar; ``owned``: the rows this process
+    sweeps when a shared replay splits the rows between its processes (``BoolTensor[num_rows]``; None: every row)."""
 
     adjoint: AdjointSweep
     rows: _Rows
     queries: Mapping[str, Any]
     gradients: Callable[[Any, RunState], QueryVectors]
     bar: Any
+    owned: torch.Tensor | None = None
 
     def seed(self, position: int, state: RunState) -> None:
         """Seed the rows of every boundary at ``position`` with their query's gradients at ``state``."""
         cache: dict[str, QueryVectors] = {}
         for name, rows in self.rows.at.get(position, []):
+            keep = slice(None) if self.owned is None else self.owned[rows]
+            if not rows[keep].numel():
+                continue
             if name not in cache:
                 cache[name] = self.gradients(self.queries[name], state)
-            self.adjoint.seed(rows, *cache[name])
+            vectors, buffers = cache[name]
+            self.adjoint.seed(rows[keep], vectors[keep], None if buffers is None else buffers[keep])
 
 
 class TrajectoryReplay(RecordedRun):
@@ -153,17 +159,36 @@ class TrajectoryReplay(RecordedRun):
         end = self._final_state()
         rows = _Rows(names, [bisect.bisect_left(self._steps, s) for s in bounds], counts)
         sweep_dtype = torch.promote_types(self.dtype, torch.float32)
+        owned = self._owned_rows(rows.num_rows)
+        self._batches_shared = self.shard is not None and owned is None
+        reduce = self.shard.sum if self._batches_shared and self.shard is not None else None
         adjoint = AdjointSweep(
-            self.step_loss, self.jacobian, self.num_samples, rows.num_rows, sweep_dtype, self.device, self.chunk_size
-        )
+            self.step_loss, self.jacobian, self.num_samples, rows.num_rows, sweep_dtype, self.device, self.chunk_size,
+            reduce,
+        )  # fmt: skip
         position = len(self._entries)
-        with tqdm(total=2 * position, disable=not self.progress, desc="Influence replay", unit="step") as bar:
-            sweep = _Sweep(adjoint, rows, queries, gradients, bar)
-            for start, entries in reversed(self._segments):
-                end = self._segment(start, entries, position, end, sweep)
-                position -= len(entries)
-        tables = {name: rows.table(adjoint.scores, name, len(bounds)) for name in names}
+        try:
+            with tqdm(total=2 * position, disable=not self.progress, desc="Influence replay", unit="step") as bar:
+                sweep = _Sweep(adjoint, rows, queries, gradients, bar, owned)
+                for start, entries in reversed(self._segments):
+                    end = self._segment(start, entries, position, end, sweep)
+                    position -= len(entries)
+        finally:
+            self._batches_shared = self.shard is not None
+        scores = self._summed(adjoint.scores)  # each process holds its rows', or its samples', terms
+        tables = {name: rows.table(scores, name, len(bounds)) for name in names}
         return tables if per_example else {name: t[:, 0] for name, t in tables.items()}
+
+    def _owned_rows(self, num_rows: int) -> torch.Tensor | None:
+        """On one of N processes sharing the replay, with at least N adjoint rows: the contiguous block of rows this
+        process sweeps (``BoolTensor[num_rows]``), every step replayed whole; the rows are independent (the adjoint is
+        linear), so nothing is exchanged until the scores. None (fewer rows, or one process): every row, each step's
+        batch split between the processes (:mod:`~lightning_influence.trajectory.shards`)."""
+        if self.shard is None or num_rows < self.shard.world_size:
+            return None
+        rank, n = self.shard.rank, self.shard.world_size
+        owner = torch.arange(num_rows) * n // num_rows
+        return owner == rank
 
     def influence(self, query: Any, per_example: bool = False, energy: float | None = None) -> InfluenceResult:
         """Scores at the final step for every sample in :attr:`sample_ids` (estimator ``"first-order"``);

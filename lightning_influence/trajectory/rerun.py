@@ -10,6 +10,7 @@ adjoint sweep (:mod:`lightning_influence.trajectory.replay`) and the in-run self
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator, Mapping
 from typing import Any, Callable, NamedTuple
@@ -28,6 +29,7 @@ from lightning_influence.trajectory.adjoint import AdjointStep
 from lightning_influence.trajectory.format import BATCH_DIR, StepEntry, listed_steps
 from lightning_influence.trajectory.reader import Trajectory, load_trajectory
 from lightning_influence.trajectory.self_influence import SelfInfluence
+from lightning_influence.trajectory.shards import ReplayShard
 from lightning_influence.trajectory.steps import (
     AutocastLoss,
     FingerprintCheck,
@@ -72,6 +74,7 @@ class RecordedRun:
         progress: bool = True,
         chunk_size: int | None = None,
         tolerances: tuple[float, float] | None = None,
+        shard: ReplayShard | None = None,
     ) -> None:
         self.trajectory = trajectory if isinstance(trajectory, Trajectory) else load_trajectory(trajectory)
         self.trajectory._check_finished()
@@ -96,6 +99,10 @@ class RecordedRun:
         self.train_dataset, self.collate_fn = train_dataset, collate_fn or default_collate
         self.move = move or batch_caster(self.dtype, self.device)
         self.progress, self.chunk_size = progress, chunk_size
+        self.shard = shard_for(shard, self.module, self.loss)
+        # whether the steps handed to this pass's consumer hold this process's share of each batch (a sweep that
+        # splits its rows between the processes instead hands every step whole)
+        self._batches_shared = self.shard is not None
         self.num_samples = int(meta["num_samples"])
         self.check = FingerprintCheck(meta, self.dtype, tolerances)
         self._segments = self.trajectory.segments()
@@ -119,7 +126,7 @@ class RecordedRun:
         own loss, 0 for a sample no step consumed); ``chunk_size``: rows per per-sample-gradient call."""
         dtype = torch.promote_types(self.dtype, torch.float32)
         total = SelfInfluence(self.step_loss, self.jacobian, self.num_samples, dtype, self.device, chunk_size)
-        scores = total.add_all(self.replayed_steps("Self-influence replay")).detach().cpu()
+        scores = self._summed(total.add_all(self.replayed_steps("Self-influence replay"))).detach().cpu()
         return InfluenceResult(torch.arange(self.num_samples), scores, estimator=IN_RUN, definition=IN_RUN)
 
     def replayed_steps(self, desc: str = "Replay") -> Iterator[AdjointStep]:
@@ -141,6 +148,12 @@ class RecordedRun:
                     self.check.check(self.check.of(end.theta), theta_end, "parameters", where)
                     self._check_buffers(end, moved_to, where)
                 yield from (self._adjoint_step(step, before) for step, before in zip(replayed, states))
+
+    @property
+    def processes(self) -> int:
+        """How many processes share this replay (1 without a
+        :class:`~lightning_influence.trajectory.shards.ReplayShard`)."""
+        return 1 if self.shard is None else self.shard.world_size
 
     def _check_dataset(self) -> None:
         """Before any work: the training set can give every sample of the steps whose batches were not recorded."""
@@ -227,8 +240,18 @@ class RecordedRun:
             batches = [DrawnBatch(b, d) for b, d in zip(batches, draws)]
         return [(b, t, float(w)) for b, t, (_, w) in zip(batches, ids, entry.micro_batches)]
 
+    def _summed(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed over the processes of a shared replay (itself on one process)."""
+        return tensor if self.shard is None else self.shard.sum(tensor)
+
     def _adjoint_step(self, step: ReplayedStep, frozen: dict | None) -> AdjointStep:
-        micro = [(moved(b, self.move), ids.to(self.device), w) for b, ids, w in step.micro_batches]
+        """The step for a consumer: on a process of a shared replay that splits the batches, its share of them (every
+        process replays every step whole, forward: its parameters and optimizer state are the run's, with nothing
+        exchanged)."""
+        micro = step.micro_batches
+        if self.shard is not None and self._batches_shared:
+            micro = self.shard.split(step.entry.step, micro)
+        micro = [(moved(b, self.move), ids.to(self.device), w) for b, ids, w in micro]
         return AdjointStep(step.opt_step, micro, step.clip, frozen)
 
     def _load_checkpoint(self, step: int) -> tuple[torch.Tensor, dict, dict | None]:
@@ -254,3 +277,19 @@ class RecordedRun:
         if theta.numel() != self.layout.numel:
             raise ValueError(f"{label} holds {theta.numel()} parameters, the layout {self.layout.numel}.")
         return theta
+
+
+def shard_for(shard: ReplayShard | None, module: nn.Module, loss: FunctionalLoss) -> ReplayShard | None:
+    """``shard`` told whether the module couples a batch's rows (None for one process); :class:`ReplayInputError` for
+    a model whose running buffers move (BatchNorm in train mode): every process would need every micro-batch's
+    statistics, in order."""
+    if shard is None or shard.world_size == 1:
+        return None
+    if loss.running_stats is not None:
+        raise ReplayInputError(
+            f"The model moves running buffers in its training forward ({loss.running_stats.buffer_names[0]!r}, ...:"
+            " BatchNorm in train mode), which a replay on several processes cannot share: each step's buffers move"
+            " with every micro-batch's statistics in turn. Replay on one process (devices=1)."
+        )
+    coupled = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in module.modules())
+    return dataclasses.replace(shard, rows_coupled=coupled)

@@ -243,7 +243,12 @@ def run_accumulate(out: str, timeout_s: float) -> None:
         trainer,
         tracker,
         recorder,
-        {"exact_scores": exact.influence("val").scores.clone()},
+        {
+            "exact_scores": exact.influence("val").scores.clone(),
+            # the replay after a DDP fit, shared by both processes (each replays its micro-batches of every step)
+            "replayed": trajectory.influence(make_query(), all_samples=True).scores.clone(),
+            "replay_processes": trajectory.replay(progress=False).processes,
+        },
     )
 
 

@@ -330,6 +330,11 @@ def test_ddp_recorded_trajectory_replays_to_the_single_process_first_order(ddp_r
     )
     assert torch.equal(replayed.sample_ids, torch.arange(cfg["num_samples"]))
     _assert_close(replayed.scores, reference.influence(W.make_query()).scores, 1e-8, "DDP-recorded replay vs forward")
+    # replayed after the fit by both processes, each its rank's micro-batches, the products all-reduced
+    r0, r1 = _load(ddp_run, "accumulate")
+    assert r0["replay_processes"] == r1["replay_processes"] == 2
+    assert torch.equal(r0["replayed"], r1["replayed"])
+    _assert_close(r0["replayed"], replayed.scores, 1e-6, "replay shared by the DDP processes vs one process")
 
 
 def test_ddp_exact_estimator_equals_leave_one_out_retraining(ddp_run):
