@@ -50,6 +50,7 @@ class _Job:
     sample_ids: SampleIdsFn
     regularizer: RegularizerFn | None
     num_threads: int | None = None
+    fresh_order: bool = False  # a loader's own generator seeded by each model's seed (else its initial seed)
 
 
 def _per_sample_loss(module: pl.LightningModule, loss_fn: LossFn | None) -> Callable[[Any], torch.Tensor]:
@@ -85,6 +86,8 @@ def _train_and_query(job: _Job, weights: torch.Tensor, seed: int) -> torch.Tenso
     if job.num_threads is not None:
         torch.set_num_threads(job.num_threads)
     pl.seed_everything(seed, verbose=False)
+    for generator in _own_generators(job.train):
+        generator.manual_seed(seed if job.fresh_order else generator.initial_seed())
     module = job.make_module(seed)
     module.training_step = _weighted_step(job, module, weights)  # type: ignore[method-assign]
     job.make_trainer().fit(module, job.train)
@@ -92,6 +95,38 @@ def _train_and_query(job: _Job, weights: torch.Tensor, seed: int) -> torch.Tenso
     with torch.no_grad():
         losses = _per_sample_loss(module, job.loss_fn)(move_data_to_device(job.query, module.device))
     return losses.detach().reshape(-1).to(torch.float64).cpu()
+
+
+def _own_generators(train: DataLoader) -> list[torch.Generator]:
+    """The generators the loader draws its order from, when it has its own (not the global one): the loader's, its
+    sampler's, its batch sampler's sampler's."""
+    sampler = getattr(train, "batch_sampler", None)
+    candidates = (train.generator, getattr(train.sampler, "generator", None),
+                  getattr(getattr(sampler, "sampler", None), "generator", None))  # fmt: skip
+    found: list[torch.Generator] = []
+    for generator in candidates:
+        if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
+            found.append(generator)
+    return found
+
+
+def _check_fresh_seeds(make_module: Callable[[int], pl.LightningModule], seeds: list[int]) -> None:
+    """``ValueError`` when ``make_module`` builds the same initial weights from two seeds (it seeds the generator
+    itself with a constant): every "fresh-seed" model would start as the same-seed ones, and the LDS would not be the
+    fresh-seed one it says."""
+    if len(set(seeds)) < 2:
+        return
+    first, second = sorted(set(seeds))[:2]
+    built = []
+    for seed in (first, second):
+        pl.seed_everything(seed, verbose=False)
+        built.append([p.detach().clone() for p in make_module(seed).parameters()])
+    if all(torch.equal(a, b) for a, b in zip(*built)):
+        raise ValueError(
+            f"make_module({first}) and make_module({second}) build the same initial weights: it seeds the random"
+            " generator with a constant (e.g. torch.manual_seed(0) inside), so the fresh-seed models would start from"
+            " the tracked run's weights. Seed it with the seed it is given (torch.manual_seed(seed)), or not at all."
+        )
 
 
 def _check_picklable(job: _Job) -> None:
@@ -116,10 +151,26 @@ def subset_query_losses(
     sample_ids: SampleIdsFn | None = None,
     regularizer: RegularizerFn | None = None,
     processes: int = 1,
+    variant: LDSVariant = "same-seed",
 ) -> torch.Tensor:
     """The query's per-example losses (float64 ``Tensor[M, n]``) of M models trained with per-sample ``weights[m]``
-    (``Tensor[M, N]``, indexed by sample id) from seed ``seeds[m]`` (see :func:`linear_datamodeling_score`)."""
-    job = _Job(make_module, make_trainer, train, query, loss_fn, sample_ids or default_sample_ids, regularizer)
+    (``Tensor[M, N]``, indexed by sample id) from seed ``seeds[m]`` (see :func:`linear_datamodeling_score`).
+
+    A training loader with its own ``generator`` (``DataLoader(..., shuffle=True, generator=g)``, or a sampler's) is
+    reseeded before each model: with ``g.initial_seed()`` for ``variant="same-seed"`` (the batch order of a run that
+    started from ``g`` freshly seeded, as the tracked run did, however far ``g`` has advanced since), with the model's
+    seed for ``"fresh-seed"``; its state is put back afterwards."""
+    job = _Job(make_module, make_trainer, train, query, loss_fn, sample_ids or default_sample_ids, regularizer,
+               fresh_order=variant == "fresh-seed")  # fmt: skip
+    states = [(g, g.get_state()) for g in _own_generators(train)]
+    try:
+        return _all_losses(job, weights, seeds, processes)
+    finally:
+        for generator, state in states:
+            generator.set_state(state)
+
+
+def _all_losses(job: _Job, weights: torch.Tensor, seeds: list[int], processes: int) -> torch.Tensor:
     if processes <= 1 or len(seeds) <= 1:
         return torch.stack([_train_and_query(job, w, s) for w, s in zip(weights, seeds)])
     workers = min(processes, len(seeds))
@@ -182,12 +233,14 @@ def linear_datamodeling_score(
         make_trainer: ``() -> pl.Trainer``, a fresh Trainer as the tracked run used (same epochs, precision,
             accumulation, clipping), without the tracker (a tracker would only slow the subset runs down).
         variant: ``"same-seed"``: every subset model is ``make_module(seed)`` trained after
-            ``pl.seed_everything(seed)``, so with a deterministic loader (a fixed sampler, or a shuffle drawn from
-            the seeded global generator) it shares the tracked run's initial weights, batches and random draws, the
-            removed samples at weight 0: the counterfactual the scores model (pass the seed of the tracked run).
+            ``pl.seed_everything(seed)``, so with a deterministic loader (a fixed sampler, a shuffle drawn from
+            the seeded global generator, or from the loader's own generator, reseeded with its initial seed before
+            each model) it shares the tracked run's initial weights, batches and random draws, the removed samples
+            at weight 0: the counterfactual the scores model (pass the seed of the tracked run).
             ``"fresh-seed"``: model m uses seed ``seed + 1 + m`` instead (new initial weights, a new shuffle order
-            when the loader shuffles from the global generator, new dropout draws), still with weight 0 for the
-            removed samples; a fixed batch sampler keeps its batches.
+            when the loader shuffles, its own generator seeded with that seed, new dropout draws), still with
+            weight 0 for the removed samples; a fixed batch sampler keeps its batches. A ``make_module`` that builds
+            the same weights from two seeds (it seeds with a constant) is refused (``ValueError``).
         processes: how many subset models train at once. More than 1 uses a ``ProcessPoolExecutor`` with the
             ``'spawn'`` start method (each worker gets ``cpu_count // processes`` torch threads), so every argument
             must be picklable (module-level functions, no lambdas); each worker pays for importing torch and
@@ -208,8 +261,10 @@ def linear_datamodeling_score(
     weights = torch.ones(num_subsets, size, dtype=torch.float64)
     weights[:, ids] = masks.to(torch.float64)  # scored samples: 1 if kept, 0 if removed
     seeds = [seed] * num_subsets if variant == "same-seed" else [seed + 1 + m for m in range(num_subsets)]
+    if variant == "fresh-seed":
+        _check_fresh_seeds(make_module, seeds)
     losses = subset_query_losses(
-        weights, seeds, train, query, make_module, make_trainer, loss_fn, sample_ids, regularizer, processes
+        weights, seeds, train, query, make_module, make_trainer, loss_fn, sample_ids, regularizer, processes, variant
     )
     actual = losses if scores.per_example is not None else losses.mean(dim=1, keepdim=True)
     predicted = predicted_changes(table, masks)

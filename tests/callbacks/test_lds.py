@@ -182,6 +182,48 @@ def test_subset_weights_and_seeds_are_the_counterfactual_runs(tracked):
     assert not torch.allclose(losses[1], losses[0])
 
 
+def _fit_query_losses(loader, query) -> torch.Tensor:
+    pl.seed_everything(0, verbose=False)
+    module = make_module(0)
+    make_trainer().fit(module, loader)
+    module.eval()
+    with torch.no_grad():
+        return module.per_sample_loss(query)
+
+
+def test_a_loader_with_its_own_generator_keeps_the_tracked_order_whatever_it_drew_since(tracked):
+    """``DataLoader(shuffle=True, generator=g)``: g has advanced after the tracked fit, the subset models still see
+    the tracked order (same-seed), a new order per seed (fresh-seed), and g's state is given back."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_influence import IndexedDataset
+
+    x, y, query = random_classification(N, D, C, num_query=NUM_QUERY, seed=0)
+    generator = torch.Generator().manual_seed(7)
+    loader = DataLoader(IndexedDataset(TensorDataset(x, y)), batch_size=4, shuffle=True, generator=generator)
+    tracked_losses = _fit_query_losses(loader, query)  # the tracked run: g seeded 7, freshly
+    drawn = generator.get_state()
+    ones = torch.ones(2, N, dtype=torch.float64)
+    same = subset_query_losses(ones, [0, 0], loader, query, make_module, make_trainer)
+    torch.testing.assert_close(same[0], tracked_losses, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(same[1], tracked_losses, rtol=1e-12, atol=1e-14)
+    assert torch.equal(generator.get_state(), drawn)
+    # fresh-seed, both models built with seed 0's weights: only the loader's order (seeded 0, then 1) differs
+    fresh = subset_query_losses(ones, [0, 1], loader, query, lambda _: make_module(0), make_trainer,
+                                variant="fresh-seed")  # fmt: skip
+    assert not torch.allclose(fresh[0], fresh[1])
+
+
+def test_fresh_seed_refuses_a_module_seeded_with_a_constant(tracked):
+    result, loader, query = tracked
+
+    def constant(seed: int) -> TinyClassifier:
+        return make_module(0)
+
+    with pytest.raises(ValueError, match=r"make_module\(1\) and make_module\(2\) build the same initial weights"):
+        linear_datamodeling_score(result, loader, query, constant, make_trainer, variant="fresh-seed")
+
+
 def test_inputs_that_cannot_work_fail_before_training(tracked):
     result, loader, query = tracked
     with pytest.raises(ValueError, match="per-example scores for 8 query examples, the query has 3"):
