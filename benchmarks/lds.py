@@ -22,7 +22,7 @@ Sign: the dattri attributors (TracIn, TRAK, influence function, DVEmb) and kronf
 query positive, as we do: none is flipped (docs/peers.md says why for each).
 
 Run in the peers' virtual environment (docs/peers.md; in the project's ``.venv`` the peers show as n/a):
-    python benchmarks/lds.py            # both models, 32 subsets per variant: about 6 min on 2 CPU cores
+    python benchmarks/lds.py            # both models, 32 subsets per variant: about 6 min on 2 CPU cores (375 s)
     python benchmarks/lds.py --quick    # the MLP, 8 subsets per variant: about 1.5 min
 """
 
@@ -114,6 +114,7 @@ class Problem:
     loader: DataLoader = field(init=False)
     reference: dict = field(default_factory=dict)  # the plain fit's final parameters
     plain: float = 0.0  # the plain fit's seconds (least of 3)
+    final_losses: torch.Tensor | None = None  # the plain fit's training loss of each sample (a baseline detector)
 
     def __post_init__(self) -> None:  # shuffled from the global generator, which seed_everything seeds
         self.loader = DataLoader(IndexedDataset(TensorDataset(*self.train)), batch_size=BATCH, shuffle=True)
@@ -146,6 +147,9 @@ def make_problem(key: str) -> Problem:
     fits = [prob.fit() for _ in range(3)]
     prob.plain = min(s for _, s in fits)
     prob.reference = {n: p.detach().clone() for n, p in fits[0][0].net.named_parameters()}
+    module = fits[0][0].eval()
+    with torch.no_grad():
+        prob.final_losses = module.per_sample_loss((*prob.train, torch.arange(len(prob.train[0]))))
     return prob
 
 
@@ -503,6 +507,10 @@ def print_model(table: list, failures: dict, prob: Problem, info: dict) -> None:
         print("| " + " | ".join(cells) + " |")
     for method, note in info["notes"].items():
         print(f"\n{method}: {note}.")
+    if prob.final_losses is not None:
+        baseline = float(binary_auroc(prob.final_losses.float(), prob.flipped.long()))
+        print(f"\nBaseline without attribution: each sample's training loss at the end of the plain fit finds the"
+              f" flipped labels with AUROC {baseline:.3f} (larger = flipped).")  # fmt: skip
     if failures:
         print("\nNot run (n/a above):\n")
         for method, why in failures.items():

@@ -160,21 +160,17 @@ class TrajectoryReplay(RecordedRun):
         rows = _Rows(names, [bisect.bisect_left(self._steps, s) for s in bounds], counts)
         sweep_dtype = torch.promote_types(self.dtype, torch.float32)
         owned = self._owned_rows(rows.num_rows)
-        self._batches_shared = self.shard is not None and owned is None
-        reduce = self.shard.sum if self._batches_shared and self.shard is not None else None
+        reduce = self.shard.sum if self.shard is not None and owned is None else None  # the batches split
         adjoint = AdjointSweep(
             self.step_loss, self.jacobian, self.num_samples, rows.num_rows, sweep_dtype, self.device, self.chunk_size,
             reduce,
         )  # fmt: skip
         position = len(self._entries)
-        try:
-            with tqdm(total=2 * position, disable=not self.progress, desc="Influence replay", unit="step") as bar:
-                sweep = _Sweep(adjoint, rows, queries, gradients, bar, owned)
-                for start, entries in reversed(self._segments):
-                    end = self._segment(start, entries, position, end, sweep)
-                    position -= len(entries)
-        finally:
-            self._batches_shared = self.shard is not None
+        with tqdm(total=2 * position, disable=not self.progress, desc="Influence replay", unit="step") as bar:
+            sweep = _Sweep(adjoint, rows, queries, gradients, bar, owned)
+            for start, entries in reversed(self._segments):
+                end = self._segment(start, entries, position, end, sweep)
+                position -= len(entries)
         scores = self._summed(adjoint.scores)  # each process holds its rows', or its samples', terms
         tables = {name: rows.table(scores, name, len(bounds)) for name in names}
         return tables if per_example else {name: t[:, 0] for name, t in tables.items()}
@@ -263,7 +259,7 @@ class TrajectoryReplay(RecordedRun):
         while replayed:  # pop: each step is freed once swept
             step, step_frozen = replayed.pop(), states.pop()
             sweep.seed(position, after)
-            sweep.adjoint.step_back(self._adjoint_step(step, step_frozen))
+            sweep.adjoint.step_back(self._adjoint_step(step, step_frozen, split=sweep.owned is None))
             sweep.bar.update()
             after, position = RunState(step.opt_step.theta, step_frozen, ""), position - 1
         return RunState(theta, frozen, f"the checkpoint of step {start}")

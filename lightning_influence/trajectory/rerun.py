@@ -100,9 +100,6 @@ class RecordedRun:
         self.move = move or batch_caster(self.dtype, self.device)
         self.progress, self.chunk_size = progress, chunk_size
         self.shard = shard_for(shard, self.module, self.loss)
-        # whether the steps handed to this pass's consumer hold this process's share of each batch (a sweep that
-        # splits its rows between the processes instead hands every step whole)
-        self._batches_shared = self.shard is not None
         self.num_samples = int(meta["num_samples"])
         self.check = FingerprintCheck(meta, self.dtype, tolerances)
         self._segments = self.trajectory.segments()
@@ -244,12 +241,12 @@ class RecordedRun:
         """``tensor`` summed over the processes of a shared replay (itself on one process)."""
         return tensor if self.shard is None else self.shard.sum(tensor)
 
-    def _adjoint_step(self, step: ReplayedStep, frozen: dict | None) -> AdjointStep:
-        """The step for a consumer: on a process of a shared replay that splits the batches, its share of them (every
-        process replays every step whole, forward: its parameters and optimizer state are the run's, with nothing
-        exchanged)."""
+    def _adjoint_step(self, step: ReplayedStep, frozen: dict | None, split: bool = True) -> AdjointStep:
+        """The step for a consumer; on a process of a shared replay, with ``split``, its share of the step's batch
+        (every process replays every step whole, forward: its parameters and optimizer state are the run's, with
+        nothing exchanged)."""
         micro = step.micro_batches
-        if self.shard is not None and self._batches_shared:
+        if self.shard is not None and split:
             micro = self.shard.split(step.entry.step, micro)
         micro = [(moved(b, self.move), ids.to(self.device), w) for b, ids, w in micro]
         return AdjointStep(step.opt_step, micro, step.clip, frozen)
@@ -288,8 +285,8 @@ def shard_for(shard: ReplayShard | None, module: nn.Module, loss: FunctionalLoss
     if loss.running_stats is not None:
         raise ReplayInputError(
             f"The model moves running buffers in its training forward ({loss.running_stats.buffer_names[0]!r}, ...:"
-            " BatchNorm in train mode), which a replay on several processes cannot share: each step's buffers move"
-            " with every micro-batch's statistics in turn. Replay on one process (devices=1)."
+            " BatchNorm in train mode), which a replay on several processes does not share: the buffers' adjoint and"
+            " a sample's terms need the statistics of the whole batch. Replay on one process (devices=1)."
         )
     coupled = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in module.modules())
     return dataclasses.replace(shard, rows_coupled=coupled)
