@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import multiprocessing
 import os
+import pickle
 import tempfile
 from typing import Any, Callable
 
@@ -28,6 +29,8 @@ def fabric_launcher(task: Callable[[ReplayShard], Any], devices: int, accelerato
     0's result. On the CPU the processes are forked where the platform can (no pickling; each gets its share of the
     CPU's threads, Fabric's default), else spawned."""
     forks = accelerator == "cpu" and "fork" in multiprocessing.get_all_start_methods()
+    if not forks:
+        _check_picklable(task, devices, accelerator)
     fabric = Fabric(accelerator=accelerator, devices=devices, strategy="ddp_fork" if forks else "ddp_spawn")
     # the answer comes back through a file: Fabric returns process 0's result through a pipe that the caller reads
     # only once every process ended, so a result larger than the pipe's buffer (64 KiB) would never be read
@@ -35,6 +38,18 @@ def fabric_launcher(task: Callable[[ReplayShard], Any], devices: int, accelerato
         path = os.path.join(folder, "answer.pt")
         fabric.launch(functools.partial(_run_shard, task=task, path=path))
         return torch.load(path, weights_only=False)
+
+
+def _check_picklable(task: Callable[[ReplayShard], Any], devices: int, accelerator: str) -> None:
+    """``ValueError`` naming the fix when the task cannot go to spawned processes (before any starts)."""
+    try:
+        pickle.dumps(task)
+    except Exception as err:  # pickling raises many kinds (PicklingError, AttributeError, TypeError)
+        raise ValueError(
+            f"devices={devices} on accelerator={accelerator!r} spawns its processes, which receive the module, the"
+            " training set, loss_fn and the replay's options pickled: use module-level functions and classes (no"
+            f" lambdas or local functions), or devices=1 ({type(err).__name__}: {err})."
+        ) from err
 
 
 def _run_shard(fabric: Fabric, task: Callable[[ReplayShard], Any], path: str) -> None:

@@ -100,6 +100,16 @@ def test_a_model_whose_running_statistics_move_is_refused_before_any_process_sta
         trajectory.influence(module, dataset, query, devices=2, progress=False)
 
 
+def test_spawned_processes_refuse_what_does_not_pickle_before_starting(tmp_path, monkeypatch):
+    """Where processes are spawned (GPUs; a platform without fork), a lambda loss is named before any starts."""
+    import multiprocessing
+
+    trajectory, module, dataset, query = _record(tmp_path, SETUPS["rows-adamw"])
+    monkeypatch.setattr(multiprocessing, "get_all_start_methods", lambda: ["spawn"])
+    with pytest.raises(ValueError, match="pickled: use module-level functions"):
+        trajectory.influence(module, dataset, query, loss_fn=lambda m, b: m.per_sample_loss(b), devices=2)
+
+
 def test_bad_devices_are_refused(tmp_path):
     trajectory, module, dataset, query = _record(tmp_path, SETUPS["rows-adamw"])
     for devices in (0, 1.5, True):
