@@ -9,8 +9,9 @@ set's size is known:
   no propagation), or a data selector acting on every sample's windows during training: every sample is tracked
   forward, as ``track=None``;
 - otherwise the run is recorded and replayed once at the end of fit for the registered queries (every sample scored,
-  its windows logged), while :data:`LIVE_SAMPLES` samples, evenly spread over the ids, are tracked forward so that
-  TensorBoard shows influence window by window during training;
+  its windows logged; after a fit on several processes, the replay is shared by them), while :data:`LIVE_SAMPLES`
+  samples, evenly spread over the ids, are tracked forward so that TensorBoard shows influence window by window
+  during training;
 - when the run cannot be recorded (the reason comes from the recording's own checks), the live samples only, and the
   announcement says why.
 
@@ -87,14 +88,10 @@ def resolve_default_path(
             f" every-sample replay: {refused}"
         )
         return DefaultPath(dataclasses.replace(config, track=live, record_trajectory=False), line=line)
-    at_end = world_size == 1  # a multi-process fit: every rank would replay; the user asks where it runs
-    after = (
-        "replayed once at the end of fit for the registered queries"
-        if at_end
-        else "replayed when asked (influence(name, all_samples=True) after fit; not at the end of a multi-process fit)"
-    )
+    shared = f", shared by the {world_size} processes" if world_size > 1 else ""
     line = (
-        f"every one of the {num_samples} samples scored by the recorded run, {after}; {live.numel()} tracked forward"
-        " for the live windows (track=[ids] to choose them, track=None for forward states of all)"
+        f"every one of the {num_samples} samples scored by the recorded run, replayed once at the end of fit for the"
+        f" registered queries{shared}; {live.numel()} tracked forward for the live windows (track=[ids] to choose"
+        " them, track=None for forward states of all)"
     )
-    return DefaultPath(recording, replay_at_end=at_end, answers_by_replay=at_end, line=line)
+    return DefaultPath(recording, replay_at_end=True, answers_by_replay=True, line=line)

@@ -49,6 +49,8 @@ NUM_FEATURES, NUM_CLASSES, HIDDEN = 4, 3, 5
 SHARDS = dict(num_samples=24, per_rank_batch=3, epochs=2, schedule_seed=3, window_every_n_steps=3, lr=0.05)
 ACCUMULATE = dict(num_samples=24, per_rank_batch=2, epochs=2, schedule_seed=4, lr=0.2, momentum=0.9, clip=0.3)
 PADDED = dict(num_samples=13, epochs=4, lr=0.1, momentum=0.9)
+# more than 64 samples: the default path records the run and replays it at the end of fit, shared by the ranks
+DEFAULT = dict(num_samples=80, per_rank_batch=4, epochs=2, schedule_seed=5)
 EXACT_IDS = [0, 5, 11, 17]  # tracked by the "exact" estimator in the accumulate run
 
 
@@ -273,10 +275,34 @@ def run_padded(out: str, timeout_s: float) -> None:
     _save(os.path.join(out, f"rank{trainer.global_rank}.pt"), trainer, tracker, recorder, {})
 
 
+def run_default(out: str, timeout_s: float) -> None:
+    from lightning_influence import InfluenceTracker
+    from lightning_influence.testing import TinyClassifier, fixed_loader
+
+    out = os.path.join(out, "default")
+    x, y = make_data(DEFAULT["num_samples"])
+    tracker = InfluenceTracker(queries={"val": make_query()}, window_every_n_steps=5, dirpath=os.path.join(out, "run"))
+    trainer = _trainer(out, DEFAULT["epochs"], [tracker], timeout_s, False, use_distributed_sampler=False)
+    rank = int(os.environ.get("LOCAL_RANK", 0))
+    trainer.fit(TinyClassifier(make_net(), adamw), fixed_loader(x, y, rank_schedule(rank, DEFAULT)))
+    result = tracker.influence("val")  # read back: replayed at the end of fit
+    payload = {
+        "rank": trainer.global_rank,
+        "world_size": trainer.world_size,
+        "ids": result.sample_ids.clone(),
+        "scores": result.scores.clone(),
+        "windows": [(w.start_step, w.end_step, w.scores.clone()) for w in tracker.windows("val")],
+        "replays": tracker.replays,
+        "live": tracker.tracked_ids.clone(),
+        "processes": tracker.replay(progress=False).processes,
+    }
+    torch.save(payload, os.path.join(out, f"rank{trainer.global_rank}.pt"))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("outdir")
-    parser.add_argument("--mode", choices=("shards", "accumulate", "padded", "all"), default="all")
+    parser.add_argument("--mode", choices=("shards", "accumulate", "padded", "default", "all"), default="all")
     parser.add_argument("--timeout-s", type=float, default=60.0, help="gloo collective timeout")
     args = parser.parse_args(argv)
     out = os.path.abspath(args.outdir)
@@ -287,6 +313,8 @@ def main(argv: list[str] | None = None) -> None:
         run_accumulate(out, args.timeout_s)
     if args.mode in ("padded", "all"):
         run_padded(out, args.timeout_s)
+    if args.mode in ("default", "all"):
+        run_default(out, args.timeout_s)
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
         print(f"ddp_worker: done ({args.mode})", file=sys.stderr)
     # Tear the process group down while both processes are alive: left to interpreter shutdown,

@@ -337,6 +337,29 @@ def test_ddp_recorded_trajectory_replays_to_the_single_process_first_order(ddp_r
     _assert_close(r0["replayed"], replayed.scores, 1e-6, "replay shared by the DDP processes vs one process")
 
 
+def test_ddp_default_path_replays_every_sample_at_the_end_of_fit_shared_by_the_ranks(ddp_run):
+    """80 samples (> 64): the default path records the DDP run and replays it once at the end of fit, shared by
+    both processes; every rank answers for every sample, the offline one-process replay's numbers."""
+    from torch.utils.data import TensorDataset
+
+    from lightning_influence import IndexedDataset, load_trajectory
+
+    out, _, _ = ddp_run
+    r0, r1 = _load(ddp_run, "default")
+    n = W.DEFAULT["num_samples"]
+    assert r0["replays"] == r1["replays"] == 1 and 0 < r0["live"].numel() < n
+    assert r0["processes"] == r1["processes"] == 2
+    assert torch.equal(r0["ids"], torch.arange(n)) and torch.equal(r1["ids"], torch.arange(n))
+    assert torch.equal(r0["scores"], r1["scores"])
+    x, y = W.make_data(n)
+    offline = load_trajectory(out / "default" / "run").influence(
+        TinyClassifier(W.make_net(seed=5), None), IndexedDataset(TensorDataset(x, y)), W.make_query(), progress=False
+    )
+    _assert_close(r0["scores"], offline.scores, 1e-6, "end-of-fit replay shared by the DDP ranks vs one process")
+    assert [w[:2] for w in r0["windows"]] == [(0, 5), (5, 10), (10, 15), (15, 20)]
+    assert (out / "default" / "run" / "all_samples").is_dir()
+
+
 def test_ddp_exact_estimator_equals_leave_one_out_retraining(ddp_run):
     """estimator="exact" under DDP (each rank's share of the gradient differences all-reduced), with gradient
     accumulation and norm clipping: the scores are the true leave-one-out differences of retraining."""

@@ -122,4 +122,4 @@ def test_a_run_that_cannot_be_recorded_tracks_the_live_samples_and_says_why():
     assert refused.config.track.numel() == LIVE_SAMPLES and not refused.config.record_trajectory
     assert "cannot be recorded" in refused.line and "DDP with dropout" in refused.line
     multi = resolve_default_path(config, 500, 2, lambda c: None)
-    assert not multi.answers_by_replay and not multi.replay_at_end and "not at the end of a multi-process" in multi.line
+    assert multi.answers_by_replay and multi.replay_at_end and "shared by the 2 processes" in multi.line
