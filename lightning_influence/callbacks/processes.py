@@ -3,8 +3,8 @@
 ``lightning_influence.load_trajectory(path)`` gives its trajectory :func:`fabric_launcher`: ``trajectory.influence(...,
 devices=N, accelerator=...)`` then runs on N processes that Fabric starts with its ``ddp`` strategy (forked on the
 CPU, so nothing needs to pickle; spawned on GPUs, where the module, dataset and loss must pickle), each given its
-:class:`~lightning_influence.trajectory.shards.ReplayShard` whose ``reduce`` is Fabric's all-reduce (gloo on the CPU,
-NCCL on GPUs).
+:class:`~lightning_influence.trajectory.shards.ReplayShard` whose ``reduce`` is torch.distributed's all-reduce on the
+process group Fabric set up (gloo on the CPU, NCCL on GPUs).
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 :meth:`Trajectory.influence <lightning_influence.trajectory.reader.Trajectory.influence>` (and ``self_influence``,
 ``windows``) with ``devices=N`` runs one :class:`ReplayTask` on N processes: each builds the replay with its
-:class:`~lightning_influence.trajectory.shards.ReplayShard` (its share of every step's batch, and the all-reduce that
-sums the processes' parts) and asks it the same question; process 0's answer is returned, the others hold the same.
+:class:`~lightning_influence.trajectory.shards.ReplayShard` (its share of the adjoint's rows or of every step's batch,
+and the all-reduce that sums the processes' parts) and asks it the same question; process 0's answer is returned,
+the others hold the same.
 
 Starting the processes and their all-reduce is a :data:`Launcher`'s job, given to :func:`load_trajectory
 <lightning_influence.trajectory.reader.load_trajectory>`: the package's public ``load_trajectory`` passes Lightning
