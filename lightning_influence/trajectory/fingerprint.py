@@ -10,6 +10,11 @@ ulps. The definition, for element index i (0-based) and row r = 32·g + b (b = 0
     sign_r(i) = +1 if bit b of mix32(i ^ key_g) is 1, else −1
     fingerprint_r(v) = Σ_i sign_r(i) · float64(v_i)
 
+With a ``stride`` s > 1 the fingerprint is that of the elements 0, s, 2s, ... (``v[::s]``, their index i counted in
+the sampled vector): a recording samples a long vector's elements (:func:`fingerprint_stride`), which still catches
+what the fingerprints are for (another batch, another loss, a changed dataset move every element of the gradient, and
+so θ) at a fraction of the pass over all of them.
+
 Nothing here knows Lightning.
 """
 
@@ -22,8 +27,10 @@ import torch
 
 __all__ = [
     "DEFAULT_CHECKPOINT_EVERY",
+    "FINGERPRINT_ELEMENTS",
     "default_checkpoint_every",
     "fingerprint",
+    "fingerprint_stride",
     "fingerprint_tensor",
     "fingerprints_match",
 ]
@@ -34,6 +41,17 @@ _BITS = 32  # projection rows drawn from one 32-bit hash
 
 #: the checkpoint interval when the number of training steps is not known in advance
 DEFAULT_CHECKPOINT_EVERY = 100
+
+#: about how many elements of a vector a recording's fingerprint reads (:func:`fingerprint_stride`)
+FINGERPRINT_ELEMENTS = 1 << 16
+
+
+def fingerprint_stride(numel: int, elements: int = FINGERPRINT_ELEMENTS) -> int:
+    """The stride s = ⌈numel / elements⌉ (at least 1) whose ``v[::s]`` holds at most ``elements`` of a vector of
+    ``numel``: every element of a vector up to ``elements`` long (stride 1), about ``elements`` of a longer one. At
+    p = 351 K a recording's two fingerprints per step cost ≈ 1.9 ms of CPU over every element (both, with cold
+    caches, ``benchmarks/recording_cost.py``), on the cores training uses."""
+    return max(1, -(-int(numel) // int(elements)))
 
 
 def _mix32_int(x: int) -> int:
@@ -148,7 +166,9 @@ def _project_chunk(
     return rows.to(torch.float64) @ chunk
 
 
-def fingerprint_tensor(vector: torch.Tensor, seed: int, size: int = 4, chunk_size: int | None = None) -> torch.Tensor:
+def fingerprint_tensor(
+    vector: torch.Tensor, seed: int, size: int = 4, chunk_size: int | None = None, stride: int = 1
+) -> torch.Tensor:
     """:func:`fingerprint` as a float64 ``Tensor[size]`` on the vector's device (the CPU for MPS), not yet read
     back: on an accelerator the work is queued and nothing waits for it until the values are read
     (``tensor.tolist()``), which a recording does in its writing thread."""
@@ -156,7 +176,9 @@ def fingerprint_tensor(vector: torch.Tensor, seed: int, size: int = 4, chunk_siz
         raise ValueError(f"fingerprint seed must be in [0, 2**32), got {seed}.")
     if size < 1 or (chunk_size is not None and chunk_size < 1):
         raise ValueError(f"fingerprint size and chunk_size must be positive, got {size} and {chunk_size}.")
-    flat = vector.detach().reshape(-1)
+    if stride < 1:
+        raise ValueError(f"fingerprint stride must be a positive integer, got {stride}.")
+    flat = vector.detach().reshape(-1)[:: int(stride)]
     if flat.numel() > _MASK32:
         raise ValueError(f"fingerprint supports vectors of fewer than 2**32 elements, got {flat.numel()}.")
     if flat.device.type == "mps":
@@ -176,7 +198,9 @@ def fingerprint_tensor(vector: torch.Tensor, seed: int, size: int = 4, chunk_siz
     return _class_signs(size) @ total if classes else total
 
 
-def fingerprint(vector: torch.Tensor, seed: int, size: int = 4, chunk_size: int | None = None) -> list[float]:
+def fingerprint(
+    vector: torch.Tensor, seed: int, size: int = 4, chunk_size: int | None = None, stride: int = 1
+) -> list[float]:
     """``size`` random ±1 projections of a flat vector (module docstring: the exact definition).
 
     Args:
@@ -187,6 +211,7 @@ def fingerprint(vector: torch.Tensor, seed: int, size: int = 4, chunk_size: int 
         chunk_size: elements of the vector converted to float64 and projected at a time. Default: the whole
             vector when its signs are cached (below), else 2¹⁶ on the CPU (cache-sized), 2²² on accelerators
             (fewer kernel launches).
+        stride: the fingerprint of ``vector[::stride]`` (module docstring; 1: every element).
 
     Returns:
         ``size`` Python floats (float64). They do not depend on ``chunk_size`` or the device beyond float64
@@ -198,7 +223,7 @@ def fingerprint(vector: torch.Tensor, seed: int, size: int = 4, chunk_size: int 
         chunk by chunk beyond). Longer vectors hash their signs at every call (memory O(size · chunk_size)).
         :func:`fingerprint_tensor` gives the values as a tensor without reading them back.
     """
-    return [float(x) for x in fingerprint_tensor(vector, seed, size, chunk_size).cpu().tolist()]
+    return [float(x) for x in fingerprint_tensor(vector, seed, size, chunk_size, stride).cpu().tolist()]
 
 
 def fingerprints_match(recorded: Sequence[float], replayed: Sequence[float], rtol: float, atol: float = 0.0) -> bool:

@@ -18,8 +18,9 @@ overflow, leaves a gap: θ and the optimizer state did not change). Step t maps 
 
 ``meta.json``: ``{"format": "lightning-influence/trajectory", "version": 1, "meta": {...}, "resumes": [s, ...]}``.
 ``meta`` is the caller's description of the run (parameter layout: names, shapes, group slices; optimizer kind;
-dtype; num_samples; checkpoint_every_n_steps; fingerprint seed and size; world size ...). ``resumes`` lists the
-steps s at which the run was resumed from a checkpoint (the recorded steps ≥ s were dropped and rewritten).
+dtype; num_samples; checkpoint_every_n_steps; fingerprint seed, size and stride (absent: 1); world size ...).
+``resumes`` lists the steps s at which the run was resumed from a checkpoint (the recorded steps ≥ s were dropped
+and rewritten).
 
 ``steps.jsonl``: one object per line, ``{"format": "lightning-influence/trajectory-step", "version": 1,
 "step": t, "epoch": e, "groups": [...], "micro_batches": [[[ids...], w], ...], "clip": ..., "fingerprint": ...}``:

@@ -28,7 +28,7 @@ from lightning_influence.autodiff.parameters import TrackedParameters
 from lightning_influence.optimizers import flat_optimizer_state, read_step_groups
 from lightning_influence.optimizers.clipping import GradientClip, NormClip, ValueClip
 from lightning_influence.records import BookedStep, StepRecord
-from lightning_influence.trajectory.fingerprint import fingerprint_tensor
+from lightning_influence.trajectory.fingerprint import fingerprint_stride, fingerprint_tensor
 from lightning_influence.trajectory.reader import StepEntry, TrajectoryWriter
 
 FINGERPRINT_SEED = 20250101
@@ -68,7 +68,8 @@ def trajectory_meta(
         "optimizer": {"kind": optimizer_kind, "momentum": bool(momentum)},
         "dtype": str(dtype).replace("torch.", ""),
         "num_samples": int(num_samples),
-        "fingerprint": {"seed": FINGERPRINT_SEED, "size": FINGERPRINT_SIZE},
+        # stride: the elements a fingerprint reads (absent in trajectories recorded before it existed: 1, every one)
+        "fingerprint": {"seed": FINGERPRINT_SEED, "size": FINGERPRINT_SIZE, "stride": fingerprint_stride(layout.numel)},
         **more,
     }
 
@@ -218,11 +219,12 @@ class TrajectoryRecorder:
         """In the writing thread: the step's line, built from what :meth:`book` handed over (nothing changes it),
         with the fingerprints of θ_t and of the gradient (``vectors``: the step record's fresh flat copies).
 
-        Their float64 pass over 2 · p elements (≈ 0.4 ms each for p = 351 K on one CPU core) runs here, at the
-        thread's lower priority and on its single intra-op thread, rather than in the training step: training threads
-        leave cores idle between their parallel regions (the optimizer's small operations, data loading, Python)."""
-        seed, size = FINGERPRINT_SEED, FINGERPRINT_SIZE
-        prints = [fingerprint_tensor(v, seed, size).tolist() for v in vectors]
+        Their float64 pass over the sampled elements (at most about 65 K of each vector:
+        :func:`~lightning_influence.trajectory.fingerprint.fingerprint_stride`) runs here, at the thread's lower
+        priority and on its single intra-op thread, rather than in the training step: training threads leave cores
+        idle between their parallel regions (the optimizer's small operations, data loading, Python)."""
+        seed, size, stride = FINGERPRINT_SEED, FINGERPRINT_SIZE, fingerprint_stride(vectors[0].numel())
+        prints = [fingerprint_tensor(v, seed, size, stride=stride).tolist() for v in vectors]
         entry = StepEntry(
             step=record.step,
             epoch=record.epoch,

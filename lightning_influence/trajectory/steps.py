@@ -278,12 +278,13 @@ def step_gradient(
 
 
 class FingerprintCheck:
-    """Compares replayed vectors with recorded fingerprints (``meta["fingerprint"]``: seed, size) under the
+    """Compares replayed vectors with recorded fingerprints (``meta["fingerprint"]``: seed, size, stride) under the
     tolerances of the parameters' dtype; raises :class:`ReplayMismatchError` with the causes and the fix."""
 
     def __init__(self, meta: dict[str, Any], dtype: torch.dtype, tolerances: tuple[float, float] | None) -> None:
         spec = meta.get("fingerprint") or {}
         self.seed, self.size = int(spec.get("seed", 0)), int(spec.get("size", 4))
+        self.stride = int(spec.get("stride", 1))  # absent before recordings sampled long vectors: every element
         self.dtype = dtype
         autocast = autocast_from_meta(meta)
         # a run under autocast: the tolerances of its compute dtype (the parameters' are too tight)
@@ -294,7 +295,7 @@ class FingerprintCheck:
         self.theta_rtol, self.grad_rtol = tolerances or default
 
     def of(self, vector: torch.Tensor) -> list[float]:
-        return fingerprint(vector, self.seed, self.size)
+        return fingerprint(vector, self.seed, self.size, stride=self.stride)
 
     def check(self, recorded: Sequence[float] | None, vector: torch.Tensor, what: str, where: str) -> None:
         """``what``: ``"parameters"`` or ``"gradient"``; ``where`` names the step in the message."""

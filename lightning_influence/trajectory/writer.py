@@ -111,7 +111,8 @@ class TrajectoryWriter:
     Args:
         dirpath: the trajectory folder (conventionally ``<artifact dir>/trajectory``).
         meta: the run's description, JSON-serialisable (tuples become lists, tensors lists): parameter layout,
-            optimizer kind, dtype, num_samples, checkpoint_every_n_steps, fingerprint seed and size, world size...
+            optimizer kind, dtype, num_samples, checkpoint_every_n_steps, fingerprint seed, size and stride, world
+            size...
         resume_from_step: None for a new run: an earlier trajectory in ``dirpath`` is deleted (with a warning).
             s for a run resumed from a checkpoint taken before global step s: steps, checkpoints and batches
             strictly before s are kept, later ones (and ``final.pt``, ``end.json``) deleted, and ``meta`` must

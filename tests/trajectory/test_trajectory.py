@@ -247,6 +247,44 @@ def test_fingerprint_matches_its_definition_for_any_chunk_size():
     assert fingerprint(v, 12345) != fingerprint(v, 12346)
 
 
+def test_a_stride_fingerprints_the_sampled_elements():
+    from lightning_influence.trajectory.fingerprint import FINGERPRINT_ELEMENTS, fingerprint_stride
+
+    v = torch.randn(1000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    expected = _direct(v[::3].clone(), seed=7, size=4)
+    got = torch.tensor(fingerprint(v, 7, stride=3), dtype=torch.float64)
+    torch.testing.assert_close(got, expected, rtol=1e-13, atol=1e-12)
+    assert [fingerprint_stride(n) for n in (1, FINGERPRINT_ELEMENTS, FINGERPRINT_ELEMENTS + 1, 351_010)] == [1, 1, 2, 6]
+    with pytest.raises(ValueError, match="stride"):
+        fingerprint(v, 7, stride=0)
+
+
+def test_a_long_vector_s_recording_samples_its_fingerprints_and_still_catches_another_batch(tmp_path):
+    """p > 65,536: the recording's fingerprints read every k-th element (meta["fingerprint"]["stride"]); the replay
+    reproduces them, and a training set changed since still stops it at the first step."""
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    from lightning_influence import IndexedDataset, InfluenceTracker, ReplayMismatchError
+    from lightning_influence.testing import TinyClassifier, fixed_loader, lightning_trainer
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 300, generator=gen, dtype=torch.float64), torch.randint(0, 3, (8,), generator=gen)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(300, 250), nn.Tanh(), nn.Linear(250, 3)).double()  # 76,003 parameters
+    module = TinyClassifier(net, lambda n: torch.optim.Adam(n.parameters(), lr=1e-3))
+    tracker = InfluenceTracker(track=(), record_trajectory=True, dirpath=str(tmp_path))
+    lightning_trainer(1, callbacks=[tracker]).fit(module, fixed_loader(x, y, [[[0, 1, 2, 3], [4, 5, 6, 7]]]))
+    trajectory = load_trajectory(tmp_path)
+    assert trajectory.meta["fingerprint"]["stride"] == 2
+    query = (x[:2], y[:2])
+    result = trajectory.influence(module, IndexedDataset(TensorDataset(x, y)), query, progress=False)
+    assert result.sample_ids.numel() == 8 and bool(result.scores.abs().max() > 0)
+    other = IndexedDataset(TensorDataset(x.flip(0), y))
+    with pytest.raises(ReplayMismatchError, match="at optimizer step 0"):
+        trajectory.influence(module, other, query, progress=False)
+
+
 def test_fingerprint_is_sensitive_to_tiny_changes():
     v = torch.randn(100_000, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     recorded = fingerprint(v, 3)
