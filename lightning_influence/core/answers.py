@@ -117,7 +117,9 @@ class TrackerAnswers:
                 and read back afterwards (:attr:`replays` counts the replays); any other query replays each time.
                 None (default): every sample on the default path (``track="auto"`` recorded the run) for a
                 registered query, or when nothing is forward-tracked (``track=()``); the forward-tracked samples
-                otherwise (``track=ids``). False: the forward-tracked samples.
+                otherwise (``track=ids``). False: the forward-tracked samples. After a fit on several processes
+                (DDP) a replay is shared by them: ask on every process (on the default path a registered query's
+                answer, replayed at the end of fit, is read back on any one).
 
         Raises:
             ValueError: without ``all_samples`` when nothing is forward-tracked (``track=()``, recording only).
