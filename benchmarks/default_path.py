@@ -16,6 +16,7 @@ import argparse
 import logging
 import tempfile
 import time
+from typing import Callable
 
 import lightning.pytorch as pl
 import torch
@@ -51,15 +52,19 @@ def cnn() -> nn.Module:
     )  # fmt: skip
 
 
-def fit(train, epochs: int, tracker: InfluenceTracker | None) -> float:
-    module = TinyClassifier(cnn(), lambda m: torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=1e-2))
+def fit(
+    train, epochs: int, tracker: InfluenceTracker | None, net: Callable[[], nn.Module] = cnn, batch_size: int = 64
+) -> tuple[TinyClassifier, float]:
+    """A digits-style fit (AdamW lr 3e-3, weight decay 1e-2, the batch order seeded 1) of ``net()``, with ``tracker``
+    if any: the trained module and the fit's seconds. The other benchmarks train through it too."""
+    module = TinyClassifier(net(), lambda m: torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=1e-2))
     trainer = pl.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, callbacks=[tracker] if tracker else [])  # fmt: skip
-    loader = DataLoader(IndexedDataset(TensorDataset(*train)), batch_size=64, shuffle=True,
+    loader = DataLoader(IndexedDataset(TensorDataset(*train)), batch_size=batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(1))  # fmt: skip
     started = time.perf_counter()
     trainer.fit(module, loader)
-    return time.perf_counter() - started
+    return module, time.perf_counter() - started
 
 
 def main() -> None:
@@ -71,10 +76,10 @@ def main() -> None:
     torch.set_num_threads(2)
     train, val, flipped = digits(args.train, 0.1)
     fit(train, 1, None)  # warm-up: the first fit of a process pays for imports and first calls
-    plain = fit(train, args.epochs, None)
+    _, plain = fit(train, args.epochs, None)
     with tempfile.TemporaryDirectory() as folder:
         tracker = InfluenceTracker(queries={"val": val}, window_every_n_epochs=1, dirpath=folder)
-        default = fit(train, args.epochs, tracker)
+        _, default = fit(train, args.epochs, tracker)
         started = time.perf_counter()
         own = tracker.self_influence()
         self_s = time.perf_counter() - started

@@ -17,13 +17,12 @@ import logging
 import tempfile
 import time
 
-import lightning.pytorch as pl
 import torch
+from default_path import fit as digits_fit
 from sklearn.datasets import load_digits
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_influence import IndexedDataset, InfluenceTracker, load_trajectory
+from lightning_influence import InfluenceTracker, load_trajectory
 from lightning_influence.testing import TinyClassifier
 from lightning_influence.trajectory.query_sketch import sketch_error
 from lightning_influence.trajectory.replay import TrajectoryReplay
@@ -37,18 +36,15 @@ def digits(n_train: int, n_test: int):
     return (x[train], y[train]), (x[test], y[test])
 
 
-def fit(train, epochs: int, folder: str, record: bool) -> tuple[TinyClassifier, float, InfluenceTracker | None]:
+def mlp() -> nn.Module:
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
-    module = TinyClassifier(net, lambda m: torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=1e-2))
+    return nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
+
+
+def fit(train, epochs: int, folder: str, record: bool) -> tuple[TinyClassifier, float, InfluenceTracker | None]:
     tracker = InfluenceTracker(track=(), record_trajectory=True, dirpath=folder) if record else None
-    trainer = pl.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[tracker] if tracker else [])  # fmt: skip
-    loader = DataLoader(IndexedDataset(TensorDataset(*train)), batch_size=64, shuffle=True,
-                        generator=torch.Generator().manual_seed(1))  # fmt: skip
-    started = time.perf_counter()
-    trainer.fit(module, loader)
-    return module, time.perf_counter() - started, tracker
+    module, seconds = digits_fit(train, epochs, tracker, net=mlp)
+    return module, seconds, tracker
 
 
 def timed(fn):

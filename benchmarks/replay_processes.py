@@ -19,11 +19,10 @@ import os
 import tempfile
 import time
 
-import lightning.pytorch as pl
 import torch
-from default_path import cnn, digits
+from default_path import cnn, digits, fit
 from recording_cost import make_cnn, synthetic_images
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from lightning_influence import IndexedDataset, InfluenceTracker, load_trajectory
 from lightning_influence.testing import TinyClassifier
@@ -46,15 +45,8 @@ def problem(model: str, n: int):
 
 def record(model: str, train, epochs: int, folder: str) -> tuple[TinyClassifier, float]:
     net, batch, _ = MODELS[model]
-    module = TinyClassifier(net(), lambda m: torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=1e-2))
     tracker = InfluenceTracker(track=(), record_trajectory=True, dirpath=folder)
-    trainer = pl.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[tracker])  # fmt: skip
-    loader = DataLoader(IndexedDataset(TensorDataset(*train)), batch_size=batch, shuffle=True,
-                        generator=torch.Generator().manual_seed(1))  # fmt: skip
-    started = time.perf_counter()
-    trainer.fit(module, loader)
-    return module, time.perf_counter() - started
+    return fit(train, epochs, tracker, net=net, batch_size=batch)
 
 
 def timed(fn, repeats: int):

@@ -30,6 +30,7 @@ __all__ = [
     "FINGERPRINT_ELEMENTS",
     "default_checkpoint_every",
     "fingerprint",
+    "fingerprint_spec",
     "fingerprint_stride",
     "fingerprint_tensor",
     "fingerprints_match",
@@ -44,6 +45,13 @@ DEFAULT_CHECKPOINT_EVERY = 100
 
 #: about how many elements of a vector a recording's fingerprint reads (:func:`fingerprint_stride`)
 FINGERPRINT_ELEMENTS = 1 << 16
+
+
+def fingerprint_spec(meta: dict) -> tuple[int, int, int]:
+    """``(seed, size, stride)`` of a trajectory's ``meta["fingerprint"]``, as the recording computes its fingerprints
+    and the replay checks them (a missing stride, in trajectories recorded before it existed: 1, every element)."""
+    spec = meta.get("fingerprint") or {}
+    return int(spec.get("seed", 0)), int(spec.get("size", 4)), int(spec.get("stride", 1))
 
 
 def fingerprint_stride(numel: int, elements: int = FINGERPRINT_ELEMENTS) -> int:

@@ -28,7 +28,7 @@ from lightning_influence.autodiff.parameters import TrackedParameters
 from lightning_influence.optimizers import flat_optimizer_state, read_step_groups
 from lightning_influence.optimizers.clipping import GradientClip, NormClip, ValueClip
 from lightning_influence.records import BookedStep, StepRecord
-from lightning_influence.trajectory.fingerprint import fingerprint_stride, fingerprint_tensor
+from lightning_influence.trajectory.fingerprint import fingerprint_spec, fingerprint_stride, fingerprint_tensor
 from lightning_influence.trajectory.reader import StepEntry, TrajectoryWriter
 
 FINGERPRINT_SEED = 20250101
@@ -223,7 +223,7 @@ class TrajectoryRecorder:
         :func:`~lightning_influence.trajectory.fingerprint.fingerprint_stride`) runs here, at the thread's lower
         priority and on its single intra-op thread, rather than in the training step: training threads leave cores
         idle between their parallel regions (the optimizer's small operations, data loading, Python)."""
-        seed, size, stride = FINGERPRINT_SEED, FINGERPRINT_SIZE, fingerprint_stride(vectors[0].numel())
+        seed, size, stride = fingerprint_spec(self.meta)  # as the replay reads it back
         prints = [fingerprint_tensor(v, seed, size, stride=stride).tolist() for v in vectors]
         entry = StepEntry(
             step=record.step,

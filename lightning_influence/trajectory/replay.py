@@ -141,8 +141,7 @@ class TrajectoryReplay(RecordedRun):
             ``{name: Tensor[len(boundaries), num_samples]}`` (``Tensor[len(boundaries), n, num_samples]`` with
             ``per_example``) on the CPU; samples in no step score 0. Sign: negative = harmful.
         """
-        end = self._final_state()
-        counts = {name: self._count(queries[name], end, per_example) for name in queries}
+        counts = {name: self._count(queries[name], per_example) for name in queries}
         return self._sweep(queries, boundaries, counts, lambda q, s: self._query_gradients(q, s, per_example),
                            per_example)  # fmt: skip
 
@@ -160,7 +159,7 @@ class TrajectoryReplay(RecordedRun):
         rows = _Rows(names, [bisect.bisect_left(self._steps, s) for s in bounds], counts)
         sweep_dtype = torch.promote_types(self.dtype, torch.float32)
         owned = self._owned_rows(rows.num_rows)
-        reduce = self.shard.sum if self.shard is not None and owned is None else None  # the batches split
+        reduce = self.shard.reduce if self.shard is not None and owned is None else None  # the batches split
         adjoint = AdjointSweep(
             self.step_loss, self.jacobian, self.num_samples, rows.num_rows, sweep_dtype, self.device, self.chunk_size,
             reduce,
@@ -203,11 +202,7 @@ class TrajectoryReplay(RecordedRun):
 
     def _sketched(self, query: Any, energy: float, checks: int = 4) -> InfluenceResult:
         """:meth:`influence` per example by the query sketch, with ``checks`` exact rows to measure it."""
-        end = self._final_state()
-        if end is None:
-            theta, _, frozen = self._load_checkpoint(self._segments[-1][0])
-            end = RunState(theta, frozen, "")
-        theta_part, buffer_part = self._query_gradients(query, end, per_example=True)
+        theta_part, buffer_part = self._query_gradients(query, self._last_state(), per_example=True)
         full = theta_part if buffer_part is None else torch.cat([theta_part, buffer_part.to(theta_part)], dim=1)
         sketch, exact_rows = QuerySketch.of(full, energy), check_rows(full.shape[0], checks)
         vectors = torch.cat([sketch.directions, full[exact_rows]])
@@ -278,14 +273,20 @@ class TrajectoryReplay(RecordedRun):
             buffers = buffers[None]
         return g, buffers
 
-    def _count(self, query: Any, end: RunState | None, per_example: bool) -> int:
-        """Query vectors per boundary: 1, or the number of examples (evaluated at the final parameters)."""
+    def _count(self, query: Any, per_example: bool) -> int:
+        """Query vectors per boundary: 1, or the number of examples (evaluated at :meth:`_last_state`)."""
         if not per_example:
             return 1
+        return int(self._query_gradients(query, self._last_state(), per_example)[0].shape[0])
+
+    def _last_state(self) -> RunState:
+        """θ_T and its frozen values, or the last checkpoint's when the run wrote no final state: where a query's
+        examples are counted and the query sketch's directions are found."""
+        end = self._final_state()
         if end is None:
             theta, _, frozen = self._load_checkpoint(self._segments[-1][0])
             end = RunState(theta, frozen, "")
-        return int(self._query_gradients(query, end, per_example)[0].shape[0])
+        return end
 
     def _check_boundaries(self, boundaries: Sequence[int]) -> list[int]:
         bounds = [int(s) for s in boundaries]

@@ -239,7 +239,7 @@ class RecordedRun:
 
     def _summed(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` summed over the processes of a shared replay (itself on one process)."""
-        return tensor if self.shard is None else self.shard.sum(tensor)
+        return tensor if self.shard is None else self.shard.reduce(tensor)
 
     def _adjoint_step(self, step: ReplayedStep, frozen: dict | None, split: bool = True) -> AdjointStep:
         """The step for a consumer; on a process of a shared replay, with ``split``, its share of the step's batch

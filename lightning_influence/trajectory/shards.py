@@ -82,10 +82,6 @@ class ReplayShard:
             return None
         return rows_of(batch, size, start, stop), ids[start:stop], weight * (stop - start) / size
 
-    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The sum of ``tensor`` over the processes."""
-        return self.reduce(tensor)
-
 
 def rows_of(batch: Any, size: int, start: int, stop: int) -> Any:
     """Rows ``[start, stop)`` of a collated batch of ``size`` rows: every tensor whose first dimension is ``size`` is

@@ -30,7 +30,7 @@ from lightning_influence.optimizers import (
 )
 from lightning_influence.optimizers.clipping import GradientClip, NormClip, ValueClip
 from lightning_influence.optimizers.registry import REPLAYABLE_KINDS, jacobian_for_kind
-from lightning_influence.trajectory.fingerprint import fingerprint, fingerprints_match
+from lightning_influence.trajectory.fingerprint import fingerprint, fingerprint_spec, fingerprints_match
 from lightning_influence.trajectory.format import StepEntry
 
 #: ``{dtype: (parameters rtol, gradient rtol)}`` of the fingerprint check (rule: :func:`fingerprints_match`, a
@@ -282,9 +282,7 @@ class FingerprintCheck:
     tolerances of the parameters' dtype; raises :class:`ReplayMismatchError` with the causes and the fix."""
 
     def __init__(self, meta: dict[str, Any], dtype: torch.dtype, tolerances: tuple[float, float] | None) -> None:
-        spec = meta.get("fingerprint") or {}
-        self.seed, self.size = int(spec.get("seed", 0)), int(spec.get("size", 4))
-        self.stride = int(spec.get("stride", 1))  # absent before recordings sampled long vectors: every element
+        self.seed, self.size, self.stride = fingerprint_spec(meta)
         self.dtype = dtype
         autocast = autocast_from_meta(meta)
         # a run under autocast: the tolerances of its compute dtype (the parameters' are too tight)

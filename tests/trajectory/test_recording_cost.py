@@ -1,7 +1,7 @@
-"""What the cheaper recording path must keep (issue 22): the fingerprints still follow their definition on every
-path (classes on the CPU, float64 or int8 signs elsewhere, hashed per chunk beyond the cache), the writing thread
-works with one intra-op thread at a lower priority without changing anyone else's, the writer defers the fsyncs of
-per-step files to the next checkpoint, and tensors are saved without a second copy."""
+"""What the cheaper recording path must keep (issue 22; the fingerprints' paths against their definition are in
+``test_trajectory.py``): the writing thread works with one intra-op thread at a lower priority without changing
+anyone else's, the writer defers the fsyncs of per-step files to the next checkpoint, and tensors are saved without a
+second copy."""
 
 from __future__ import annotations
 
@@ -9,79 +9,13 @@ import os
 import sys
 import threading
 
-import pytest
 import torch
 
 from lightning_influence.io import files
-from lightning_influence.trajectory import fingerprint as fp
-from lightning_influence.trajectory.fingerprint import fingerprint, fingerprint_tensor
 from lightning_influence.trajectory.format import StepEntry, storable
 from lightning_influence.trajectory.reader import load_trajectory
 from lightning_influence.trajectory.recorder import TrajectoryRecorder
 from lightning_influence.trajectory.writer import TrajectoryWriter
-
-
-def _mix(x: int) -> int:
-    x ^= x >> 16
-    x = (x * 0x7FEB352D) & 0xFFFFFFFF
-    x ^= x >> 15
-    x = (x * 0x846CA68B) & 0xFFFFFFFF
-    return x ^ (x >> 16)
-
-
-def _direct(vector: torch.Tensor, seed: int, size: int) -> torch.Tensor:
-    """The documented definition with the whole ``[size, p]`` sign matrix."""
-    rows = []
-    for r in range(size):
-        key = _mix(seed ^ _mix(r // 32))
-        rows.append([1.0 if (_mix(i ^ key) >> (r % 32)) & 1 else -1.0 for i in range(vector.numel())])
-    return torch.tensor(rows, dtype=torch.float64) @ vector.double()
-
-
-@pytest.fixture
-def fresh_cache(monkeypatch):
-    monkeypatch.setattr(fp, "_SIGN_CACHE", {})
-    return fp
-
-
-@pytest.mark.parametrize("size", [1, 2, 4, 7, 8])
-def test_the_classes_follow_the_definition_cached_or_not(fresh_cache, monkeypatch, size):
-    v = torch.randn(1500, generator=torch.Generator().manual_seed(size))
-    expected = _direct(v, seed=777, size=size)
-    for chunk in (None, 1, 64, 1000, 1500, 4096):
-        got = fingerprint_tensor(v, 777, size, chunk)
-        assert got.dtype == torch.float64 and got.shape == (size,)
-        torch.testing.assert_close(got, expected, rtol=1e-13, atol=1e-12)
-    assert fingerprint(v, 777, size) == fingerprint_tensor(v, 777, size).tolist()
-    assert fresh_cache._SIGN_CACHE and next(iter(fresh_cache._SIGN_CACHE.values())).dtype == torch.uint8
-    monkeypatch.setattr(fp, "_SIGN_CACHE_BYTES", 0)  # too long to cache: hashed chunk by chunk
-    torch.testing.assert_close(fingerprint_tensor(v, 777, size, 100), expected, rtol=1e-13, atol=1e-12)
-
-
-@pytest.mark.parametrize("dense", [True, False])
-def test_the_signs_paths_follow_the_definition(fresh_cache, monkeypatch, dense):
-    """The accelerators' paths (float64 signs, or int8 beyond 64 MiB), taken on the CPU here."""
-    monkeypatch.setattr(fp, "_uses_classes", lambda size, device: False)
-    if not dense:
-        monkeypatch.setattr(fp, "_DENSE_SIGNS_BYTES", 0)
-    v = torch.randn(1200, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
-    expected = _direct(v, seed=3, size=4)
-    for chunk in (None, 7, 1200):
-        torch.testing.assert_close(fingerprint_tensor(v, 3, 4, chunk), expected, rtol=1e-13, atol=1e-12)
-    cached = next(iter(fresh_cache._SIGN_CACHE.values()))
-    assert cached.dtype == (torch.float64 if dense else torch.int8) and cached.shape == (4, 1200)
-
-
-def test_a_fingerprint_is_the_same_on_any_number_of_threads():
-    v = torch.randn(300_000, generator=torch.Generator().manual_seed(9))
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = fingerprint(v, 20250101)
-        torch.set_num_threads(max(2, threads))
-        assert fingerprint(v, 20250101) == one  # sequential sums per class: bit for bit
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_storable_keeps_owned_compact_cpu_tensors_and_copies_the_rest():
